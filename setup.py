@@ -1,0 +1,75 @@
+"""Builds nudge_engine with its C++ core (`nudge_engine._core`, pybind11, C++17).
+
+CUDA sources in csrc/cuda/ are added only where torch was built with CUDA and nvcc exists.
+`kernels/` (Triton) ships inside the package as `nudge_engine.kernels`.
+"""
+import glob
+import os
+import shutil
+
+from setuptools import setup
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+
+
+def _torch_has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.version.cuda is not None and shutil.which("nvcc") is not None
+
+
+cpp_sources = sorted(glob.glob("csrc/*.cpp"))
+cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+define_macros = []
+if cuda_sources and _torch_has_cuda():
+    # The CUDA part is optional; the engine runs its Triton kernels without it.
+    define_macros.append(("NUDGE_WITH_CUDA", "1"))
+
+ext_modules = [
+    Pybind11Extension(
+        "nudge_engine._core",
+        cpp_sources,
+        include_dirs=["csrc"],
+        cxx_std=17,
+        define_macros=define_macros,
+        extra_compile_args=["-O2"],
+    )
+]
+
+runtime = [
+    "torch>=2.4",
+    "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
+    "safetensors>=0.4",
+    "tokenizers>=0.19",
+    "jinja2>=3.1",
+    "numpy>=1.24",
+    "tqdm>=4.60",
+    "fastapi>=0.110",
+    "uvicorn>=0.29",
+    "pydantic>=2.5",
+    "prometheus_client>=0.19",
+]
+test = [
+    "pytest>=7",
+    "transformers>=4.45",
+    "openai>=1.30",
+    "httpx>=0.27",
+    "scipy>=1.10",
+]
+
+setup(
+    name="nudge_engine",
+    version="0.1.0",
+    description="Fast exact nudging: a base model writes, a small aligned model writes where the base is unsure",
+    packages=["nudge_engine", "nudge_engine.layers", "nudge_engine.models",
+              "nudge_engine.testing", "nudge_engine.kernels"],
+    package_dir={"nudge_engine.kernels": "kernels"},
+    package_data={"nudge_engine.testing": ["*.txt"]},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
+    python_requires=">=3.10",
+    install_requires=runtime,
+    extras_require={"test": test, "bench": ["matplotlib>=3.7"]},
+    entry_points={"console_scripts": ["nudge=nudge_engine.cli:main"]},
+)
