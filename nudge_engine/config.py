@@ -1,0 +1,111 @@
+"""The fields of a Hugging Face `config.json` that the layers need, read once at load time."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelFolderError
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float
+    scaling: dict | None  # HF rope_scaling / rope_parameters minus theta; None for plain RoPE
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    norm_eps: float
+    rope: RopeConfig
+    tie_word_embeddings: bool
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A family-specific field (clip_qkv, softcapping, ...) straight from config.json."""
+        value = self.raw.get(key, default)
+        return default if value is None else value
+
+
+def _as_id_tuple(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelFolderError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelFolderError(f"{path}: expected a JSON object")
+    return data
+
+
+def _rope_config(raw: dict) -> RopeConfig:
+    # transformers 5 writes `rope_parameters` (theta inside); older configs `rope_theta` + `rope_scaling`.
+    params = raw.get("rope_parameters") or {}
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    scaling = raw.get("rope_scaling") or {k: v for k, v in params.items() if k != "rope_theta"}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    if rope_type == "default":
+        return RopeConfig(theta, None)
+    if rope_type != "llama3":
+        raise ModelFolderError(f"config.json: rope type {rope_type!r} is not supported (supported: default, llama3)")
+    return RopeConfig(theta, dict(scaling))
+
+
+def load_config(folder: str | Path) -> ModelConfig:
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelFolderError(f"{folder}: no config.json (expected a local Hugging Face model folder)")
+    raw = _read_json(path)
+    archs = raw.get("architectures") or []
+    if not archs:
+        raise ModelFolderError(f"{path}: field 'architectures' is missing or empty")
+
+    def need(key: str) -> Any:
+        if raw.get(key) is None:
+            raise ModelFolderError(f"{path}: required field {key!r} is missing")
+        return raw[key]
+
+    num_heads = int(need("num_attention_heads"))
+    hidden = int(need("hidden_size"))
+    eos = raw.get("eos_token_id")
+    gen_path = folder / "generation_config.json"
+    if gen_path.is_file():
+        gen = _read_json(gen_path)
+        eos = gen.get("eos_token_id", eos)
+    return ModelConfig(
+        architecture=archs[0],
+        vocab_size=int(need("vocab_size")),
+        hidden_size=hidden,
+        intermediate_size=int(need("intermediate_size")),
+        num_layers=int(need("num_hidden_layers")),
+        num_heads=num_heads,
+        num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
+        head_dim=int(raw.get("head_dim") or hidden // num_heads),
+        max_position_embeddings=int(raw.get("max_position_embeddings") or 4096),
+        norm_eps=float(raw.get("rms_norm_eps") or raw.get("layer_norm_eps") or 1e-5),
+        rope=_rope_config(raw),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        eos_token_ids=_as_id_tuple(eos),
+        bos_token_id=raw.get("bos_token_id"),
+        raw=raw,
+    )

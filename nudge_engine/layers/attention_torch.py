@@ -1,0 +1,127 @@
+"""Paged attention in plain torch: the CPU backend and the reference for the Triton kernels.
+
+KV cache layout (one tensor per model, see model_runner.py):
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+Slot s lives at block s // block_size, offset s % block_size.
+The queries of sequence i are its last qlen_i context positions (causal among themselves).
+"""
+from __future__ import annotations
+
+import torch
+
+from .attention_metadata import NO_BLOCK, AttentionMetadata
+
+NO_WINDOW = 0   # sliding_window value meaning "attend to the whole context"
+NO_SOFTCAP = 0.0
+
+
+def store_kv_torch(
+    key: torch.Tensor,           # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,         # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,       # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,       # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int, < 0 = skip
+) -> None:
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = key[keep].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = value[keep].to(v_cache.dtype)
+
+
+def plan_torch(meta: AttentionMetadata) -> None:
+    """Index tensors shared by all layers of one step: padded per-sequence queries and keys."""
+    device = meta.seq_lens.device
+    qsl = meta.query_start_loc.long()
+    qlens = qsl[1:] - qsl[:-1]                                   # [num_seqs]
+    seq_lens = meta.seq_lens.long()                              # [num_seqs]
+    num_seqs, q_max, k_max = meta.num_seqs, meta.max_query_len, meta.max_seq_len
+    num_tokens = int(qsl[-1])
+
+    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), qlens)  # [num_tokens]
+    row_of_token = torch.arange(num_tokens, device=device) - qsl[seq_of_token]           # [num_tokens]
+
+    q_pos = (seq_lens - qlens)[:, None] + torch.arange(q_max, device=device)[None, :]    # [num_seqs, q_max]
+    k_pos = torch.arange(k_max, device=device)                                           # [k_max]
+    tables = meta.block_tables.long()
+    block = tables.gather(1, (k_pos // meta.block_size)[None, :].expand(num_seqs, -1))   # [num_seqs, k_max]
+    key_valid = (k_pos[None, :] < seq_lens[:, None]) & (block != NO_BLOCK)              # [num_seqs, k_max]
+    key_slots = torch.where(key_valid, block * meta.block_size + k_pos % meta.block_size, 0)
+
+    meta.plan.update(
+        seq_of_token=seq_of_token,
+        row_of_token=row_of_token,
+        q_pos=q_pos,
+        k_pos=k_pos,
+        key_slots=key_slots,
+        causal=key_valid[:, None, :] & (k_pos[None, None, :] <= q_pos[:, :, None]),  # [num_seqs, q_max, k_max]
+    )
+
+
+def _mask(meta: AttentionMetadata, sliding_window: int) -> torch.Tensor:
+    if sliding_window == NO_WINDOW:
+        return meta.plan["causal"]
+    key = f"window{sliding_window}"
+    if key not in meta.plan:
+        p = meta.plan
+        # Same rule as transformers: key j is visible from query i iff i - window < j <= i.
+        in_window = p["k_pos"][None, None, :] > p["q_pos"][:, :, None] - sliding_window
+        meta.plan[key] = p["causal"] & in_window
+    return meta.plan[key]
+
+
+def paged_attention_torch(
+    query: torch.Tensor,    # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int = NO_WINDOW,
+    softcap: float = NO_SOFTCAP,
+) -> torch.Tensor:          # [num_tokens, num_heads, head_dim]
+    if "causal" not in meta.plan:
+        plan_torch(meta)
+    p = meta.plan
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    num_seqs = meta.num_seqs
+
+    q = query.new_zeros(num_seqs, meta.max_query_len, num_heads, head_dim)
+    q[p["seq_of_token"], p["row_of_token"]] = query
+    k = k_cache.view(-1, num_kv_heads, head_dim)[p["key_slots"]]  # [num_seqs, k_max, num_kv_heads, head_dim]
+    v = v_cache.view(-1, num_kv_heads, head_dim)[p["key_slots"]]
+    group = num_heads // num_kv_heads
+    k = k.repeat_interleave(group, dim=2).to(query.dtype)
+    v = v.repeat_interleave(group, dim=2).to(query.dtype)
+
+    scores = torch.einsum("sqhd,skhd->shqk", q, k).float() * scale  # [num_seqs, heads, q_max, k_max]
+    if softcap != NO_SOFTCAP:
+        scores = torch.tanh(scores / softcap) * softcap
+    mask = _mask(meta, sliding_window)[:, None, :, :]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0).to(query.dtype)  # padded query rows are all -inf
+    out = torch.einsum("shqk,skhd->sqhd", probs, v)
+    return out[p["seq_of_token"], p["row_of_token"]]
+
+
+class TorchAttentionBackend:
+    """Gather pages, then dense masked attention. Chosen at start-up on the CPU."""
+
+    name = "torch"
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        plan_torch(meta)
+
+    def forward(
+        self,
+        query: torch.Tensor,    # [num_tokens, num_heads, head_dim]
+        key: torch.Tensor,      # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,    # [num_tokens, num_kv_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int = NO_WINDOW,
+        softcap: float = NO_SOFTCAP,
+    ) -> torch.Tensor:          # [num_tokens, num_heads, head_dim]
+        store_kv_torch(key, value, k_cache, v_cache, meta.slot_mapping)
+        return paged_attention_torch(query, k_cache, v_cache, meta, scale, sliding_window, softcap)
