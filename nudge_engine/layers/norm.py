@@ -1,0 +1,36 @@
+"""Normalizations of the supported families. All compute in float32 and cast back, as transformers does."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """weight * x / rms(x). With `unit_offset` (Gemma) the stored weight is w and the scale is 1 + w."""
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.empty(dim))  # [dim]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [num_tokens, dim]
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (normed * (1.0 + self.weight.float())).to(x.dtype)
+        # Llama casts before the weight multiply; Gemma after (transformers PR 29402).
+        return self.weight * normed.to(x.dtype)
+
+
+class NonParametricLayerNorm(nn.Module):
+    """OLMo-1: layer norm with no learnable weight or bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [num_tokens, dim]
+        return F.layer_norm(x.float(), (self.dim,), None, None, eps=self.eps).to(x.dtype)

@@ -1,0 +1,192 @@
+"""Loads safetensors weights from a local Hugging Face folder, tensor by tensor, into a CausalLM.
+
+Every check that can fail runs on the files' headers and a meta-device model before any real
+allocation: pickle weights, git-lfs pointers, truncated or corrupt files, missing, unexpected and
+misshapen tensors each get an error naming the file and tensor.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from .config import ModelConfig, load_config
+from .errors import ModelFolderError
+from .models import CausalLM, build_model
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+LFS_POINTER_PREFIX = b"version https://git-lfs"
+HEADER_SIZE_BYTES = 8
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    shape: tuple[int, ...]
+
+
+def _read_header(path: Path) -> dict[str, TensorInfo]:
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(HEADER_SIZE_BYTES)
+        if head.startswith(LFS_POINTER_PREFIX[:HEADER_SIZE_BYTES]) and (head + f.read(64)).startswith(LFS_POINTER_PREFIX):
+            raise ModelFolderError(f"{path}: is a git-lfs pointer file, not weights (run `git lfs pull` in the model folder)")
+        if len(head) < HEADER_SIZE_BYTES:
+            raise ModelFolderError(f"{path}: truncated safetensors file ({size} bytes)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(MAX_HEADER_BYTES, size - HEADER_SIZE_BYTES):
+            raise ModelFolderError(f"{path}: corrupt or truncated safetensors header (length {header_len}, file {size} bytes)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ModelFolderError(f"{path}: corrupt safetensors header (not JSON)") from None
+    data_size = size - HEADER_SIZE_BYTES - header_len
+    tensors = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = meta["data_offsets"]
+            shape = tuple(int(d) for d in meta["shape"])
+            dtype = meta["dtype"]
+        except (KeyError, TypeError, ValueError):
+            raise ModelFolderError(f"{path}: corrupt safetensors entry for tensor {name!r}") from None
+        if end > data_size:
+            raise ModelFolderError(
+                f"{path}: truncated: tensor {name!r} ends at byte {end} of the data section, which has only {data_size}"
+            )
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ModelFolderError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        tensors[name] = TensorInfo(path, shape)
+    return tensors
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ModelFolderError(f"{index}: corrupt index (expected a 'weight_map' object)") from None
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelFolderError(f"{index}: lists shards that are not in the folder: {', '.join(missing)}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelFolderError(
+            f"{folder}: only pickle weights ({', '.join(pickles)}); refused: safetensors only, since loading a pickle "
+            "can run code. Convert the checkpoint to safetensors first."
+        )
+    raise ModelFolderError(f"{folder}: no *.safetensors weight files")
+
+
+def _expected_params(model: CausalLM) -> dict[tuple[str, str | None], tuple[int, ...]]:
+    """(parameter, shard) -> shape, from a meta-device model."""
+    expected = {}
+    for name, param in model.named_parameters():
+        module = model.get_submodule(name.rpartition(".")[0])
+        shards = getattr(param, "expected_shards", None)
+        if shards is None:
+            expected[(name, None)] = tuple(param.shape)
+            continue
+        for shard in shards:
+            rows = module.shard_sizes[shard]
+            expected[(name, shard)] = (rows, *param.shape[1:])
+    return expected
+
+
+def _plan_loading(model: CausalLM, folder: Path) -> dict[str, tuple[str, str | None]]:
+    """Checks names and shapes of every checkpoint tensor; returns checkpoint name -> (param, shard)."""
+    infos: dict[str, TensorInfo] = {}
+    for path in weight_files(folder):
+        for name, info in _read_header(path).items():
+            if name in infos:
+                raise ModelFolderError(f"tensor {name!r} appears in both {infos[name].file.name} and {path.name}")
+            infos[name] = info
+    expected = _expected_params(model)
+    plan, errors = {}, []
+    for name, info in sorted(infos.items()):
+        target = model.checkpoint_to_param(name)
+        if target is None:
+            continue
+        if target not in expected:
+            errors.append(f"unexpected tensor {name!r} in {info.file.name} (shape {list(info.shape)})")
+            continue
+        if info.shape != expected[target]:
+            errors.append(
+                f"tensor {name!r} in {info.file.name} has shape {list(info.shape)}, expected {list(expected[target])}"
+            )
+            continue
+        plan[name] = target
+    loaded = set(plan.values())
+    for target in sorted(set(expected) - loaded, key=str):
+        param, shard = target
+        errors.append(f"missing tensor for parameter {param}{f' (shard {shard})' if shard else ''}")
+    if errors:
+        raise ModelFolderError(f"{folder}: weights do not match {model.config.architecture}:\n  " + "\n  ".join(errors))
+    return plan
+
+
+def load_weights(model: CausalLM, folder: Path, plan: dict[str, tuple[str, str | None]], progress: bool) -> None:
+    params = dict(model.named_parameters())
+    files = weight_files(folder)
+    device = next(model.parameters()).device
+    for path in tqdm(files, desc=f"loading {folder.name}", disable=not progress or len(files) < 2):
+        # device= streams each tensor straight to its target; no host copy of a whole shard.
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                if name not in plan:
+                    continue
+                param_name, shard = plan[name]
+                param = params[param_name]
+                tensor = f.get_tensor(name).to(param.dtype)
+                loader = getattr(param, "weight_loader", None)
+                if loader is None:
+                    param.data.copy_(tensor)
+                else:
+                    loader(param, tensor, shard)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype {dtype!r} is not supported (use one of {sorted(names)})")
+    return names[dtype]
+
+
+def load_causal_lm(folder: str | Path, device: str | torch.device, dtype: torch.dtype,
+                   progress: bool = True) -> tuple[CausalLM, ModelConfig]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelFolderError(f"{folder}: not a folder")
+    config = load_config(folder)
+    with torch.device("meta"):
+        plan = _plan_loading(build_model(config), folder)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = build_model(config)
+    finally:
+        torch.set_default_dtype(previous)
+    load_weights(model, folder, plan, progress)
+    return model.eval().requires_grad_(False), config
