@@ -37,8 +37,8 @@ BatchShape measure_batch(const SequenceList& seqs, const std::vector<int64_t>& n
                                   std::to_string(seq->block_size()) + ", not " +
                                   std::to_string(block_size));
     }
-    if (n < 1) {
-      throw std::invalid_argument(at_seq(i) + "num_new must be >= 1, got " + std::to_string(n));
+    if (n < 0) {
+      throw std::invalid_argument(at_seq(i) + "num_new must be >= 0, got " + std::to_string(n));
     }
     const int64_t end = seq->num_computed() + n;
     if (end > seq->num_tokens()) {
@@ -87,7 +87,7 @@ void fill_batch(const SequenceList& seqs, const std::vector<int64_t>& num_new,
       }
     }
     out.seq_lens[i] = static_cast<int32_t>(start + n);
-    out.logits_indices[i] = t - 1;
+    out.logits_indices[i] = n > 0 ? t - 1 : kNoLogits;
 
     int32_t* row = out.block_tables + static_cast<int64_t>(i) * shape.max_blocks;
     std::copy(table.begin(), table.end(), row);

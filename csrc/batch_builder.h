@@ -9,6 +9,11 @@
 
 namespace nudge {
 
+// logits_indices entry of a sequence with no new token in this pass: it has no logits row.
+// (Such a sequence still takes part, with an empty query: a model whose pending tokens are
+// all computed while another model of the request catches up in a chunk.)
+constexpr int64_t kNoLogits = -1;
+
 // Sizes of the batch arrays, measured (and the request validated) before anything is written.
 struct BatchShape {
   int64_t num_seqs = 0;
@@ -26,15 +31,14 @@ struct BatchBuffers {
   int32_t* query_start_loc;  // [num_seqs + 1]
   int32_t* seq_lens;         // [num_seqs]
   int32_t* block_tables;     // [num_seqs, max_blocks], kNoBlock padded
-  int64_t* logits_indices;   // [num_seqs]
+  int64_t* logits_indices;   // [num_seqs], kNoLogits where num_new is 0
 };
 
 using SequenceList = std::vector<std::shared_ptr<Sequence>>;
 
 // Sequence i contributes tokens[num_computed : num_computed + num_new[i]]. Throws
-// std::invalid_argument when those tokens or their slots do not exist, when num_new[i] < 1
-// (a sequence with no new token has no logits: leave it out of the batch), or when
-// block_size is not the block size of every sequence's pool.
+// std::invalid_argument when num_new[i] < 0, when those tokens or their slots do not exist,
+// or when block_size is not the block size of every sequence's pool.
 BatchShape measure_batch(const SequenceList& seqs, const std::vector<int64_t>& num_new,
                          int64_t block_size);
 

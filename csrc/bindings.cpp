@@ -92,6 +92,7 @@ BatchArrays build_batch(const SequenceList& seqs, const std::vector<int64_t>& nu
 PYBIND11_MODULE(_core, m) {
   m.doc() = "nudge_engine C++ core: KV block pools, sequences, scheduler, batch builder";
   m.attr("NO_BLOCK") = kNoBlock;
+  m.attr("NO_LOGITS") = kNoLogits;
 
   py::class_<BlockPool, std::shared_ptr<BlockPool>>(m, "BlockPool",
                                                     "Fixed set of KV blocks with reference counts.")

@@ -61,7 +61,8 @@ const std::vector<std::shared_ptr<Sequence>>& Scheduler::seqs(int64_t req_id) co
 }
 
 template <typename Error>
-void Scheduler::check_fits_pools(const Sequence* const* seqs, const int64_t* lookahead) const {
+void Scheduler::check_fits_pools(int64_t req_id, const Sequence* const* seqs,
+                                 const int64_t* lookahead) const {
   std::fill(blocks_wanted_.begin(), blocks_wanted_.end(), 0);
   for (size_t m = 0; m < pools_.size(); ++m) {
     blocks_wanted_[pool_owner_[m]] +=
@@ -69,7 +70,7 @@ void Scheduler::check_fits_pools(const Sequence* const* seqs, const int64_t* loo
   }
   for (size_t m = 0; m < pools_.size(); ++m) {
     if (blocks_wanted_[m] > pools_[m]->num_blocks()) {
-      throw Error("request needs " + std::to_string(blocks_wanted_[m]) + " blocks of pool " +
+      throw Error("request " + std::to_string(req_id) + " needs " + std::to_string(blocks_wanted_[m]) + " blocks of pool " +
                   std::to_string(m) + " but the pool has only " +
                   std::to_string(pools_[m]->num_blocks()) +
                   " in total; cap the sequence length below the pool size");
@@ -108,7 +109,7 @@ void Scheduler::add_request(int64_t req_id, std::vector<std::shared_ptr<Sequence
                                 " has no pending tokens (append its prompt first)");
   }
   const std::vector<int64_t> no_lookahead(pools_.size(), 0);
-  check_fits_pools<std::invalid_argument>(raw.data(), no_lookahead.data());
+  check_fits_pools<std::invalid_argument>(req_id, raw.data(), no_lookahead.data());
 
   Request& req = requests_[req_id];
   req.id = req_id;
@@ -138,7 +139,7 @@ void Scheduler::set_lookahead(int64_t req_id, const std::vector<int64_t>& lookah
   }
   std::vector<const Sequence*> raw;
   for (const auto& seq : req.seqs) raw.push_back(seq.get());
-  check_fits_pools<std::invalid_argument>(raw.data(), lookahead.data());
+  check_fits_pools<std::invalid_argument>(req_id, raw.data(), lookahead.data());
   req.lookahead = lookahead;
 }
 
@@ -237,7 +238,7 @@ ScheduledStep Scheduler::schedule() {
   std::vector<const Sequence*> raw(pools_.size());
   for (const auto& [id, req] : requests_) {
     for (size_t m = 0; m < pools_.size(); ++m) raw[m] = req.seqs[m].get();
-    check_fits_pools<std::runtime_error>(raw.data(), req.lookahead.data());
+    check_fits_pools<std::runtime_error>(id, raw.data(), req.lookahead.data());
   }
 
   ScheduledStep step;

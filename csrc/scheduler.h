@@ -73,7 +73,8 @@ class Scheduler {
   void preempt_newest(ScheduledStep* step);
   // Throws `Error` when positions [0, num_tokens + lookahead) can never fit the pools.
   template <typename Error>
-  void check_fits_pools(const Sequence* const* seqs, const int64_t* lookahead) const;
+  void check_fits_pools(int64_t req_id, const Sequence* const* seqs,
+                        const int64_t* lookahead) const;
   void remove(int64_t req_id);
 
   std::vector<std::shared_ptr<BlockPool>> pools_;  // [model]

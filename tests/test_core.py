@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from nudge_engine._core import NO_BLOCK, BlockPool, Scheduler, Sequence, build_batch
+from nudge_engine._core import NO_BLOCK, NO_LOGITS, BlockPool, Scheduler, Sequence, build_batch
 
 
 def make_seq(pool: BlockPool, num_tokens: int, first_token: int = 0) -> Sequence:
@@ -397,6 +397,36 @@ def test_chunk_leaves_each_model_its_last_token():
     assert_pools_free(base, nudger)
 
 
+def test_lazy_nudger_catches_up_in_chunks():
+    # The engine adds the nudger's sequence empty and fills it only when the nudger drafts.
+    base, nudger = BlockPool(64, 4), BlockPool(64, 4)
+    sched = Scheduler([base, nudger], max_num_seqs=4, max_num_batched_tokens=8)
+    eng = Engine(sched)
+    base_seq, nudger_seq = make_seq(base, 5), Sequence(nudger)
+    sched.add_request(0, [base_seq, nudger_seq])
+    step = sched.schedule()
+    assert step.num_new_tokens == [[5], [0]] and step.is_final_chunk == [True]
+    assert nudger.num_free == 64
+    base_seq.set_num_computed(5)
+    base_seq.append(1)
+    nudger_seq.append(list(range(20)))  # catch-up: prompt + output at once
+    sched.set_lookahead(0, [2, 1])
+    news, finals = [], []
+    while not finals or not finals[-1]:
+        step = sched.schedule()
+        news.append([step.num_new_tokens[0][0], step.num_new_tokens[1][0]])
+        finals.append(step.is_final_chunk[0])
+        for seq, n in zip((base_seq, nudger_seq), news[-1]):
+            seq.set_num_computed(seq.num_computed + n)
+    # The base keeps its newest token for the final step; both models have logits there.
+    assert news == [[0, 8], [0, 8], [1, 4]] and finals == [False, False, True]
+    assert base_seq.num_reserved_slots >= 6 + 2 and nudger_seq.num_reserved_slots >= 20 + 1
+    batch = build_batch([base_seq], [0], 4)  # the chunk steps' base pass: an empty query
+    assert batch.logits_indices.tolist() == [NO_LOGITS]
+    sched.finish(0)
+    assert_pools_free(base, nudger)
+
+
 def test_lookahead_counts_in_budget_and_slots():
     pool = BlockPool(64, 4)
     sched = Scheduler([pool], max_num_seqs=4, max_num_batched_tokens=8)
@@ -658,7 +688,7 @@ def reference_batch(seqs, num_new, block_size):
             slots.append(table[p // block_size] * block_size + p % block_size)
         qsl.append(qsl[-1] + n)
         lens.append(start + n)
-        logits.append(qsl[-1] - 1)
+        logits.append(qsl[-1] - 1 if n else NO_LOGITS)
     width = max([1] + [len(s.block_table) for s in seqs])
     tables = [s.block_table + [NO_BLOCK] * (width - len(s.block_table)) for s in seqs]
     return dict(input_ids=ids, positions=pos, slot_mapping=slots, query_start_loc=qsl,
@@ -686,8 +716,9 @@ def test_build_batch_matches_reference(seed):
     num_new = []
     for s in seqs:
         assert s.reserve(s.num_tokens)
-        s.set_num_computed(rng.randrange(0, s.num_tokens))
-        num_new.append(rng.randrange(1, s.num_tokens - s.num_computed + 1))
+        s.set_num_computed(rng.randrange(0, s.num_tokens + 1))
+        # 0 new tokens: a model that only waits for the other model's chunk (empty query).
+        num_new.append(rng.randrange(0, s.num_tokens - s.num_computed + 1))
     batch = build_batch(seqs, num_new, block_size)
     ref = reference_batch(seqs, num_new, block_size)
     for name, dtype in DTYPES.items():
@@ -696,6 +727,9 @@ def test_build_batch_matches_reference(seed):
         np.testing.assert_array_equal(arr, np.asarray(ref[name], dtype=dtype), err_msg=name)
     assert batch.num_tokens == sum(num_new) and batch.num_seqs == len(seqs)
     assert batch.max_query_len == max(num_new)
+    if batch.num_tokens:
+        assert (batch.input_ids[batch.logits_indices[batch.logits_indices >= 0]] ==
+                [s.tokens[s.num_computed + n - 1] for s, n in zip(seqs, num_new) if n]).all()
     assert batch.max_seq_len == max(ref["seq_lens"])
     for s in seqs:
         s.release()
@@ -738,7 +772,6 @@ def test_build_batch_bad_input():
     cases = [
         ([seq], [5]),      # beyond the tokens
         ([seq], [3]),      # beyond the reserved slots
-        ([seq], [0]),      # nothing new: no logits
         ([seq], [-1]),
         ([seq], [1, 1]),   # length mismatch
         ([None], [1]),
@@ -751,5 +784,8 @@ def test_build_batch_bad_input():
             build_batch([seq], [1], block_size)
     assert build_batch([seq], [2], 4).slot_mapping.tolist() == [seq.block_table[0] * 4 + 2,
                                                                seq.block_table[0] * 4 + 3]
+    empty = build_batch([seq], [0], 4)  # allowed: an empty query, and no logits row
+    assert empty.num_tokens == 0 and empty.logits_indices.tolist() == [NO_LOGITS]
+    assert empty.query_start_loc.tolist() == [0, 0] and empty.seq_lens.tolist() == [2]
     seq.release()
     assert_pools_free(pool)
