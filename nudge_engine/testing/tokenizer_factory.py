@@ -1,7 +1,7 @@
 """Tiny tokenizers trained on the shipped corpus, written as Hugging Face `tokenizer.json` folders.
 
 Two styles cover the tokenizers the engine meets in the wild:
-  "bytelevel"  GPT-2 / OLMo / Llama-3: byte-level BPE, `Ġ` marks a leading space.
+  "bytelevel"  GPT-2 / OLMo / Llama-3 / Qwen2: byte-level BPE, `Ġ` marks a leading space.
   "metaspace"  Llama-2 / Gemma: `▁` marks a space, BPE with byte fallback to `<0x00>`..`<0xFF>`.
 
 Training is deterministic, so the same arguments give the same bytes on every run and machine.
@@ -13,7 +13,7 @@ import functools
 import json
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 STYLES = ("bytelevel", "metaspace")
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
@@ -22,6 +22,12 @@ SPACE_PIECE = "▁"
 BYTE_PIECES = tuple(f"<0x{b:02X}>" for b in range(256))
 
 CORPUS_PATH = Path(__file__).with_name("corpus.txt")
+
+# Llama-3's word split with Qwen2's single digits. transformers 5 rebuilds any Qwen2 folder's
+# tokenizer with exactly this pattern (plus NFC), so matching it keeps the two in agreement.
+BYTELEVEL_SPLIT_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 # HF-style: the role tag opens a turn, <|end|> closes it; a trailing <|assistant|> asks for a reply.
 CHAT_TEMPLATE = (
@@ -70,7 +76,12 @@ def _train_bytelevel(vocab_size: int) -> Tokenizer:
     if vocab_size < len(specials) + 256 + 1:
         raise ValueError(f"bytelevel vocab_size must exceed {len(specials) + 256} (specials + byte alphabet)")
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(BYTELEVEL_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
