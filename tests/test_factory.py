@@ -157,6 +157,13 @@ def test_special_tokens_and_chat_template(tokenizer_dir, style):
     assert not hf.apply_chat_template(messages, tokenize=False).endswith("<|assistant|>\n")
 
 
+def test_tokenizer_refuses_sizes_the_corpus_cannot_give(tmp_path):
+    with pytest.raises(ValueError, match="cannot be trained"):
+        make_tokenizer(tmp_path, "metaspace", 300)  # 256 byte pieces + specials + alphabet exceed 300
+    with pytest.raises(ValueError, match="cannot be trained"):
+        make_tokenizer(tmp_path, "bytelevel", 100_000)
+
+
 @pytest.mark.parametrize("style", STYLES)
 def test_tokenizer_training_is_deterministic(tmp_path, style):
     tokenizer_factory._trained_tokenizer_json.cache_clear()
@@ -313,6 +320,8 @@ def test_bad_arguments_are_refused(tmp_path):
         make_tiny_model(tmp_path, "llama", vocab_size=100)
     with pytest.raises(ValueError, match="agreement"):
         make_tiny_pair(tmp_path, agreement=1.5)
+    with pytest.raises(ValueError, match="hidden_size"):
+        make_tiny_pair(tmp_path, "llama", "olmo2", nudger_overrides={"hidden_size": 32})
 
 
 def test_runs_are_byte_identical_across_processes(tmp_path, tiny_model):

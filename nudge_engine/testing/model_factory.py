@@ -94,7 +94,7 @@ def make_tiny_model(
         Qwen2 folder's tokenizer as Qwen2's byte-level one, so qwen2 + "metaspace" only suits
         loaders that read tokenizer.json themselves.
 
-    head_dim None: hidden_size // num_heads (Gemma-2: twice that, as real Gemma-2 heads are wider).
+    head_dim None: hidden_size // num_heads (Gemma-2: twice that, as real Gemma-2 head_dim differs too).
     vocab_size None: the tokenizer's size; a larger value pads the embedding like real checkpoints do.
     tie_word_embeddings None: the family's default (Qwen2, Gemma-2, OLMo tied; Llama, OLMo-2 not).
     shared_seed: seed for the embedding, final norm and LM head (default: `seed`); two models with
@@ -106,8 +106,7 @@ def make_tiny_model(
     overrides: extra or replaced config.json fields (rms_norm_eps, clip_qkv, attention_bias, ...);
         the tensors follow the final config.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {tuple(FAMILIES)}")
+    _check_family(family)
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {tuple(DTYPES)}")
     out = Path(out_dir)
@@ -184,6 +183,8 @@ def make_tiny_pair(
     """
     if not 0.0 <= agreement <= 1.0:
         raise ValueError(f"agreement must lie in [0, 1], got {agreement}")
+    for family in (base_family, nudger_family):
+        _check_family(family)
     out = Path(out_dir)
     common = dict(kw)
     same_family = base_family == nudger_family
@@ -200,6 +201,10 @@ def make_tiny_pair(
         out / "nudger", nudger_family, tokenizer, seed=seed + 1, shared_seed=seed,
         residual_scale=residual_scale, **nudger_kw,
     )
+    base_config, nudger_config = (json.loads((folder / "config.json").read_text()) for folder in (base, nudger))
+    for key in ("hidden_size", "vocab_size"):
+        if base_config[key] != nudger_config[key]:
+            raise ValueError(f"a pair must share its embedding: {key} {base_config[key]} != {nudger_config[key]}")
     return base, nudger
 
 
@@ -228,6 +233,7 @@ def _family_config(
     if head_dim is None:
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_heads {num_heads}; pass head_dim")
+        # Real Gemma-2 head_dim is not hidden_size // num_heads; a loader must read it, so differ here too.
         head_dim = hidden_size // num_heads * (2 if family == "gemma2" else 1)
     if sliding_window is not None and family not in ("gemma2", "qwen2"):
         raise ValueError(f"{family} has no sliding-window attention")
@@ -261,7 +267,19 @@ def _family_config(
         config["head_dim"] = head_dim
     if family != "qwen2":  # Qwen2 hard-codes its q/k/v biases and has no attention_bias field
         config["attention_bias"] = False
+    config.update(_family_specific_fields(family, hidden_size, num_heads, num_layers, max_position_embeddings, sliding_window))
+    return config
 
+
+def _family_specific_fields(
+    family: str,
+    hidden_size: int,
+    num_heads: int,
+    num_layers: int,
+    max_position_embeddings: int,
+    sliding_window: int | None,
+) -> dict[str, Any]:
+    config: dict[str, Any] = {}
     if family == "llama":
         config.update(mlp_bias=False, pretraining_tp=1, rope_scaling=None)
     elif family == "llama3":
@@ -469,3 +487,8 @@ def _read_tokenizer(tokenizer_json: Path) -> tuple[dict[str, int], int]:
 
 def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {tuple(FAMILIES)}")

@@ -4,7 +4,8 @@ Two styles cover the tokenizers the engine meets in the wild:
   "bytelevel"  GPT-2 / OLMo / Llama-3 / Qwen2: byte-level BPE, `Ġ` marks a leading space.
   "metaspace"  Llama-2 / Gemma: `▁` marks a space, BPE with byte fallback to `<0x00>`..`<0xFF>`.
 
-Training is deterministic, so the same arguments give the same bytes on every run and machine.
+Training is deterministic: with one `tokenizers` version, the same arguments give the same bytes
+on every run.
 """
 from __future__ import annotations
 
@@ -68,6 +69,14 @@ def _trained_tokenizer_json(style: str, vocab_size: int) -> str:
     # Cached: tests and model pairs ask for the same tokenizer many times per process.
     _check_style(style)
     tokenizer = _train_bytelevel(vocab_size) if style == "bytelevel" else _train_metaspace(vocab_size)
+    if tokenizer.get_vocab_size() != vocab_size:
+        # Too small: the corpus alphabet does not fit. Too large: the corpus runs out of merges.
+        raise ValueError(
+            f"a {style} tokenizer of {vocab_size} tokens cannot be trained on the shipped corpus "
+            f"(got {tokenizer.get_vocab_size()}); a model can still pad its vocabulary with vocab_size"
+        )
+    # tokenizer_config.json and the model configs take the special ids from special_tokens() order.
+    assert [tokenizer.token_to_id(t) for t in special_tokens(style)] == list(range(len(special_tokens(style))))
     return tokenizer.to_str(pretty=True) + "\n"
 
 
@@ -179,7 +188,6 @@ def _tokenizer_config(style: str, model_max_length: int) -> dict:
         "tokenizer_class": "PreTrainedTokenizerFast",
         "unk_token": UNK if style == "metaspace" else None,
     }
-
 
 
 def _added(content: str) -> AddedToken:
