@@ -48,9 +48,10 @@ def _mma(a, b, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     # The interpreter's tl.dot multiplies bfloat16 operands as their raw uint16 bits, so under
     # it the (already rounded) operands go in as float32, which gives the same products.
     if DOT_UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
-        return tl.dot(a, b, input_precision=DOT_PRECISION)
+        c = tl.dot(a, b, input_precision=DOT_PRECISION)
+    return c
 
 
 @triton.jit
@@ -307,6 +308,19 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _tiles(head_dim: int, elem_size: int, interp: bool) -> tuple[int, int, int]:
+    """(rows per tile of the general kernel, keys per tile, pipeline stages), sized so the
+    Q tile plus the double-buffered K and V tiles stay well inside shared memory."""
+    if interp:
+        return 16, 16, 1
+    row_bytes = head_dim * elem_size
+    if row_bytes <= 256:      # bf16 up to head dim 128, fp32 up to 64
+        return 64, 64, 2
+    if row_bytes <= 512:      # bf16 256, fp32 128
+        return 64, 32, 2
+    return 32, 16, 2          # fp32 256
+
+
 def decode_num_splits(meta: AttentionMetadata, num_kv_heads: int, sliding_window: int, device) -> int:
     """Splits per sequence for flash-decoding: enough programs to cover the GPU twice, never
     fewer than _MIN_KEYS_PER_SPLIT keys per split."""
@@ -357,7 +371,7 @@ def paged_attention(
 
     if decode:
         splits = num_splits or decode_num_splits(meta, num_kv_heads, sliding_window, query.device)
-        block_n = 16 if interp else (64 if head_dim <= 128 else 32)
+        _, block_n, _ = _tiles(block_d, query.element_size(), interp)
         span = meta.max_seq_len if not use_window else min(meta.max_seq_len, sliding_window)
         keys_per_split = triton.cdiv(triton.cdiv(max(span, 1), splits), block_n) * block_n
         if splits > 1:
@@ -373,7 +387,7 @@ def paged_attention(
             GROUP=group, BLOCK_M=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
             NUM_SPLITS=splits, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap,
             DOT_PRECISION=_dot_precision(query.dtype), DOT_UPCAST=interp,
-            num_warps=4, num_stages=2 if head_dim > 128 else 3,
+            num_warps=4, num_stages=3 if head_dim * query.element_size() <= 256 else 2,
         )
         if splits > 1:
             _decode_combine_kernel[(meta.num_seqs, num_heads)](
@@ -385,11 +399,10 @@ def paged_attention(
         return out
 
     group_pad = next_pow2(group)
-    # Rows per tile: 64 (16 in the interpreter, where small tiles are faster), and at least
-    # one full GQA group, and at least 16 for tl.dot.
-    block_m = max(16 if interp else 64, group_pad)
+    # A tile holds at least one full GQA group (so K/V are read once per group).
+    block_m, block_n, stages = _tiles(block_d, query.element_size(), interp)
+    block_m = max(block_m, group_pad)
     block_q = block_m // group_pad
-    block_n = 16 if interp else (64 if head_dim <= 128 else 32)
     grid = (meta.num_seqs, triton.cdiv(meta.max_query_len, block_q), num_kv_heads)
     _paged_attention_kernel[grid](
         out, query, k_cache, v_cache,
@@ -399,7 +412,7 @@ def paged_attention(
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
         USE_WINDOW=use_window, USE_SOFTCAP=use_softcap,
         DOT_PRECISION=_dot_precision(query.dtype), DOT_UPCAST=interp,
-        num_warps=4 if head_dim <= 64 else 8 if head_dim > 128 else 4,
-        num_stages=2,
+        num_warps=8 if head_dim > 128 else 4,
+        num_stages=stages,
     )
     return out

@@ -106,7 +106,7 @@ def _top1_combine_kernel(
     tl.store(max_ptr + row, row_max)
     tl.store(argmax_ptr + row, row_arg.to(tl.int64))
     tl.store(lse_ptr + row, lse)
-    logprob = float("-inf")
+    logprob = tl.full([], float("-inf"), tl.float32)
     if HAS_TOKENS:
         tok = tl.load(tokens_ptr + row).to(tl.int64)
         picked = tl.load(logits_ptr + row.to(tl.int64) * stride_row + tl.maximum(tok, 0)).to(tl.float32)
