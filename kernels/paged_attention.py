@@ -62,7 +62,7 @@ def _attend_tile(
     k_base, v_base,   # cache pointers advanced to this KV head
     table_row,        # block table pointer of this sequence
     start_n, kv_hi,   # this tile covers keys [start_n, start_n + BLOCK_N), valid below kv_hi
-    block_size,
+    BLOCK_SIZE: tl.constexpr,  # cache block size: a constant, so // and % are shifts
     stride_kb, stride_ks, stride_vb, stride_vs,
     offs_d, d_mask,
     qk_scale,         # softmax scale (times log2(e) when there is no softcap)
@@ -75,11 +75,11 @@ def _attend_tile(
 ):
     k_pos = start_n + tl.arange(0, BLOCK_N)
     k_in = k_pos < kv_hi
-    blk = tl.load(table_row + k_pos // block_size, mask=k_in, other=_NO_BLOCK)
+    blk = tl.load(table_row + k_pos // BLOCK_SIZE, mask=k_in, other=_NO_BLOCK)
     # Keys of an unmapped block are invisible, like key_valid in plan_torch.
     k_ok = k_in & (blk != _NO_BLOCK)
     blk64 = tl.where(k_ok, blk, 0).to(tl.int64)
-    in_blk = (k_pos % block_size).to(tl.int64)
+    in_blk = (k_pos % BLOCK_SIZE).to(tl.int64)
 
     kv_mask = k_ok[:, None] & d_mask[None, :]
     k = tl.load(k_base + (blk64 * stride_kb + in_blk * stride_ks)[:, None] + offs_d[None, :],
@@ -118,12 +118,13 @@ def _paged_attention_kernel(
     query_start_loc_ptr,  # [num_seqs + 1] int32
     seq_lens_ptr,         # [num_seqs] int32
     qk_scale, softcap, sliding_window,
-    head_dim, block_size,
+    head_dim,
     stride_qt, stride_qh,
     stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_bt,
+    BLOCK_SIZE: tl.constexpr,  # cache block size
     GROUP: tl.constexpr,       # query heads per KV head
     GROUP_PAD: tl.constexpr,   # GROUP rounded up to a power of two
     BLOCK_Q: tl.constexpr,     # queries per tile; BLOCK_M = BLOCK_Q * GROUP_PAD rows
@@ -176,7 +177,7 @@ def _paged_attention_kernel(
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for start_n in range(kv_lo, kv_hi, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
-            q, q_pos, m_i, l_i, acc, k_base, v_base, table_row, start_n, kv_hi, block_size,
+            q, q_pos, m_i, l_i, acc, k_base, v_base, table_row, start_n, kv_hi, BLOCK_SIZE,
             stride_kb, stride_ks, stride_vb, stride_vs, offs_d, d_mask,
             qk_scale, softcap, sliding_window,
             USE_WINDOW, USE_SOFTCAP, BLOCK_N, DOT_PRECISION, DOT_UPCAST)
@@ -201,12 +202,13 @@ def _paged_decode_kernel(
     seq_lens_ptr,         # [num_seqs] int32
     qk_scale, softcap, sliding_window,
     keys_per_split,       # a multiple of BLOCK_N
-    num_heads, head_dim, block_size,
+    num_heads, head_dim,
     stride_qt, stride_qh,
     stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_bt,
+    BLOCK_SIZE: tl.constexpr,  # cache block size
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,     # GROUP padded up to a power of two >= 16 (tl.dot minimum)
     BLOCK_N: tl.constexpr,
@@ -253,7 +255,7 @@ def _paged_decode_kernel(
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for start_n in range(kv_lo, kv_hi, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
-            q, q_pos, m_i, l_i, acc, k_base, v_base, table_row, start_n, kv_hi, block_size,
+            q, q_pos, m_i, l_i, acc, k_base, v_base, table_row, start_n, kv_hi, BLOCK_SIZE,
             stride_kb, stride_ks, stride_vb, stride_vs, offs_d, d_mask,
             qk_scale, softcap, sliding_window,
             USE_WINDOW, USE_SOFTCAP, BLOCK_N, DOT_PRECISION, DOT_UPCAST)
@@ -383,8 +385,8 @@ def paged_attention(
             out, part_out, part_lse, query, k_cache, v_cache,
             meta.block_tables, meta.query_start_loc, meta.seq_lens,
             qk_scale, float(softcap), int(sliding_window), keys_per_split,
-            num_heads, head_dim, block_size, *common_strides,
-            GROUP=group, BLOCK_M=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
+            num_heads, head_dim, *common_strides,
+            BLOCK_SIZE=block_size, GROUP=group, BLOCK_M=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
             NUM_SPLITS=splits, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap,
             DOT_PRECISION=_dot_precision(query.dtype), DOT_UPCAST=interp,
             num_warps=4, num_stages=3 if head_dim * query.element_size() <= 256 else 2,
@@ -408,8 +410,8 @@ def paged_attention(
         out, query, k_cache, v_cache,
         meta.block_tables, meta.query_start_loc, meta.seq_lens,
         qk_scale, float(softcap), int(sliding_window),
-        head_dim, block_size, *common_strides,
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
+        head_dim, *common_strides,
+        BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
         USE_WINDOW=use_window, USE_SOFTCAP=use_softcap,
         DOT_PRECISION=_dot_precision(query.dtype), DOT_UPCAST=interp,
         num_warps=8 if head_dim > 128 else 4,

@@ -27,8 +27,8 @@ def top1_stats_torch(
     argmax takes the lowest index on ties (torch.argmax); token_logprob is -inf for NO_TOKEN.
     """
     x = logits.float()
-    row_max = x.amax(dim=-1)
-    row_argmax = torch.argmax(x, dim=-1)
+    # One pass for both; torch.max, like torch.argmax, returns the first index of a tie.
+    row_max, row_argmax = x.max(dim=-1)
     lse = torch.logsumexp(x, dim=-1)
     if tokens is None:
         token_logprob = torch.full_like(lse, float("-inf"))
