@@ -1,0 +1,385 @@
+"""NudgeEngine: the public API and the round loop (NUDGING.md sections 2 and 5).
+
+One step = one round for every scheduled request:
+  1. the nudger drafts (first pass: catch-up/prefill of its pending tokens, then one token per pass),
+  2. the base model verifies every request's pending and draft tokens in ONE forward,
+  3. the handoff walk decides accepted drafts, the emitted token, the new mode (all requests at once),
+  4. rejected drafts roll back in both KV caches.
+Without a nudger the same loop is plain continuous-batching decoding of the base model.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from tqdm import tqdm
+
+from . import _core
+from .handoff import Handoff
+from .loader import load_causal_lm, resolve_dtype
+from .model_runner import DEFAULT_BLOCK_SIZE, ModelRunner, StepInputs
+from .prompts import DEFAULT_BASE_TEMPLATE, ChatFormat, Prompt, tokenize_prompt
+from .request import Mode, Request, RequestOutput, Source, StreamDelta
+from .sampler import draw, processed_probs
+from .sampling_params import NudgeParams, SamplingParams
+from .sizing import size_kv_pools
+from .stats import EngineStats
+from .tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger("nudge_engine")
+
+DEFAULT_GAMMA = 0.4
+DEFAULT_DRAFT_TOKENS = 4
+BASE_MODEL, NUDGER_MODEL = 0, 1
+MAX_IDLE_STEPS = 1000  # steps without any emitted token before generate() gives up (chunked prefill emits none)
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    runner: ModelRunner
+    tokenizer: Tokenizer
+    pool: _core.BlockPool
+
+    @property
+    def config(self):
+        return self.runner.config
+
+
+class NudgeEngine:
+    def __init__(
+        self,
+        base: str | Path,
+        nudger: str | Path | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        gamma: float = DEFAULT_GAMMA,
+        draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+        resume_on_agreement: bool = True,
+        attention_backend: str = "auto",
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        kv_cache_bytes: int | None = None,
+        num_blocks: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 4096,
+        base_template: str = DEFAULT_BASE_TEMPLATE,
+        response_prefix: str = "",
+        seed: int = 0,
+    ):
+        self.defaults = NudgeParams(gamma=gamma, draft_tokens=draft_tokens, resume_on_agreement=resume_on_agreement)
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype)
+        self.chat_format = ChatFormat(base_template, response_prefix)
+        paths = [Path(base)] + ([Path(nudger)] if nudger is not None else [])
+        loaded = [load_causal_lm(p, self.device, self.dtype) for p in paths]
+        tokenizers = [Tokenizer(p) for p in paths]
+        if len(tokenizers) == 2 and tokenizers[0].vocab != tokenizers[1].vocab:
+            raise ValueError(
+                f"{paths[0]} and {paths[1]} have different tokenizers (vocabulary pieces differ); pairs across "
+                "tokenizer families need the cross-tokenizer text path, which this engine does not have yet"
+            )
+        configs = [c for _, c in loaded]
+        blocks = num_blocks or size_kv_pools(configs, loaded, self.device, self.dtype, block_size,
+                                             kv_cache_bytes, max_num_batched_tokens)
+        self.models: list[LoadedModel] = []
+        for path, (model, config), tok in zip(paths, loaded, tokenizers):
+            runner = ModelRunner(model, config, self.device, self.dtype, blocks, block_size, attention_backend)
+            self.models.append(LoadedModel(path, runner, tok, _core.BlockPool(blocks, block_size)))
+        self.scheduler = _core.Scheduler([m.pool for m in self.models], max_num_seqs, max_num_batched_tokens)
+        self.eos_ids = frozenset(itertools.chain.from_iterable(c.eos_token_ids for c in configs))
+        vocab = max(c.vocab_size for c in configs)
+        table = tokenizers[-1].word_start_table()[:vocab]
+        self.word_start = torch.zeros(vocab, dtype=torch.bool)        # [vocab]
+        self.word_start[: len(table)] = torch.tensor(table, dtype=torch.bool)
+        self.handoff = Handoff(self.device, self.word_start)
+        self.requests: dict[int, Request] = {}
+        self._ids = itertools.count()
+        self._seed_gen = torch.Generator().manual_seed(seed)
+        self.stats = EngineStats()
+        log.info("nudge_engine: base %s%s, %d KV blocks of %d tokens per model, backend %s",
+                 paths[0], f", nudger {paths[1]}" if nudger else "", blocks, block_size,
+                 self.models[0].runner.backend.name)
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def base(self) -> LoadedModel:
+        return self.models[BASE_MODEL]
+
+    @property
+    def nudger(self) -> LoadedModel | None:
+        return self.models[NUDGER_MODEL] if len(self.models) > 1 else None
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.base.tokenizer
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                    nudge: NudgeParams | None = None) -> int:
+        params = params or SamplingParams()
+        nudge = nudge or NudgeParams()
+        nudger = self.nudger
+        base_ids, nudger_ids = tokenize_prompt(prompt, self.base.tokenizer,
+                                               nudger.tokenizer if nudger else None, self.chat_format)
+        if not base_ids or (nudger is not None and not nudger_ids):
+            raise ValueError("prompt is empty after tokenization")
+        for m, ids in zip(self.models, (base_ids, nudger_ids)):
+            limit = m.config.max_position_embeddings
+            if len(ids) + params.max_tokens > limit:
+                raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                                 f"{m.path.name}'s context of {limit} tokens")
+        d = self.defaults
+        rid = next(self._ids)
+        gen = torch.Generator()
+        gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, (), generator=self._seed_gen)))
+        req = Request(
+            id=rid, base_prompt=base_ids, nudger_prompt=nudger_ids, params=params,
+            nudger_params=nudge.nudger_sampling(params),
+            gamma=(d.gamma if nudge.gamma is None else nudge.gamma) if nudger else 0.0,
+            draft_tokens=d.draft_tokens if nudge.draft_tokens is None else nudge.draft_tokens,
+            resume_on_agreement=d.resume_on_agreement if nudge.resume_on_agreement is None else nudge.resume_on_agreement,
+            eos_ids=self.eos_ids, detok=IncrementalDetokenizer.after_prompt(self.base.tokenizer, base_ids),
+            generator=gen,
+        )
+        if params.logprobs is not None:
+            req.logprobs = []
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]
+        req.base_seq = _core.Sequence(self.base.pool)
+        req.base_seq.append(base_ids)
+        seqs = [req.base_seq]
+        if nudger is not None:
+            req.nudger_seq = _core.Sequence(nudger.pool)
+            seqs.append(req.nudger_seq)
+        self.scheduler.add_request(rid, seqs)  # ValueError if the prompt can never fit the pools
+        self.requests[rid] = req
+        return rid
+
+    def abort(self, request_id: int) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is not None:
+            self.scheduler.abort(request_id)
+            req.abort()
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def pools_all_free(self) -> bool:
+        return all(m.pool.all_free() for m in self.models)
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 nudge: NudgeParams | Sequence[NudgeParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """One result per prompt, in order. `params` / `nudge`: one for all, or one per prompt."""
+        if isinstance(prompts, str) or (isinstance(prompts, dict)) or (
+                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        n = len(prompts)
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * n
+        nudge_list = list(nudge) if isinstance(nudge, (list, tuple)) else [nudge] * n
+        if len(params_list) != n or len(nudge_list) != n:
+            raise ValueError(f"got {n} prompts but {len(params_list)} SamplingParams and {len(nudge_list)} NudgeParams")
+        ids = []
+        try:
+            for p, sp, nps in zip(prompts, params_list, nudge_list):
+                ids.append(self.add_request(p, sp, nps))
+        except Exception:
+            for rid in ids:
+                self.abort(rid)
+            raise
+        results: dict[int, RequestOutput] = {}
+        wanted = set(ids)
+        with tqdm(total=n, desc="generate", disable=not use_tqdm) as bar:
+            idle = 0
+            while wanted - results.keys():
+                touched = self.step()
+                idle = 0 if touched else idle + 1
+                if idle > MAX_IDLE_STEPS:
+                    raise RuntimeError("the scheduler made no progress; KV pools may be too small for one request")
+                for req in touched:
+                    if req.finished and req.id in wanted:
+                        results[req.id] = req.result()
+                        bar.update(1)
+        return [results[i] for i in ids]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
+               nudge: NudgeParams | None = None) -> Iterator[StreamDelta]:
+        """Yields tokens as they are decided; closing the iterator early aborts the request."""
+        rid = self.add_request(prompt, params, nudge)
+        req = self.requests[rid]
+        try:
+            while not req.finished:
+                self.step()
+                delta = req.take_delta()
+                if delta.token_ids or delta.text or delta.finish_reason:
+                    yield delta
+        finally:
+            self.abort(rid)
+
+    # ------------------------------------------------------------------ one round
+    def step(self) -> list[Request]:
+        """Runs one round for the scheduled requests; returns those that got tokens or finished."""
+        for req in self.requests.values():
+            self._prepare(req)
+        sched = self.scheduler.schedule()
+        self.stats.preemptions += len(sched.preempted)
+        if not sched.req_ids:
+            return []
+        reqs = [self.requests[i] for i in sched.req_ids]
+        final = list(sched.is_final_chunk)
+        drafts_k = [r.draft_count() if f else 0 for r, f in zip(reqs, final)]
+        drafts, draft_logits = self._draft(reqs, sched.num_new_tokens[NUDGER_MODEL] if self.nudger else None,
+                                           drafts_k, final)
+        base_logits, walk_rows, prompt_rows = self._verify(reqs, sched.num_new_tokens[BASE_MODEL], drafts, final)
+        self._record_prompt_logprobs(reqs, base_logits, prompt_rows)
+        finals = [i for i, f in enumerate(final) if f]
+        touched = []
+        decisions = self.handoff.decide([reqs[i] for i in finals], [drafts[i] for i in finals],
+                                        [walk_rows[i] for i in finals], base_logits,
+                                        [draft_logits[i] for i in finals])
+        for i, decision in zip(finals, decisions):
+            req = reqs[i]
+            self._apply(req, drafts[i], decision)
+            touched.append(req)
+        return touched
+
+    def _prepare(self, req: Request) -> None:
+        """Lazy catch-up: the nudger sees the output only in rounds where it drafts."""
+        k = req.draft_count()
+        if req.nudger_seq is None:
+            self.scheduler.set_lookahead(req.id, [k])
+            return
+        if k > 0:
+            if req.nudger_seq.num_tokens == 0:
+                req.nudger_seq.append(req.nudger_prompt)
+            seen = req.nudger_seq.num_tokens - len(req.nudger_prompt)
+            if seen < len(req.output):
+                req.nudger_seq.append(req.output[seen:])
+        self.scheduler.set_lookahead(req.id, [k, max(k - 1, 0)])
+
+    def _forward(self, model: LoadedModel, seqs: list, num_new: list[int],
+                 rows: torch.Tensor | None = None) -> tuple[torch.Tensor, object]:
+        batch = _core.build_batch(seqs, num_new, model.runner.block_size)
+        inputs = StepInputs.from_batch(batch, model.runner.device)
+        index = torch.from_numpy(batch.logits_indices) if rows is None else rows
+        return model.runner.forward(inputs, index.to(model.runner.device)), batch
+
+    def _draft(self, reqs: list[Request], num_new: list[int] | None, k: list[int], final: list[bool]):
+        """Nudger passes: catch-up + first draft, then one draft token per pass.
+
+        A request that does not draft this round computes nothing in the nudger (lazy catch-up),
+        except prefill chunks, which always keep the newest token pending.
+        """
+        drafts: list[list[int]] = [[] for _ in reqs]
+        logits: list[list[torch.Tensor]] = [[] for _ in reqs]  # raw nudger logits row per draft
+        if num_new is None:
+            return drafts, logits
+        active = [i for i, n in enumerate(num_new) if n > 0 and (k[i] > 0 or not final[i])]
+        step_new = {i: num_new[i] for i in active}
+        for j in range(max(k, default=0) + 1):
+            if not active:
+                break
+            seqs = [reqs[i].nudger_seq for i in active]
+            out, _ = self._forward(self.nudger, seqs, [step_new[i] for i in active])
+            picks = [i for i in active if len(drafts[i]) < k[i]]
+            tokens = self._pick_drafts([reqs[i] for i in picks], out[[active.index(i) for i in picks]])
+            for i in active:
+                seq = reqs[i].nudger_seq
+                seq.set_num_computed(seq.num_computed + step_new[i])
+            for i, (tok, row) in zip(picks, tokens):
+                drafts[i].append(tok)
+                logits[i].append(row)
+                reqs[i].nudger_seq.append(tok)
+            active = [i for i in picks if len(drafts[i]) < k[i]]
+            step_new = {i: 1 for i in active}
+        return drafts, logits
+
+    def _pick_drafts(self, reqs: list[Request], rows: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        if not reqs:
+            return []
+        greedy = rows.argmax(-1).tolist()
+        out = []
+        for r, row, g in zip(reqs, rows, greedy):
+            tok = g if r.nudger_params.greedy else draw(processed_probs(row[None].cpu(), r.nudger_params)[0], r.generator)
+            out.append((tok, row))
+        return out
+
+    def _verify(self, reqs: list[Request], num_new: list[int], drafts: list[list[int]], final: list[bool]):
+        """The base pass: pending + draft tokens of every request; logits rows for the walk."""
+        nums, rows, walk_rows, prompt_rows = [], [], [], []
+        start = 0
+        for req, n, d, f in zip(reqs, num_new, drafts, final):
+            if f and d:
+                req.base_seq.append(d)
+            total = n + (len(d) if f else 0)
+            computed = req.base_seq.num_computed
+            first = len(rows)
+            if req.prompt_logprobs is not None and computed < len(req.base_prompt):
+                upto = min(computed + total, len(req.base_prompt)) - 1  # row at position p predicts token p + 1
+                rows.extend(range(start, start + upto - computed))
+                prompt_rows.append((req, computed, len(rows) - first, first))
+            else:
+                prompt_rows.append(None)
+            walk_first = len(rows)
+            if f:
+                rows.extend(range(start + total - len(d) - 1, start + total))
+            walk_rows.append(slice(walk_first, len(rows)))
+            nums.append(total)
+            start += total
+        logits, _ = self._forward(self.base, [r.base_seq for r in reqs], nums, torch.tensor(rows, dtype=torch.long))
+        for req, n in zip(reqs, nums):
+            req.base_seq.set_num_computed(req.base_seq.num_computed + n)
+        return logits, walk_rows, prompt_rows
+
+    def _record_prompt_logprobs(self, reqs, logits, prompt_rows) -> None:
+        for entry in prompt_rows:
+            if entry is None:
+                continue
+            req, computed, count, first = entry
+            if count <= 0:
+                continue
+            lp = torch.log_softmax(logits[first:first + count], dim=-1).cpu()
+            targets = req.base_prompt[computed + 1: computed + 1 + count]
+            req.prompt_logprobs.extend(_top_logprobs(lp, targets, req.params.prompt_logprobs))
+
+    def _apply(self, req: Request, drafts: list[int], decision) -> None:
+        m, emit = decision.num_accepted, decision.emit_token
+        tokens = drafts[:m] + ([emit] if emit is not None else [])
+        sources = list(decision.accepted_sources[:m]) + ([Source.BASE] if emit is not None else [])
+        was_mode = req.mode
+        req.mode, req.run = Mode(decision.mode), decision.run
+        req.rounds += 1
+        req.drafted += len(drafts)
+        req.accepted += m
+        self.stats.record_round(len(drafts), m, sources, was_mode != req.mode)
+        req.add_tokens(tokens, sources, decision.logprobs)
+        if req.finished:
+            self.scheduler.finish(req.id)
+            del self.requests[req.id]
+            return
+        for seq, rejected in ((req.base_seq, len(drafts) - m), (req.nudger_seq, len(drafts) - m)):
+            if seq is None or (seq is req.nudger_seq and not drafts):
+                continue
+            seq.truncate(seq.num_tokens - rejected)
+            if emit is not None:
+                seq.append(emit)
+            # Invariant between rounds: the newest token is pending in both models.
+            seq.set_num_computed(min(seq.num_computed, seq.num_tokens - 1))
+
+
+def _top_logprobs(lp: torch.Tensor, targets: list[int], n: int) -> list[dict[int, float]]:
+    """lp [rows, vocab] log-probabilities -> per row {target: lp, top-n others: lp}, target first."""
+    out = []
+    top = lp.topk(n, dim=-1) if n > 0 else None
+    for i, t in enumerate(targets):
+        entry = {int(t): float(lp[i, t])}
+        if top is not None:
+            for v, idx in zip(top.values[i].tolist(), top.indices[i].tolist()):
+                entry.setdefault(idx, v)
+        out.append(entry)
+    return out

@@ -1,0 +1,112 @@
+"""Decides every final request of a round: the fused greedy walk for all greedy requests at once,
+rejection sampling on the host for requests where a model samples."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .handoff_torch import NO_TOKEN, handoff_step_torch
+from .request import Mode, Request, Source
+from .sampler import processed_probs
+from .sampling_walk import sampling_walk
+
+
+@dataclass
+class Decision:
+    num_accepted: int
+    emit_token: int | None
+    mode: int
+    run: int
+    accepted_sources: list[int]
+    logprobs: list[dict[int, float]] | None   # per decided token, when the request asked
+
+
+class Handoff:
+    def __init__(self, device: torch.device, word_start: torch.Tensor):
+        self.device = device
+        self.word_start_host = word_start                  # [vocab] bool
+        self.word_start = word_start.to(device)            # [vocab] bool
+        self._step = handoff_step_torch
+        if device.type == "cuda":
+            from .kernels.handoff_step import handoff_step  # Triton: only on a GPU
+            self._step = handoff_step
+
+    def decide(
+        self,
+        reqs: list[Request],
+        drafts: list[list[int]],
+        walk_rows: list[slice],              # each request's rows in base_logits: k + 1 of them
+        base_logits: torch.Tensor,           # [rows, vocab] float32
+        draft_logits: list[list[torch.Tensor]],  # per request, per draft: the nudger's raw logits [vocab]
+    ) -> list[Decision]:
+        decisions: list[Decision | None] = [None] * len(reqs)
+        greedy = [i for i, r in enumerate(reqs) if r.greedy]
+        if greedy:
+            self._decide_greedy(greedy, reqs, drafts, walk_rows, base_logits, decisions)
+        for i, r in enumerate(reqs):
+            if not r.greedy:
+                decisions[i] = self._decide_sampled(r, drafts[i], base_logits[walk_rows[i]], draft_logits[i])
+        for i, r in enumerate(reqs):
+            if r.logprobs is not None:
+                decisions[i].logprobs = _decision_logprobs(decisions[i], drafts[i], base_logits[walk_rows[i]],
+                                                           draft_logits[i], r.params.logprobs)
+        return decisions
+
+    def _decide_greedy(self, idx, reqs, drafts, walk_rows, base_logits, decisions) -> None:
+        rows = torch.cat([torch.arange(walk_rows[i].start, walk_rows[i].stop) for i in idx]).to(self.device)
+        flat_drafts = []
+        starts = [0]
+        for i in idx:
+            flat_drafts.extend(drafts[i] + [NO_TOKEN])
+            starts.append(len(flat_drafts))
+        dev = self.device
+        result = self._step(
+            base_logits[rows],
+            torch.tensor(flat_drafts, dtype=torch.int64, device=dev),
+            torch.tensor(starts, dtype=torch.int32, device=dev),
+            torch.tensor([int(reqs[i].mode) for i in idx], dtype=torch.int32, device=dev),
+            torch.tensor([reqs[i].run for i in idx], dtype=torch.int32, device=dev),
+            torch.tensor([reqs[i].gamma for i in idx], dtype=torch.float32, device=dev),
+            torch.tensor([reqs[i].resume_on_agreement for i in idx], dtype=torch.bool, device=dev),
+            self.word_start,
+        ).to_host()  # the round's one small device-to-host copy
+        accepted = result.num_accepted.tolist()
+        emitted = result.emit_token.tolist()
+        modes, runs = result.new_mode.tolist(), result.new_run.tolist()
+        sources = result.accepted_source.tolist()
+        for j, i in enumerate(idx):
+            m = accepted[j]
+            decisions[i] = Decision(m, None if emitted[j] == NO_TOKEN else emitted[j], modes[j], runs[j],
+                                    sources[starts[j]:starts[j] + m], None)
+
+    def _decide_sampled(self, req: Request, drafts: list[int], base_rows: torch.Tensor,
+                        draft_rows: list[torch.Tensor]) -> Decision:
+        base_rows = base_rows.cpu()
+        top1 = torch.softmax(base_rows, dim=-1).amax(-1)
+        argmax = base_rows.argmax(-1)
+        base_probs = processed_probs(base_rows, req.params)
+        vocab = base_rows.shape[-1]
+        draft_probs = (processed_probs(torch.stack(draft_rows).cpu(), req.nudger_params) if draft_rows
+                       else torch.empty(0, vocab))
+        w = sampling_walk(drafts, top1, argmax, base_probs, draft_probs, Mode(req.mode), req.run, req.gamma,
+                          req.resume_on_agreement, self.word_start_host, req.generator)
+        return Decision(w.num_accepted, w.emit_token, int(w.mode), w.run, w.accepted_sources, None)
+
+
+def _decision_logprobs(d: Decision, drafts: list[int], base_rows: torch.Tensor, draft_rows: list[torch.Tensor],
+                       top_n: int) -> list[dict[int, float]]:
+    """Log-probabilities under the model that wrote each token (raw logits, temperature 1)."""
+    out = []
+    tokens = drafts[:d.num_accepted] + ([d.emit_token] if d.emit_token is not None else [])
+    sources = d.accepted_sources + [Source.BASE]
+    for pos, (tok, src) in enumerate(zip(tokens, sources)):
+        row = draft_rows[pos] if src == Source.NUDGER else base_rows[pos]
+        lp = torch.log_softmax(row.float().cpu(), dim=-1)
+        entry = {int(tok): float(lp[tok])}
+        if top_n > 0:
+            vals, ids = lp.topk(top_n)
+            for v, t in zip(vals.tolist(), ids.tolist()):
+                entry.setdefault(t, v)
+        out.append(entry)
+    return out

@@ -1,0 +1,174 @@
+"""One request's state across rounds, its stop checks, and the result users read."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import torch
+
+from .sampling_params import SamplingParams
+from .tokenizer import IncrementalDetokenizer
+
+SOURCE_NAMES = ("base", "nudger")
+
+
+class Mode(IntEnum):
+    BASE = 0
+    NUDGE = 1
+
+
+class Source(IntEnum):
+    BASE = 0
+    NUDGER = 1
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt_token_ids: list[int]                  # the base model's prompt
+    token_ids: list[int]
+    text: str
+    sources: list[str]                           # "base" | "nudger" per emitted token
+    finish_reason: str | None                    # "stop" | "length" | "abort" | None while running
+    stop_reason: str | int | None                # the matched stop string or token id
+    logprobs: list[dict[int, float]] | None      # per emitted token: {token id: logprob}, emitted first
+    prompt_logprobs: list[dict[int, float] | None] | None
+    rounds: int
+    drafted_tokens: int
+    accepted_tokens: int
+    arrival_time: float
+    first_token_time: float | None
+    finish_time: float | None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def nudged_fraction(self) -> float:
+        return sum(s == "nudger" for s in self.sources) / max(len(self.sources), 1)
+
+
+@dataclass
+class StreamDelta:
+    request_id: int
+    token_ids: list[int]
+    text: str
+    sources: list[str]
+    logprobs: list[dict[int, float]] | None
+    finish_reason: str | None
+    stop_reason: str | int | None
+
+
+@dataclass
+class Request:
+    id: int
+    base_prompt: list[int]
+    nudger_prompt: list[int] | None
+    params: SamplingParams
+    nudger_params: SamplingParams
+    gamma: float
+    draft_tokens: int
+    resume_on_agreement: bool
+    eos_ids: frozenset[int]
+    detok: IncrementalDetokenizer
+    generator: torch.Generator
+    base_seq: object = None        # _core.Sequence
+    nudger_seq: object = None      # _core.Sequence or None
+    mode: Mode = Mode.BASE
+    run: int = 0
+    output: list[int] = field(default_factory=list)
+    sources: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    emitted_upto: int = 0          # output tokens already handed to a stream
+    emitted_text_upto: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.params.greedy and self.nudger_params.greedy
+
+    def draft_count(self) -> int:
+        """Draft tokens this round. k = 0 drafts only while nudging (lazy catch-up otherwise)."""
+        if self.nudger_seq is None:
+            return 0
+        if self.draft_tokens > 0:
+            return self.draft_tokens
+        return 1 if self.mode == Mode.NUDGE else 0
+
+    def add_tokens(self, tokens: list[int], sources: list[int], logprobs: list[dict[int, float]] | None) -> None:
+        """Appends decided tokens one by one, stopping at the first stop condition (NUDGING.md section 4)."""
+        if tokens and self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+        p = self.params
+        for i, (tok, src) in enumerate(zip(tokens, sources)):
+            self.output.append(tok)
+            self.sources.append(src)
+            if self.logprobs is not None and logprobs is not None:
+                self.logprobs.append(logprobs[i])
+            self.detok.add(tok)
+            if not p.ignore_eos and tok in self.eos_ids:
+                return self._finish("stop", tok)
+            if tok in p.stop_token_ids:
+                return self._finish("stop", tok)
+            if p.stop and self._check_stop_strings():
+                return
+            if len(self.output) >= p.max_tokens:
+                return self._finish("length", None)
+
+    def _check_stop_strings(self) -> bool:
+        text = self.detok.text
+        # Only the tail can hold a new match: the longest stop plus the newest piece.
+        window = max(len(s) for s in self.params.stop) + 16
+        start = max(0, len(text) - window)
+        for stop in self.params.stop:
+            at = text.find(stop, start)
+            if at >= 0:
+                cut = at + len(stop) if self.params.include_stop_str_in_output else at
+                self.detok.text = text[:cut]
+                self._finish("stop", stop)
+                return True
+        return False
+
+    def _finish(self, reason: str, stop_reason: str | int | None) -> None:
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+        self.finish_time = time.monotonic()
+        if reason == "length" or (reason == "stop" and isinstance(stop_reason, int)):
+            self.detok.flush()
+
+    def abort(self) -> None:
+        self._finish("abort", None)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def result(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.id, prompt_token_ids=list(self.base_prompt), token_ids=list(self.output),
+            text=self.detok.text, sources=[SOURCE_NAMES[s] for s in self.sources],
+            finish_reason=self.finish_reason, stop_reason=self.stop_reason,
+            logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs,
+            rounds=self.rounds, drafted_tokens=self.drafted, accepted_tokens=self.accepted,
+            arrival_time=self.arrival_time, first_token_time=self.first_token_time, finish_time=self.finish_time,
+        )
+
+    def take_delta(self) -> StreamDelta:
+        """What a stream has not seen yet."""
+        new = slice(self.emitted_upto, len(self.output))
+        text = self.detok.text[self.emitted_text_upto:]
+        self.emitted_upto = len(self.output)
+        self.emitted_text_upto = len(self.detok.text)
+        return StreamDelta(self.id, self.output[new], text, [SOURCE_NAMES[s] for s in self.sources[new]],
+                           self.logprobs[new] if self.logprobs is not None else None,
+                           self.finish_reason, self.stop_reason)
