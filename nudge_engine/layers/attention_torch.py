@@ -90,17 +90,18 @@ def paged_attention_torch(
     k = k_cache.view(-1, num_kv_heads, head_dim)[p["key_slots"]]  # [num_seqs, k_max, num_kv_heads, head_dim]
     v = v_cache.view(-1, num_kv_heads, head_dim)[p["key_slots"]]
     group = num_heads // num_kv_heads
-    k = k.repeat_interleave(group, dim=2).to(query.dtype)
-    v = v.repeat_interleave(group, dim=2).to(query.dtype)
+    # float32 throughout: the reference must not round scores to bf16 or overflow in fp16.
+    k = k.repeat_interleave(group, dim=2).float()
+    v = v.repeat_interleave(group, dim=2).float()
 
-    scores = torch.einsum("sqhd,skhd->shqk", q, k).float() * scale  # [num_seqs, heads, q_max, k_max]
+    scores = torch.einsum("sqhd,skhd->shqk", q.float(), k) * scale  # [num_seqs, heads, q_max, k_max]
     if softcap != NO_SOFTCAP:
         scores = torch.tanh(scores / softcap) * softcap
     mask = _mask(meta, sliding_window)[:, None, :, :]
     scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0).to(query.dtype)  # padded query rows are all -inf
+    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # padded query rows are all -inf
     out = torch.einsum("shqk,skhd->sqhd", probs, v)
-    return out[p["seq_of_token"], p["row_of_token"]]
+    return out[p["seq_of_token"], p["row_of_token"]].to(query.dtype)
 
 
 class TorchAttentionBackend:

@@ -1,0 +1,61 @@
+"""Slow obvious references: transformers models, no KV cache, one full forward per token."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from transformers import AutoModelForCausalLM
+
+BASE, NUDGE = "base", "nudger"
+
+
+@lru_cache(maxsize=16)
+def hf_model(folder) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+@torch.no_grad()
+def next_logits(model, ids: list[int]) -> torch.Tensor:  # [vocab] float32
+    return model(torch.tensor([ids])).logits[0, -1].float()
+
+
+@torch.no_grad()
+def hf_greedy(folder, prompt: list[int], max_tokens: int, eos_ids=()) -> list[int]:
+    """Greedy decoding by full forwards; stops after an eos token (kept), like generate()."""
+    model, out = hf_model(folder), []
+    while len(out) < max_tokens:
+        t = int(next_logits(model, prompt + out).argmax())
+        out.append(t)
+        if t in eos_ids:
+            break
+    return out
+
+
+@torch.no_grad()
+def sequential_nudging(base_folder, nudger_folder, base_prompt: list[int], nudger_prompt: list[int],
+                       gamma: float, resume_on_agreement: bool, word_start: list[bool], max_tokens: int,
+                       eos_ids=()) -> tuple[list[int], list[str]]:
+    """NUDGING.md section 2, greedy, literally."""
+    base, nudger = hf_model(base_folder), hf_model(nudger_folder)
+    y, sources, mode, run = [], [], BASE, 0
+    while len(y) < max_tokens:
+        p_b = torch.softmax(next_logits(base, base_prompt + y), -1)
+        top1, a_b = float(p_b.max()), int(p_b.argmax())
+        if mode == BASE:
+            if top1 < gamma:
+                mode, run = NUDGE, 0
+                continue
+            t, src = a_b, BASE
+        else:
+            t = int(next_logits(nudger, nudger_prompt + y).argmax())
+            resume = top1 >= gamma or (resume_on_agreement and a_b == t)
+            if run > 0 and word_start[t] and resume:
+                mode, t, src = BASE, a_b, BASE
+            else:
+                src, run = NUDGE, run + 1
+        y.append(t)
+        sources.append(src)
+        if t in eos_ids:
+            break
+    return y, sources
