@@ -7,6 +7,7 @@ misshapen tensors each get an error naming the file and tensor.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,24 +52,46 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ModelFolderError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise ModelFolderError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_size = size - HEADER_SIZE_BYTES - header_len
-    tensors = {}
+    tensors, spans = {}, []
     for name, meta in header.items():
         if name == "__metadata__":
             continue
         try:
-            start, end = meta["data_offsets"]
+            start, end = (int(offset) for offset in meta["data_offsets"])
             shape = tuple(int(d) for d in meta["shape"])
             dtype = meta["dtype"]
         except (KeyError, TypeError, ValueError):
             raise ModelFolderError(f"{path}: corrupt safetensors entry for tensor {name!r}") from None
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ModelFolderError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+        if not 0 <= start <= end or end - start != nbytes:
+            raise ModelFolderError(
+                f"{path}: corrupt safetensors entry for tensor {name!r}: {dtype} {list(shape)} needs {nbytes} bytes, "
+                f"its offsets [{start}, {end}) hold {end - start}"
+            )
         if end > data_size:
             raise ModelFolderError(
                 f"{path}: truncated: tensor {name!r} ends at byte {end} of the data section, which has only {data_size}"
             )
-        if dtype not in SAFETENSORS_DTYPES:
-            raise ModelFolderError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
         tensors[name] = TensorInfo(path, shape)
+        spans.append((start, end, name))
+    # safetensors refuses gaps, overlaps and trailing bytes, but only once the model is allocated: refuse them here.
+    covered = 0
+    for start, end, name in sorted(spans):
+        if start != covered:
+            raise ModelFolderError(
+                f"{path}: corrupt safetensors file: tensor {name!r} starts at byte {start} of the data section, "
+                f"expected {covered} (overlapping or gapped tensors)"
+            )
+        covered = end
+    if covered != data_size:
+        raise ModelFolderError(
+            f"{path}: corrupt safetensors file: {data_size - covered} bytes after the last tensor's data"
+        )
     return tensors
 
 
