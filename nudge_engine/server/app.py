@@ -1,0 +1,543 @@
+"""The OpenAI-compatible HTTP server (FastAPI): completions, chat completions, models, health, metrics.
+
+Routes
+  POST /v1/completions, POST /v1/chat/completions   streaming (SSE, ends with `data: [DONE]`) or not
+  GET  /v1/models      the base model as the model id, with the nudger and the pairing mode
+  GET  /health         200 while the engine thread runs, 503 once it is dead (no API key needed)
+  GET  /metrics        Prometheus text format
+
+Errors use the OpenAI shape {"error": {"message", "type", "param", "code"}}: 400 for bad input
+(never a 500), 401 without the API key, 404 for an unknown model or route, 413 for a body over
+--max-body-bytes, 503 when the waiting queue is full or the engine is dead, 500 when the engine
+failed while the request was in flight (streams get an error chunk instead, then [DONE]).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine import NudgeEngine
+from ..prompts import ChatFormat, render_base_chat, tokenize_prompt
+from ..sampling_params import NudgeParams, SamplingParams
+from ..tokenizer import render_chat_template
+from . import protocol as P
+from .async_engine import (AsyncEngine, EngineDeadError, EngineStepError, GenerateItem, GroupError,
+                           InvalidRequestError, QueueFullError)
+from .metrics import ServerMetrics
+
+log = logging.getLogger("nudge_engine.server")
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_COMPLETION_MAX_TOKENS = 16      # OpenAI's legacy completions default
+DEFAULT_CHAT_MAX_TOKENS = 1024          # chat: at most this many, and what the context leaves
+
+
+@dataclass
+class ServerSettings:
+    model_name: str
+    api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_queue: int = 512
+    allow_request_chat_template: bool = False
+    default_chat_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | int | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(P.error_body(self.message, self.type, self.param, self.code), status_code=self.status)
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    if param is None:  # the engine's messages start with the field's name: "top_p must be in (0, 1], ..."
+        word = message.split(" ", 1)[0]
+        if word in _PARAM_NAMES:
+            param = word
+    return APIError(400, message, "invalid_request_error", param)
+
+
+_PARAM_NAMES = set(P.CompletionRequest.model_fields) | set(P.ChatCompletionRequest.model_fields)
+
+
+# ---------------------------------------------------------------------------- ASGI guard
+class GuardMiddleware:
+    """API key (every route but /health) and the body size limit, before anything parses the body."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.api_key is not None and scope.get("path") != "/health":
+            auth = headers.get(b"authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.api_key):
+                return await _send_error(send, 401, P.error_body(
+                    "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error",
+                    None, "invalid_api_key"), [(b"www-authenticate", b"Bearer")])
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        limit = self.max_body_bytes
+        too_big = P.error_body(f"the request body is larger than the limit of {limit} bytes", "invalid_request_error",
+                               None, "request_too_large")
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                return await _send_error(send, 400, P.error_body("malformed Content-Length header"))
+            if declared > limit:
+                return await _send_error(send, 413, too_big)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return await _send_error(send, 413, too_big)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+        # Every POST body here is JSON: read it as JSON whatever Content-Type says (curl -d sends a form type).
+        scope = dict(scope)
+        scope["headers"] = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"] + [
+            (b"content-type", b"application/json")]
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()   # after the body: waits for the client to disconnect
+
+        return await self.app(scope, replay, send)
+
+
+async def _send_error(send, status: int, body: dict, extra_headers=()) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            *extra_headers]})
+    await send({"type": "http.response.body", "body": data})
+
+
+class _AbortingStreamingResponse(StreamingResponse):
+    """Aborts the engine requests however the response ends (client gone, error, cancellation)."""
+
+    def __init__(self, content, group, **kw):
+        super().__init__(content, **kw)
+        self._group = group
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._group.abort()      # no-op when every choice finished
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _wait_unless_disconnected(coro, request: Request):
+    """Awaits coro, unless the client disconnects first (then raises _ClientGone)."""
+
+    async def disconnected():
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    work = asyncio.ensure_future(coro)
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            return work.result()
+        raise _ClientGone()
+    finally:
+        for task in (work, watch):
+            if not task.done():
+                task.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(work, watch, return_exceptions=True)
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, allow_nan=False)}\n\n"
+
+
+def _finite(x: float | None) -> float | None:
+    if x is None:
+        return None
+    return x if math.isfinite(x) else -9999.0
+
+
+def _clean_logprobs(entries):
+    if entries is None:
+        return None
+    return [{t: _finite(v) for t, v in e.items()} for e in entries]
+
+
+# ---------------------------------------------------------------------------- the app
+def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: frozenset[int] | None = None,
+              async_engine: AsyncEngine | None = None) -> FastAPI:
+    metrics = ServerMetrics(settings.model_name)
+    ae = async_engine or AsyncEngine(engine, max_queue=settings.max_queue, fault_steps=fault_steps, metrics=metrics)
+    ae.metrics = metrics
+    metrics.attach(ae)
+    base_tok = engine.base.tokenizer
+    nudger_tok = engine.nudger.tokenizer if engine.nudger is not None else None
+    context = min(m.config.max_position_embeddings for m in engine.models)
+    base_path = str(engine.base.path)
+    aliases = {settings.model_name, base_path, str(Path(base_path).resolve()), Path(base_path).name}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        ae.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(ae.shutdown, 10.0)
+
+    app = FastAPI(title="nudge_engine", version="0.1.0", lifespan=lifespan)
+    app.state.async_engine = ae
+    app.state.settings = settings
+    app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+
+    # ------------------------------------------------------------ error handlers
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = loc[0] if loc else None
+        kind = first.get("type", "")
+        if kind == "json_invalid":
+            param = None
+            message = f"the body is not valid JSON ({(first.get('ctx') or {}).get('error', 'parse error')})"
+        elif param == "prompt" and len(loc) > 1 and not loc[1].isdigit():
+            message = ("prompt must be a string, a list of strings, a list of token ids or a list of token-id "
+                       "lists")
+        elif param == "messages" and len(errors) > 1:
+            message = (f"{'.'.join(loc)}: {first.get('msg', 'invalid value')}; messages are objects with a string "
+                       "'role' and a string (or text parts) 'content'")
+        elif not loc and kind in ("model_attributes_type", "dict_type", "model_type"):
+            message = "the body must be a JSON object"
+        elif not loc and kind == "missing":
+            message = "the body is empty; send a JSON object"
+        else:
+            message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
+            if len(errors) > 1:
+                message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        return JSONResponse(P.error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(P.error_body(str(exc.detail), kind), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(P.error_body(f"internal server error ({type(exc).__name__})", "server_error", None, 500),
+                            status_code=500)
+
+    # ------------------------------------------------------------ helpers
+    def check_model(model: str | None) -> None:
+        if model is not None and model not in aliases:
+            raise APIError(404, f"the model '{model}' does not exist; this server serves '{settings.model_name}'",
+                           "invalid_request_error", "model", "model_not_found")
+
+    def check_supported(body) -> None:
+        found = body.unsupported()
+        if found:
+            raise bad_request(found[1], found[0])
+
+    def make_params(body, max_tokens: int, logprobs: int | None) -> tuple[list[SamplingParams], NudgeParams]:
+        try:
+            stops = body.stop_list()
+        except ValueError as e:
+            raise bad_request(str(e), "stop") from None
+        kw: dict[str, Any] = dict(max_tokens=max_tokens, stop=stops, ignore_eos=body.ignore_eos,
+                                  stop_token_ids=body.stop_token_ids or [], logprobs=logprobs,
+                                  include_stop_str_in_output=body.include_stop_str_in_output)
+        for name in ("temperature", "top_p", "top_k", "min_p"):
+            value = getattr(body, name)
+            if value is not None:
+                kw[name] = value
+        params = []
+        try:
+            for i in range(body.n):
+                seed = body.seed
+                if seed is not None and i:
+                    seed = (seed + i) % (2**64)
+                params.append(SamplingParams(seed=seed, **kw))
+            nudge = NudgeParams(gamma=body.gamma, draft_tokens=body.draft_tokens,
+                                resume_on_agreement=body.resume_on_agreement,
+                                nudger_temperature=body.nudger_temperature, nudger_top_p=body.nudger_top_p,
+                                nudger_top_k=body.nudger_top_k)
+        except ValueError as e:
+            raise bad_request(str(e)) from None
+        return params, nudge
+
+    def engine_prompt(base_ids: list[int], nudger_ids: list[int] | None, param: str):
+        if not base_ids or (nudger_tok is not None and not nudger_ids):
+            raise bad_request("the prompt is empty after tokenization", param)
+        longest = max(len(base_ids), len(nudger_ids or ()))
+        if longest >= context:
+            raise bad_request(f"the prompt ({longest} tokens) does not fit the model's context of {context} tokens",
+                              param)
+        return ({"base": base_ids, "nudger": nudger_ids} if nudger_ids is not None else base_ids), longest
+
+    async def submit(items: list[GenerateItem]):
+        try:
+            return await ae.submit(items)
+        except QueueFullError as e:
+            raise APIError(503, str(e), "server_error", None, "server_overloaded") from None
+        except EngineDeadError as e:
+            raise APIError(503, f"the engine is not running: {e}", "server_error", None, "engine_dead") from None
+        except InvalidRequestError as e:
+            raise bad_request(str(e)) from None
+
+    async def run_group(group, request: Request):
+        try:
+            return await _wait_unless_disconnected(group.collect(), request)
+        except _ClientGone:
+            group.abort()
+            return None
+        except EngineStepError as e:
+            raise APIError(500, str(e), "server_error", None, "engine_error") from None
+        except EngineDeadError as e:
+            raise APIError(503, f"the engine stopped: {e}", "server_error", None, "engine_dead") from None
+        finally:
+            group.abort()
+
+    def error_chunk(error: Exception) -> dict:
+        if isinstance(error, EngineStepError):
+            return P.error_body(str(error), "server_error", None, "engine_error")
+        return P.error_body(f"the engine stopped: {error}", "server_error", None, "engine_dead")
+
+    def streaming(gen, group) -> StreamingResponse:
+        return _AbortingStreamingResponse(gen, group, media_type="text/event-stream",
+                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ------------------------------------------------------------ routes
+    @app.get("/health")
+    async def health():
+        if ae.alive:
+            return {"status": "ok"}
+        return JSONResponse({"status": "unavailable", "reason": ae.dead_reason or "the engine is not running"},
+                            status_code=503)
+
+    @app.get("/metrics")
+    async def metrics_route():
+        data, content_type = metrics.render()
+        return Response(data, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": settings.model_name, "object": "model", "created": P.now(), "owned_by": "nudge_engine",
+            "root": base_path, "max_model_len": context,
+            "nudger": str(engine.nudger.path) if engine.nudger is not None else None,
+            "pairing": "same-tokenizer" if engine.nudger is not None else "base-alone",
+            "gamma": engine.defaults.gamma, "draft_tokens": engine.defaults.draft_tokens,
+            "resume_on_agreement": engine.defaults.resume_on_agreement,
+        }]}
+
+    @app.post("/v1/completions")
+    async def completions(body: P.CompletionRequest, request: Request):
+        check_model(body.model)
+        check_supported(body)
+        if body.echo:
+            raise bad_request("echo is not supported by this server", "echo")
+        if body.suffix:
+            raise bad_request("suffix is not supported by this server", "suffix")
+        if body.best_of not in (None, 1, body.n):
+            raise bad_request("best_of is not supported by this server (use n)", "best_of")
+        p = body.prompt
+        single = isinstance(p, str) or not p or isinstance(p[0], int)
+        raw_prompts = [p] if single else list(p)
+        if len(raw_prompts) > P.MAX_PROMPTS:
+            raise bad_request(f"at most {P.MAX_PROMPTS} prompts per request, got {len(raw_prompts)}", "prompt")
+        if body.base_prompt is not None:
+            if len(raw_prompts) != 1:
+                raise bad_request("base_prompt goes with a single prompt", "base_prompt")
+            raw_prompts = [{"base": body.base_prompt, "nudger": raw_prompts[0]}]
+        max_tokens = body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
+        params, nudge = make_params(body, max_tokens, body.logprobs)
+        prompts, prompt_tokens = [], 0
+        for raw in raw_prompts:
+            try:
+                base_ids, nudger_ids = tokenize_prompt(raw, base_tok, nudger_tok, engine.chat_format)
+            except ValueError as e:
+                raise bad_request(str(e), "prompt") from None
+            prompts.append(engine_prompt(base_ids, nudger_ids, "prompt")[0])
+            prompt_tokens += len(base_ids)
+        items = [GenerateItem(pr, sp, nudge) for pr in prompts for sp in params]
+        group = await submit(items)
+        rid, created, model = P.new_id("cmpl"), P.now(), settings.model_name
+        n_logprobs = body.logprobs
+
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+            async def gen():
+                offsets = [0] * len(items)
+                completion_tokens = 0
+                failed = False
+                async for ev in group.events():
+                    if isinstance(ev, GroupError):
+                        yield _sse(error_chunk(ev.error))
+                        failed = True
+                        break
+                    completion_tokens += len(ev.token_ids)
+                    lp = None
+                    if n_logprobs is not None:
+                        lp, offsets[ev.index] = P.completion_logprobs(
+                            base_tok, ev.token_ids, _clean_logprobs(ev.logprobs), n_logprobs, offsets[ev.index])
+                    choice = {"index": ev.index, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason,
+                              "sources": ev.sources}
+                    if ev.output is not None:
+                        choice["stop_reason"] = ev.output.stop_reason
+                        choice["nudged_fraction"] = ev.output.nudged_fraction
+                    yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                                "choices": [choice]})
+                if include_usage and not failed:
+                    yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                                "choices": [], "usage": P.usage(prompt_tokens, completion_tokens)})
+                yield "data: [DONE]\n\n"
+
+            return streaming(gen(), group)
+
+        outputs = await run_group(group, request)
+        if outputs is None:
+            return Response(status_code=499)
+        choices = []
+        for index, out in enumerate(outputs):
+            lp = None
+            if n_logprobs is not None:
+                lp, _ = P.completion_logprobs(base_tok, out.token_ids, _clean_logprobs(out.logprobs), n_logprobs, 0)
+            choices.append({"index": index, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason,
+                            "stop_reason": out.stop_reason, "sources": out.sources,
+                            "nudged_fraction": out.nudged_fraction})
+        return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
+                "usage": P.usage(prompt_tokens, sum(len(o.token_ids) for o in outputs))}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: P.ChatCompletionRequest, request: Request):
+        check_model(body.model)
+        check_supported(body)
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        except ValueError as e:
+            raise bad_request(str(e), "messages") from None
+        fmt = ChatFormat(engine.chat_format.base_template,
+                         engine.chat_format.response_prefix if body.response_prefix is None else body.response_prefix)
+        try:
+            if body.chat_template is not None:
+                if not settings.allow_request_chat_template:
+                    raise bad_request("chat_template in a request is refused by this server (the operator can allow "
+                                      "it with --allow-request-chat-template)", "chat_template")
+                base_ids = base_tok.encode(render_base_chat(messages, fmt))
+                nudger_ids = None
+                if nudger_tok is not None:
+                    text = render_chat_template(body.chat_template, messages, True,
+                                                bos_token=nudger_tok.bos_token or "",
+                                                eos_token=nudger_tok.eos_token or "")
+                    nudger_ids = nudger_tok.encode(text, add_special_tokens=False)
+            else:
+                base_ids, nudger_ids = tokenize_prompt({"messages": messages, "response_prefix": fmt.response_prefix},
+                                                       base_tok, nudger_tok, engine.chat_format)
+        except APIError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a template error is the request's fault
+            raise bad_request(f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e),
+                              "chat_template" if body.chat_template is not None else "messages") from None
+        prompt, longest = engine_prompt(base_ids, nudger_ids, "messages")
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens is None:
+            max_tokens = min(settings.default_chat_max_tokens, context - longest)
+        n_top = (body.top_logprobs or 0) if body.logprobs else None
+        params, nudge = make_params(body, max_tokens, n_top)
+        group = await submit([GenerateItem(prompt, sp, nudge) for sp in params])
+        rid, created, model = P.new_id("chatcmpl"), P.now(), settings.model_name
+        prompt_tokens = len(base_ids)
+
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+            def chunk(choices):
+                return _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                             "choices": choices})
+
+            async def gen():
+                completion_tokens = 0
+                failed = False
+                for i in range(body.n):
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}])
+                async for ev in group.events():
+                    if isinstance(ev, GroupError):
+                        yield _sse(error_chunk(ev.error))
+                        failed = True
+                        break
+                    completion_tokens += len(ev.token_ids)
+                    lp = (P.chat_logprobs(base_tok, ev.token_ids, _clean_logprobs(ev.logprobs), n_top)
+                          if n_top is not None else None)
+                    choice = {"index": ev.index, "delta": {"content": ev.text}, "logprobs": lp,
+                              "finish_reason": ev.finish_reason, "sources": ev.sources}
+                    if ev.output is not None:
+                        choice["stop_reason"] = ev.output.stop_reason
+                        choice["nudged_fraction"] = ev.output.nudged_fraction
+                    yield chunk([choice])
+                if include_usage and not failed:
+                    yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                                "choices": [], "usage": P.usage(prompt_tokens, completion_tokens)})
+                yield "data: [DONE]\n\n"
+
+            return streaming(gen(), group)
+
+        outputs = await run_group(group, request)
+        if outputs is None:
+            return Response(status_code=499)
+        choices = []
+        for index, out in enumerate(outputs):
+            lp = P.chat_logprobs(base_tok, out.token_ids, _clean_logprobs(out.logprobs), n_top) if n_top is not None else None
+            choices.append({"index": index, "message": {"role": "assistant", "content": out.text}, "logprobs": lp,
+                            "finish_reason": out.finish_reason, "stop_reason": out.stop_reason,
+                            "sources": out.sources, "nudged_fraction": out.nudged_fraction})
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+                "usage": P.usage(prompt_tokens, sum(len(o.token_ids) for o in outputs))}
+
+    return app
