@@ -302,12 +302,13 @@ class NudgeEngine:
     def _pick_drafts(self, reqs: list[Request], rows: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         if not reqs:
             return []
-        greedy = rows.argmax(-1).tolist()
-        out = []
-        for r, row, g in zip(reqs, rows, greedy):
-            tok = g if r.nudger_params.greedy else draw(processed_probs(row[None].cpu(), r.nudger_params)[0], r.generator)
-            out.append((tok, row))
-        return out
+        tokens = rows.argmax(-1).tolist()
+        sampled = [j for j, r in enumerate(reqs) if not r.nudger_params.greedy]
+        if sampled:
+            probs = processed_probs(rows[sampled].cpu(), [reqs[j].nudger_params for j in sampled])
+            for j, p in zip(sampled, probs):
+                tokens[j] = draw(p, reqs[j].generator)
+        return list(zip(tokens, rows))
 
     def _verify(self, reqs: list[Request], num_new: list[int], drafts: list[list[int]], final: list[bool]):
         """The base pass: pending + draft tokens of every request; logits rows for the walk."""

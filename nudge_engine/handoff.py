@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .handoff_torch import NO_TOKEN, handoff_step_torch
+from .handoff_torch import NO_TOKEN, handoff_step_torch, top1_stats_torch
 from .request import Mode, Request, Source
 from .sampler import processed_probs
 from .sampling_walk import sampling_walk
@@ -44,9 +44,9 @@ class Handoff:
         greedy = [i for i, r in enumerate(reqs) if r.greedy]
         if greedy:
             self._decide_greedy(greedy, reqs, drafts, walk_rows, base_logits, decisions)
-        for i, r in enumerate(reqs):
-            if not r.greedy:
-                decisions[i] = self._decide_sampled(r, drafts[i], base_logits[walk_rows[i]], draft_logits[i])
+        sampled = [i for i, r in enumerate(reqs) if not r.greedy]
+        if sampled:
+            self._decide_sampled(sampled, reqs, drafts, walk_rows, base_logits, draft_logits, decisions)
         for i, r in enumerate(reqs):
             if r.logprobs is not None:
                 decisions[i].logprobs = _decision_logprobs(decisions[i], drafts[i], base_logits[walk_rows[i]],
@@ -80,18 +80,26 @@ class Handoff:
             decisions[i] = Decision(m, None if emitted[j] == NO_TOKEN else emitted[j], modes[j], runs[j],
                                     sources[starts[j]:starts[j] + m], None)
 
-    def _decide_sampled(self, req: Request, drafts: list[int], base_rows: torch.Tensor,
-                        draft_rows: list[torch.Tensor]) -> Decision:
-        base_rows = base_rows.cpu()
-        top1 = torch.softmax(base_rows, dim=-1).amax(-1)
-        argmax = base_rows.argmax(-1)
-        base_probs = processed_probs(base_rows, req.params)
-        vocab = base_rows.shape[-1]
-        draft_probs = (processed_probs(torch.stack(draft_rows).cpu(), req.nudger_params) if draft_rows
-                       else torch.empty(0, vocab))
-        w = sampling_walk(drafts, top1, argmax, base_probs, draft_probs, Mode(req.mode), req.run, req.gamma,
-                          req.resume_on_agreement, self.word_start_host, req.generator)
-        return Decision(w.num_accepted, w.emit_token, int(w.mode), w.run, w.accepted_sources, None)
+    def _decide_sampled(self, idx, reqs, drafts, walk_rows, base_logits, draft_logits, decisions) -> None:
+        """Rejection sampling per request, on distributions computed for all of them at once."""
+        rows = torch.cat([torch.arange(walk_rows[i].start, walk_rows[i].stop) for i in idx])
+        logits = base_logits[rows.to(base_logits.device)].cpu()                # [rows, vocab]
+        row_max, argmax, lse, _ = top1_stats_torch(logits)
+        top1 = torch.exp(row_max - lse)                                          # raw: the handoff test
+        base_probs = processed_probs(logits, [reqs[i].params for i in idx for _ in range(len(drafts[i]) + 1)])
+        flat_drafts = [row for i in idx for row in draft_logits[i]]
+        vocab = logits.shape[-1]
+        draft_probs = (processed_probs(torch.stack(flat_drafts).cpu(),
+                                       [reqs[i].nudger_params for i in idx for _ in draft_logits[i]])
+                       if flat_drafts else torch.empty(0, vocab))
+        at, dat = 0, 0
+        for i in idx:
+            r, k = reqs[i], len(drafts[i])
+            w = sampling_walk(drafts[i], top1[at:at + k + 1], argmax[at:at + k + 1], base_probs[at:at + k + 1],
+                              draft_probs[dat:dat + k], Mode(r.mode), r.run, r.gamma, r.resume_on_agreement,
+                              self.word_start_host, r.generator)
+            decisions[i] = Decision(w.num_accepted, w.emit_token, int(w.mode), w.run, w.accepted_sources, None)
+            at, dat = at + k + 1, dat + k
 
 
 def _decision_logprobs(d: Decision, drafts: list[int], base_rows: torch.Tensor, draft_rows: list[torch.Tensor],

@@ -1,32 +1,41 @@
-"""Processed distributions (temperature, top-k, top-p, min-p) and seeded per-request draws."""
+"""Processed distributions (temperature, top-k, top-p, min-p), batched with per-row settings,
+and seeded per-request draws."""
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
 from .sampling_params import SamplingParams
 
 
-def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """logits [n, vocab] float32 -> probabilities [n, vocab] after the request's transforms.
+def processed_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """logits [n, vocab] float32, one SamplingParams per row -> probabilities [n, vocab].
 
-    Greedy is the one-hot distribution at the argmax, so rejection sampling treats greedy and
-    sampled models alike.
+    Greedy rows are the one-hot distribution at the argmax, so rejection sampling treats greedy
+    and sampled models alike. Top-p applies to the top-k-filtered, renormalized distribution.
     """
-    if params.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.top_k > 0 and params.top_k < logits.shape[-1]:
-        kth = probs.topk(params.top_k, dim=-1).values[..., -1:]
-        probs = torch.where(probs >= kth, probs, 0.0)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        before = sorted_probs.cumsum(-1) - sorted_probs  # mass strictly above each token
-        keep_sorted = before < params.top_p * sorted_probs.sum(-1, keepdim=True)
-        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-        probs = torch.where(keep, probs, 0.0)
-    if params.min_p > 0.0:
-        probs = torch.where(probs >= params.min_p * probs.amax(-1, keepdim=True), probs, 0.0)
-    return probs / probs.sum(-1, keepdim=True)
+    n, vocab = logits.shape
+    dev = logits.device
+    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
+    greedy = temperature == 0
+    probs = torch.softmax(logits.float() / torch.where(greedy, 1.0, temperature)[:, None], dim=-1)
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+    min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
+    if bool((top_k < vocab).any() | (top_p < 1).any() | (min_p > 0).any()):
+        ordered, order = probs.sort(dim=-1, descending=True)
+        keep = torch.arange(vocab, device=dev)[None, :] < top_k[:, None]
+        ordered = torch.where(keep, ordered, 0.0)
+        mass_above = ordered.cumsum(-1) - ordered
+        keep &= mass_above < top_p[:, None] * ordered.sum(-1, keepdim=True)
+        keep &= ordered >= min_p[:, None] * ordered[:, :1]
+        probs = torch.zeros_like(probs).scatter_(-1, order, torch.where(keep, ordered, 0.0))
+        probs = probs / probs.sum(-1, keepdim=True)
+    if bool(greedy.any()):
+        one_hot = torch.nn.functional.one_hot(logits.argmax(-1), vocab).to(probs.dtype)
+        probs = torch.where(greedy[:, None], one_hot, probs)
+    return probs
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
