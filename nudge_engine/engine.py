@@ -96,7 +96,7 @@ class NudgeEngine:
         table = tokenizers[-1].word_start_table()[:vocab]
         self.word_start = torch.zeros(vocab, dtype=torch.bool)        # [vocab]
         self.word_start[: len(table)] = torch.tensor(table, dtype=torch.bool)
-        self.handoff = Handoff(self.device, self.word_start)
+        self.handoff = Handoff(self.device, self.word_start, self.base.runner.backend.name == "triton")
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self._seed_gen = torch.Generator().manual_seed(seed)

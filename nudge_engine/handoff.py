@@ -23,13 +23,13 @@ class Decision:
 
 
 class Handoff:
-    def __init__(self, device: torch.device, word_start: torch.Tensor):
+    def __init__(self, device: torch.device, word_start: torch.Tensor, use_triton: bool):
         self.device = device
         self.word_start_host = word_start                  # [vocab] bool
         self.word_start = word_start.to(device)            # [vocab] bool
         self._step = handoff_step_torch
-        if device.type == "cuda":
-            from .kernels.handoff_step import handoff_step  # Triton: only on a GPU
+        if use_triton:  # with the Triton attention backend: on CUDA, or interpreted in tests
+            from .kernels.handoff_step import handoff_step
             self._step = handoff_step
 
     def decide(
