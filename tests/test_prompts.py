@@ -1,0 +1,53 @@
+"""Prompt forms (NUDGING.md section 6) and the sandboxed chat template."""
+from __future__ import annotations
+
+import pytest
+
+from nudge_engine.engine import NudgeEngine
+from nudge_engine.prompts import ChatFormat, render_base_chat, tokenize_prompt
+from nudge_engine.sampling_params import NudgeParams, SamplingParams
+from nudge_engine.tokenizer import Tokenizer, render_chat_template
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+
+
+def test_chat_prompt_gives_each_model_its_own_rendering(tiny_model):
+    tok = Tokenizer(tiny_model("llama", "metaspace"))
+    base, nudger = tokenize_prompt({"messages": MESSAGES, "response_prefix": "Answer:"}, tok, tok, ChatFormat())
+    assert base == tok.encode("Be brief.\nWhat is 2+2?\nAnswer:")
+    rendered = tok.render_chat(MESSAGES)
+    assert "<|user|>" in rendered and rendered.rstrip().endswith("<|assistant|>")
+    assert nudger == tok.encode(rendered, add_special_tokens=False)
+    assert nudger.count(tok.vocab["<s>"]) <= 1  # no double BOS
+
+
+def test_base_template_and_per_model_prompts(tiny_model):
+    tok = Tokenizer(tiny_model("llama"))
+    fmt = ChatFormat(base_template="Q: {user}\n", response_prefix="A:")
+    assert render_base_chat(MESSAGES, fmt) == "Q: What is 2+2?\nA:"
+    base, nudger = tokenize_prompt({"base": "plain text", "nudger": [5, 6, 7]}, tok, tok, fmt)
+    assert base == tok.encode("plain text") and nudger == [5, 6, 7]
+    with pytest.raises(ValueError, match="prompt dict"):
+        tokenize_prompt({"bogus": 1}, tok, tok, fmt)
+    with pytest.raises(ValueError, match="messages"):
+        tokenize_prompt({"messages": [{"role": "user"}]}, tok, tok, fmt)
+
+
+@pytest.mark.parametrize("template", [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{% for m in messages %}{{ m.__class__.__init__.__globals__ }}{% endfor %}",
+    "{{ messages.append(1) }}",
+])
+def test_chat_template_runs_in_a_sandbox(template):
+    with pytest.raises(ValueError, match="unsafe"):
+        render_chat_template(template, [{"role": "user", "content": "x"}], True)
+
+
+def test_chat_request_runs_end_to_end(tiny_pair, check_pools):
+    base, nudger = tiny_pair("llama", "llama", "bytelevel", agreement=0.6)
+    engine = NudgeEngine(base, nudger, response_prefix="Answer:")
+    check_pools(engine)
+    out = engine.generate({"messages": MESSAGES}, SamplingParams(max_tokens=8, temperature=0),
+                          NudgeParams(gamma=0.6))[0]
+    assert out.prompt_token_ids == engine.tokenizer.encode("Be brief.\nWhat is 2+2?\nAnswer:")
+    assert len(out.token_ids) >= 1 and len(out.sources) == len(out.token_ids)
