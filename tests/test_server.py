@@ -244,7 +244,9 @@ def test_nudging_settings(server):
     kw = dict(model=model_id(server), prompt="A story", max_tokens=10, temperature=0)
     base_only = c.completions.create(extra_body={"gamma": 0.0}, **kw).choices[0]
     assert set(extra(base_only, "sources")) == {"base"} and extra(base_only, "nudged_fraction") == 0
-    nudger_only = c.completions.create(extra_body={"gamma": 2.0, "draft_tokens": 2}, **kw).choices[0]
+    # gamma > 1: the nudger writes everything (without resume_on_agreement the base never takes a word back)
+    nudger_only = c.completions.create(extra_body={"gamma": 2.0, "draft_tokens": 2, "resume_on_agreement": False},
+                                       **kw).choices[0]
     assert set(extra(nudger_only, "sources")) == {"nudger"} and extra(nudger_only, "nudged_fraction") == 1
     # base_prompt: the base reads its own prompt, the nudger reads `prompt`
     two = c.completions.create(extra_body={"gamma": 0.0, "base_prompt": "A story"}, model=kw["model"],
@@ -440,8 +442,9 @@ def test_api_key(guarded):
 def test_request_chat_template_in_sandbox(guarded):
     c = client(guarded, API_KEY)
     msgs = [{"role": "user", "content": "hi"}]
+    template = "{% for m in messages %}{{ m.content }}\n{% endfor %}"
     out = c.chat.completions.create(model=model_id(guarded), messages=msgs, max_tokens=3, temperature=0,
-                                    extra_body={"chat_template": "{% for m in messages %}{{ m.content }}\n{% endfor %}"})
+                                    extra_body={"chat_template": template})
     assert out.choices[0].finish_reason in ("stop", "length")
     for evil in ("{{ messages.__class__.__mro__[1].__subclasses__() }}", "{{ cycler.__init__.__globals__.os }}",
                  "{{ 1 / 0 }}"):
@@ -485,3 +488,29 @@ def test_sigterm_drains_in_flight_requests(guarded):
     assert guarded.proc.wait(30) == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(guarded.url + "/health", timeout=2)
+
+
+# ---------------------------------------------------------------------------- in process: the engine dies
+def test_engine_death_makes_health_503(pair):
+    """3 failed steps in a row stop the engine thread: requests get 503 and /health 503 (restart me)."""
+    from fastapi.testclient import TestClient
+
+    from nudge_engine.engine import NudgeEngine
+    from nudge_engine.server import ServerSettings, build_app
+
+    engine = NudgeEngine(*pair, kv_cache_bytes=16 << 20)
+    app = build_app(engine, ServerSettings(model_name="tiny"), fault_steps=frozenset({1, 2, 3}))
+    body = {"prompt": "Doomed", "max_tokens": 4}
+    with TestClient(app) as http:
+        for _ in range(2):
+            assert_error(http.post("/v1/completions", json=body), 500)
+            assert http.get("/health").status_code == 200       # recovered so far
+        assert_error(http.post("/v1/completions", json=body), 500)
+        deadline = time.monotonic() + 10
+        while http.get("/health").status_code != 503:
+            assert time.monotonic() < deadline, "the engine thread should have stopped"
+            time.sleep(0.05)
+        assert "in a row failed" in http.get("/health").json()["reason"]
+        assert assert_error(http.post("/v1/completions", json=body), 503)["code"] == "engine_dead"
+        assert "nudge_engine_alive" in http.get("/metrics").text
+    assert engine.pools_all_free()

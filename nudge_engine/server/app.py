@@ -533,7 +533,9 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
             return Response(status_code=499)
         choices = []
         for index, out in enumerate(outputs):
-            lp = P.chat_logprobs(base_tok, out.token_ids, _clean_logprobs(out.logprobs), n_top) if n_top is not None else None
+            lp = None
+            if n_top is not None:
+                lp = P.chat_logprobs(base_tok, out.token_ids, _clean_logprobs(out.logprobs), n_top)
             choices.append({"index": index, "message": {"role": "assistant", "content": out.text}, "logprobs": lp,
                             "finish_reason": out.finish_reason, "stop_reason": out.stop_reason,
                             "sources": out.sources, "nudged_fraction": out.nudged_fraction})

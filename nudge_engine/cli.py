@@ -1,0 +1,362 @@
+"""The `nudge` command (also `python -m nudge_engine`).
+
+  nudge demo [--dir DIR]                          a nudged generation on a tiny random-weights pair
+  nudge generate --base PATH --nudger PATH --prompt TEXT [--chat] ...
+  nudge serve --base PATH --nudger PATH [--host 127.0.0.1 --port 8000 --api-key KEY ...]
+  nudge make-tiny DIR [--family llama --tokenizer bytelevel --agreement 0.5]
+  nudge bench [NAME [ARGS...]]                    runs a script from benchmarks/
+
+Heavy imports (torch, the engine, the server) happen inside the commands, so `--help` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+NUDGE_COLOR = "\x1b[1;32m"   # bold green: tokens the nudger wrote
+RESET = "\x1b[0m"
+MARK_OPEN, MARK_CLOSE = "[[", "]]"
+DEMO_PROMPT = "Question: Why is the sky blue?\nAnswer:"
+
+
+# ---------------------------------------------------------------------------- shared options
+def _engine_options(p: argparse.ArgumentParser, nudger_required: bool) -> None:
+    g = p.add_argument_group("models and engine")
+    g.add_argument("--base", required=True, help="base model folder (Hugging Face layout: config.json, "
+                   "*.safetensors, tokenizer.json)")
+    g.add_argument("--nudger", required=nudger_required, default=None,
+                   help="nudging (aligned) model folder; same tokenizer as the base" +
+                   ("" if nudger_required else "; omit to serve the base model alone"))
+    g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ... (default: cpu)")
+    g.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
+    g.add_argument("--gamma", type=float, default=0.4,
+                   help="nudge when the base model's top-1 probability is below this (default: 0.4)")
+    g.add_argument("--draft-tokens", type=int, default=4, help="nudger draft tokens per round (default: 4)")
+    g.add_argument("--no-resume-on-agreement", action="store_true",
+                   help="resume the base only when it is confident, not when it proposes the nudger's word")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="requests scheduled at once (default: 256)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=4096,
+                   help="tokens per forward pass (default: 4096)")
+    g.add_argument("--kv-cache-bytes", type=int, default=None, help="KV cache budget for both models together "
+                   "(default: 256 MiB on CPU, most of the free memory on GPU)")
+    g.add_argument("--base-template", default=None,
+                   help=r"the base model's plain chat rendering (default: '{system}\n{user}\n')")
+    g.add_argument("--response-prefix", default="", help="appended to the base model's chat prompt, e.g. 'Answer:'")
+    g.add_argument("--seed", type=int, default=0, help="engine seed for requests without their own")
+
+
+def _make_engine(args):
+    from .engine import NudgeEngine
+    from .prompts import DEFAULT_BASE_TEMPLATE
+    kw = dict(device=args.device, dtype=args.dtype, gamma=args.gamma, draft_tokens=args.draft_tokens,
+              resume_on_agreement=not args.no_resume_on_agreement, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_bytes,
+              base_template=args.base_template or DEFAULT_BASE_TEMPLATE, response_prefix=args.response_prefix,
+              seed=args.seed)
+    return NudgeEngine(args.base, args.nudger, **kw)
+
+
+def _use_color(choice: str) -> bool:
+    if choice == "always":
+        return True
+    if choice == "never":
+        return False
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def mark_nudged(tokenizer, prompt_ids, token_ids, sources, text: str, color: bool) -> str:
+    """The output text with the nudger's tokens marked: ANSI color, or [[...]] without color.
+
+    Text is attributed token by token with an incremental decode (a character split across
+    tokens belongs to the token that completes it).
+    """
+    from .tokenizer import IncrementalDetokenizer
+    detok = IncrementalDetokenizer.after_prompt(tokenizer, prompt_ids)
+    pieces: list[tuple[str, str]] = []
+    for tok, src in zip(token_ids, sources):
+        pieces.append((detok.add(tok), src))
+    rest = detok.flush()
+    if rest:
+        pieces.append((rest, sources[-1] if sources else "base"))
+    # A stop string cuts the text: keep only what the result holds.
+    out, used = [], 0
+    for piece, src in pieces:
+        piece = piece[: max(0, len(text) - used)]
+        used += len(piece)
+        if piece:
+            out.append((piece, src))
+    spans: list[list] = []
+    for piece, src in out:
+        if spans and spans[-1][1] == src:
+            spans[-1][0] += piece
+        else:
+            spans.append([piece, src])
+    open_, close = (NUDGE_COLOR, RESET) if color else (MARK_OPEN, MARK_CLOSE)
+    return "".join(f"{open_}{t}{close}" if s == "nudger" else t for t, s in spans)
+
+
+def _legend(color: bool) -> str:
+    return (f"({NUDGE_COLOR}green{RESET} = written by the nudger)" if color
+            else f"({MARK_OPEN}...{MARK_CLOSE} = written by the nudger)")
+
+
+def _summary(out, seconds: float) -> str:
+    n = len(out.token_ids)
+    nudged = sum(s == "nudger" for s in out.sources)
+    accept = f", draft acceptance {out.accepted_tokens / out.drafted_tokens:.0%}" if out.drafted_tokens else ""
+    return (f"nudged fraction: {out.nudged_fraction:.2f} ({nudged} of {n} tokens), {n / max(seconds, 1e-9):.1f} "
+            f"tokens/s, {out.rounds} rounds{accept}, finish: {out.finish_reason}")
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_generate(args) -> int:
+    from .sampling_params import SamplingParams
+    engine = _make_engine(args)
+    prompt = {"messages": [{"role": "user", "content": args.prompt}]} if args.chat else args.prompt
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed_request)
+    t0 = time.perf_counter()
+    out = engine.generate(prompt, params)[0]
+    seconds = time.perf_counter() - t0
+    color = _use_color(args.color)
+    print(mark_nudged(engine.tokenizer, out.prompt_token_ids, out.token_ids, out.sources, out.text, color))
+    print()
+    print(f"{_summary(out, seconds)} {_legend(color)}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    folder = Path(args.dir)
+    base, nudger = folder / "base", folder / "nudger"
+    if not ((base / "config.json").is_file() and (nudger / "config.json").is_file()):
+        from .testing import make_tiny_pair
+        print(f"building a tiny model pair in {folder}/ (random weights, a few seconds) ...")
+        base, nudger = make_tiny_pair(folder, "llama", "llama", "bytelevel", agreement=0.5)
+    from .engine import NudgeEngine
+    from .sampling_params import SamplingParams
+    engine = NudgeEngine(base, nudger, gamma=args.gamma, draft_tokens=args.draft_tokens)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    engine.generate(DEMO_PROMPT, SamplingParams(max_tokens=2, temperature=0.0))   # warm-up
+    t0 = time.perf_counter()
+    out = engine.generate(DEMO_PROMPT, params)[0]
+    seconds = time.perf_counter() - t0
+    color = _use_color(args.color)
+    print(f"base:   {base}\nnudger: {nudger}")
+    print("NOTE: a tiny pair with RANDOM weights: the text is gibberish. It shows the mechanics (which model wrote "
+          "which token, the draft-and-verify rounds), not quality. Use `nudge generate --base ... --nudger ...` "
+          "with real models.")
+    print(f"gamma {args.gamma}, {args.draft_tokens} draft tokens, greedy\n")
+    print(f"prompt: {DEMO_PROMPT!r}")
+    print("output: " + mark_nudged(engine.tokenizer, out.prompt_token_ids, out.token_ids, out.sources, out.text,
+                                   color))
+    print()
+    print(f"{_summary(out, seconds)} {_legend(color)}")
+    return 0
+
+
+def cmd_make_tiny(args) -> int:
+    from .testing import make_tiny_pair
+    try:
+        base, nudger = make_tiny_pair(args.dir, args.family, args.nudger_family or args.family, args.tokenizer,
+                                      agreement=args.agreement, seed=args.seed)
+    except ValueError as e:
+        print(f"nudge make-tiny: {e}", file=sys.stderr)
+        return 2
+    print(f"base:   {base}\nnudger: {nudger}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from .server.app import ServerSettings, build_app
+    from .server.async_engine import fault_steps_from_env
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fault_steps = fault_steps_from_env()
+    if fault_steps:
+        logging.getLogger("nudge_engine.server").warning("fault injection on: engine steps %s will fail",
+                                                         sorted(fault_steps))
+    api_key = args.api_key or os.environ.get("NUDGE_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        logging.getLogger("nudge_engine.server").warning(
+            "listening on %s without --api-key: anyone who reaches this port can use the models", args.host)
+    engine = _make_engine(args)
+    settings = ServerSettings(
+        model_name=args.served_model_name or str(args.base), api_key=api_key, max_body_bytes=args.max_body_bytes,
+        max_queue=args.max_queue, allow_request_chat_template=args.allow_request_chat_template,
+        default_chat_max_tokens=args.default_max_tokens)
+    app = build_app(engine, settings, fault_steps=fault_steps)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.drain_timeout, access_log=args.access_log)
+    server = _draining_server_class()(config)
+    server.run()
+    return 0
+
+
+def _draining_server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM: stop accepting, let in-flight requests finish (up to --drain-timeout), exit with status 0.
+
+        Plain uvicorn re-raises the signal after its graceful shutdown, so the process would end
+        "killed by SIGTERM" even after a clean drain.
+        """
+
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", None)
+            if sig == signal.SIGTERM and isinstance(captured, list) and sig in captured:
+                captured.remove(sig)
+
+    return DrainingServer
+
+
+def _benchmark_dirs() -> list[Path]:
+    dirs = [Path.cwd() / "benchmarks", Path(__file__).resolve().parents[1] / "benchmarks"]
+    seen, out = set(), []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in seen:
+            seen.add(d.resolve())
+            out.append(d)
+    return out
+
+
+def _benchmarks(folder: Path) -> dict[str, Path]:
+    return {p.stem: p for p in sorted(folder.iterdir())
+            if p.suffix in (".py", ".sh") and p.is_file() and not p.name.startswith("_")}
+
+
+def cmd_bench(args) -> int:
+    dirs = _benchmark_dirs()
+    if not dirs or not any(_benchmarks(d) for d in dirs):
+        print("nudge bench: no benchmarks/ folder with scripts here (run it from the repository root); "
+              "nothing to run.", file=sys.stderr)
+        return 2
+    folder = next(d for d in dirs if _benchmarks(d))
+    scripts = _benchmarks(folder)
+    if not args.name:
+        print(f"benchmarks in {folder}:")
+        for name, path in scripts.items():
+            print(f"  {name:24s} {path.name}")
+        print("run one with: nudge bench NAME [ARGS...]  (ARGS go to the script; try NAME --help)")
+        return 0
+    name = Path(args.name).stem
+    path = scripts.get(name) or scripts.get(f"bench_{name}")
+    if path is None:
+        print(f"nudge bench: no benchmark {args.name!r} in {folder} (have: {', '.join(scripts)})", file=sys.stderr)
+        return 2
+    root = folder.parent
+    if path.suffix == ".sh":
+        cmd = ["bash", str(path), *args.args]
+    elif (folder / "__init__.py").is_file():
+        cmd = [sys.executable, "-m", f"{folder.name}.{path.stem}", *args.args]
+    else:
+        cmd = [sys.executable, str(path), *args.args]
+    print("+ " + " ".join(cmd), file=sys.stderr)
+    return subprocess.call(cmd, cwd=root)
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nudge",
+        description="Fast exact nudging: a base model writes, a small aligned model writes the tokens where the "
+                    "base model is unsure (top-1 probability below gamma).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Start with `nudge demo`. Each command has its own --help.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="a nudged generation on a tiny random-weights pair (built if missing)",
+                       description="Builds a tiny random-weights model pair in DIR if it is not there, runs one "
+                                   "nudged greedy generation and prints it with the nudger's tokens marked, the "
+                                   "nudged fraction and tokens/s.")
+    p.add_argument("--dir", default="tiny_models", help="where the tiny pair lives (default: ./tiny_models)")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--gamma", type=float, default=0.4)
+    p.add_argument("--draft-tokens", type=int, default=4)
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", help="one nudged generation, printed with the nudger's tokens marked",
+                       description="Generates once and prints the text with the nudger's tokens marked (ANSI color "
+                                   "on a terminal, [[...]] otherwise), then the nudged fraction.")
+    _engine_options(p, nudger_required=True)
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user chat message (the nudger gets "
+                   "its chat template, the base a plain rendering)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed-request", type=int, default=None, help="the request's sampling seed")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, metrics)",
+                       description="Serves /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics. "
+                                   "Nudging settings are extra body fields (gamma, draft_tokens, "
+                                   "resume_on_agreement, base_prompt, response_prefix).")
+    _engine_options(p, nudger_required=False)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health "
+                   "(also read from $NUDGE_API_KEY)")
+    g.add_argument("--served-model-name", default=None, help="the model id clients send (default: the --base path)")
+    g.add_argument("--max-queue", type=int, default=512,
+                   help="requests waiting for the engine before new ones get 503 (default: 512)")
+    g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit; larger gets 413 "
+                   "(default: 1 MiB)")
+    g.add_argument("--default-max-tokens", type=int, default=1024,
+                   help="chat requests without max_tokens get at most this many (default: 1024)")
+    g.add_argument("--drain-timeout", type=int, default=30,
+                   help="on SIGTERM, seconds to let in-flight requests finish before exiting (default: 30)")
+    g.add_argument("--allow-request-chat-template", action="store_true",
+                   help="accept a chat_template in chat requests (rendered in a jinja2 sandbox); refused otherwise")
+    g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    g.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("make-tiny", help="write a tiny random-weights model pair (for tests and demos)",
+                       description="Writes DIR/base and DIR/nudger: tiny random models with a shared tokenizer, "
+                                   "embedding and LM head. Families: llama, llama3, qwen2, gemma2, olmo, olmo2; "
+                                   "tokenizers: bytelevel, metaspace.")
+    p.add_argument("dir")
+    p.add_argument("--family", default="llama", help="model family of the base (and of the nudger by default)")
+    p.add_argument("--nudger-family", default=None, help="model family of the nudger (default: --family)")
+    p.add_argument("--tokenizer", default="bytelevel", help="tokenizer style (default: bytelevel)")
+    p.add_argument("--agreement", type=float, default=0.5, help="how much the two models agree, 0..1 (default 0.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (no NAME: list them)",
+                       description="Runs benchmarks/NAME.py (or bench_NAME.py, or a .sh) with the given arguments.")
+    p.add_argument("name", nargs="?", help="benchmark name, e.g. bench_host_step or host_step")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError) as e:  # bad model folders, bad settings: one clear line
+        print(f"nudge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
