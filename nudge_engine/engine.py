@@ -84,8 +84,8 @@ class NudgeEngine:
                 "tokenizer families need the cross-tokenizer text path, which this engine does not have yet"
             )
         configs = [c for _, c in loaded]
-        blocks = num_blocks or size_kv_pools(configs, loaded, self.device, self.dtype, block_size,
-                                             kv_cache_bytes, max_num_batched_tokens)
+        blocks = num_blocks or size_kv_pools(loaded, self.device, self.dtype, block_size, kv_cache_bytes,
+                                             max_num_batched_tokens, attention_backend)
         self.models: list[LoadedModel] = []
         for path, (model, config), tok in zip(paths, loaded, tokenizers):
             runner = ModelRunner(model, config, self.device, self.dtype, blocks, block_size, attention_backend)
