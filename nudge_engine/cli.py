@@ -229,8 +229,15 @@ def _benchmark_dirs() -> list[Path]:
 
 
 def _benchmarks(folder: Path) -> dict[str, Path]:
-    return {p.stem: p for p in sorted(folder.iterdir())
-            if p.suffix in (".py", ".sh") and p.is_file() and not p.name.startswith("_")}
+    """Runnable scripts: shell scripts, and Python files with a `__main__` block (not helper modules)."""
+    out = {}
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or p.name.startswith("_") or p.suffix not in (".py", ".sh"):
+            continue
+        if p.suffix == ".py" and "__main__" not in p.read_text(errors="replace"):
+            continue
+        out[p.stem] = p
+    return out
 
 
 def cmd_bench(args) -> int:

@@ -286,6 +286,7 @@ BAD_COMPLETIONS = [
     ("draft_tokens too many", {"prompt": "hi", "draft_tokens": 100}, 400),
     ("logprobs too many", {"prompt": "hi", "logprobs": 50}, 400),
     ("presence_penalty", {"prompt": "hi", "presence_penalty": 0.5}, 400),
+    ("n x prompts too many", {"prompt": ["a"] * 10, "n": 20}, 400),
     ("base_prompt with a batch", {"prompt": ["a", "b"], "base_prompt": "c"}, 400),
     ("unknown model", {"prompt": "hi", "model": "no-such-model"}, 404),
 ]

@@ -394,6 +394,8 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
             if len(raw_prompts) != 1:
                 raise bad_request("base_prompt goes with a single prompt", "base_prompt")
             raw_prompts = [{"base": body.base_prompt, "nudger": raw_prompts[0]}]
+        if len(raw_prompts) * body.n > P.MAX_N:
+            raise bad_request(f"n x prompts must be at most {P.MAX_N}, got {body.n} x {len(raw_prompts)}", "n")
         max_tokens = body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
         params, nudge = make_params(body, max_tokens, body.logprobs)
         prompts, prompt_tokens = [], 0
