@@ -515,3 +515,21 @@ def test_engine_death_makes_health_503(pair):
         assert assert_error(http.post("/v1/completions", json=body), 503)["code"] == "engine_dead"
         assert "nudge_engine_alive" in http.get("/metrics").text
     assert engine.pools_all_free()
+
+
+def test_base_alone_in_process(pair):
+    """Without a nudger: pairing "base-alone", every token from the base, chat still works."""
+    from fastapi.testclient import TestClient
+
+    from nudge_engine.engine import NudgeEngine
+    from nudge_engine.server import ServerSettings, build_app
+
+    engine = NudgeEngine(pair[0], kv_cache_bytes=16 << 20)
+    with TestClient(build_app(engine, ServerSettings(model_name="base"))) as http:
+        info = http.get("/v1/models").json()["data"][0]
+        assert info["pairing"] == "base-alone" and info["nudger"] is None
+        out = http.post("/v1/chat/completions", json={"model": "base", "messages": [{"role": "user", "content": "hi"}],
+                                                      "max_tokens": 4, "temperature": 0}).json()
+        choice = out["choices"][0]
+        assert set(choice["sources"]) == {"base"} and choice["nudged_fraction"] == 0
+        assert out["usage"]["completion_tokens"] == len(choice["sources"])
