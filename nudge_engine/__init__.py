@@ -1,9 +1,22 @@
-"""nudge_engine: exact, fast nudging (a base model writes; a small aligned model writes where it is unsure)."""
-from .engine import NudgeEngine
-from .errors import ModelFolderError
-from .request import RequestOutput, StreamDelta
-from .sampling_params import NudgeParams, SamplingParams
-from .scoring import load_model
+"""nudge_engine: exact, fast nudging (a base model writes; a small aligned model writes where it is unsure).
 
-__all__ = ["NudgeEngine", "NudgeParams", "SamplingParams", "RequestOutput", "StreamDelta", "ModelFolderError",
-           "load_model"]
+Names are imported on first use, so `nudge --help` and the server's CLI parsing do not pay for torch.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "NudgeEngine": ".engine",
+    "NudgeParams": ".sampling_params",
+    "SamplingParams": ".sampling_params",
+    "RequestOutput": ".request",
+    "StreamDelta": ".request",
+    "ModelFolderError": ".errors",
+    "load_model": ".scoring",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'nudge_engine' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name], __name__), name)

@@ -164,11 +164,26 @@ class Request:
         )
 
     def take_delta(self) -> StreamDelta:
-        """What a stream has not seen yet."""
+        """What a stream has not seen yet. Text that may still turn out to start a stop string is held
+        back, so a stream never shows text the final result cuts."""
         new = slice(self.emitted_upto, len(self.output))
-        text = self.detok.text[self.emitted_text_upto:]
+        upto = len(self.detok.text)
+        if not self.finished:
+            upto -= _stop_prefix_len(self.detok.text, self.params.stop)
+        text = self.detok.text[self.emitted_text_upto:upto]
         self.emitted_upto = len(self.output)
-        self.emitted_text_upto = len(self.detok.text)
+        self.emitted_text_upto = max(self.emitted_text_upto, upto)
         return StreamDelta(self.id, self.output[new], text, [SOURCE_NAMES[s] for s in self.sources[new]],
                            self.logprobs[new] if self.logprobs is not None else None,
                            self.finish_reason, self.stop_reason)
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest end of `text` that is the beginning of some stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best

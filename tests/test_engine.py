@@ -202,3 +202,17 @@ def test_bad_prompts_are_clear_errors_and_leave_others_intact(tiny_model, check_
     while engine.has_unfinished():
         engine.step()
     assert keep not in engine.requests
+
+
+def test_stream_never_shows_text_a_stop_string_later_cuts(tiny_model, check_pools):
+    engine = NudgeEngine(tiny_model("llama"))
+    check_pools(engine)
+    free = engine.generate("The quick brown fox", SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
+    stop = free.text[len(free.text) // 2:len(free.text) // 2 + 3]
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=[stop])
+    final = engine.generate("The quick brown fox", params)[0]
+    shown = ""
+    for delta in engine.stream("The quick brown fox", params):
+        shown += delta.text
+        assert final.text.startswith(shown)
+    assert shown == final.text and final.finish_reason == "stop"
