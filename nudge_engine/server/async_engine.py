@@ -108,8 +108,6 @@ class _Choice:  # engine-thread side state of one engine request
     group: "RequestGroup"
     index: int
     request: Any                   # nudge_engine.request.Request
-    stops: tuple[str, ...]
-    text_sent: int = 0
     last_token_time: float | None = None
 
 
@@ -311,7 +309,7 @@ class AsyncEngine:
             for index, item in enumerate(group.items):
                 rid = engine.add_request(item.prompt, item.params, item.nudge)
                 added.append(rid)
-                self._live[rid] = _Choice(group, index, engine.requests[rid], tuple(item.params.stop))
+                self._live[rid] = _Choice(group, index, engine.requests[rid])
         except Exception as e:  # noqa: BLE001
             for rid in added:
                 self._live.pop(rid, None)
@@ -360,8 +358,8 @@ class AsyncEngine:
             choice = self._live.get(req.id)
             if choice is None:
                 continue
-            d = req.take_delta()
-            text = self._text_delta(choice, req)
+            d = req.take_delta()  # holds back text that may still become a stop string
+            text = d.text
             if d.token_ids and metrics is not None:
                 if choice.last_token_time is None:
                     metrics.observe_ttft(now - choice.group.arrival)
@@ -378,20 +376,6 @@ class AsyncEngine:
                     metrics.observe_finish(req.finish_reason, now - choice.group.arrival)
             if d.token_ids or text or ev.finish_reason is not None:
                 self._post(choice.group.queue.put_nowait, ev)
-
-    @staticmethod
-    def _text_delta(choice: _Choice, req) -> str:
-        """New text, holding back a tail that may still become a stop string (the engine cuts
-        the text before a stop string, so text sent too early could not be taken back)."""
-        full = req.detok.text
-        safe = len(full)
-        if not req.finished and choice.stops:
-            safe -= _partial_stop_len(full, choice.stops)
-        if safe <= choice.text_sent:
-            return ""
-        text = full[choice.text_sent:safe]
-        choice.text_sent = safe
-        return text
 
     def _fail_all(self, error: Exception, abort: bool) -> None:
         groups = {}
@@ -443,17 +427,6 @@ class AsyncEngine:
                 "recoveries": self.recoveries, **{f"finished_{k}": v for k, v in self._finish_counts.items()},
             },
         )
-
-
-def _partial_stop_len(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of a stop string."""
-    best = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:k]):
-                best = k
-                break
-    return best
 
 
 def _dispatch(batch: list[tuple[Callable, tuple]]) -> None:
