@@ -1,0 +1,733 @@
+"""Shared pieces of the benchmark suites: model pairs, prompts, timing, device naming, result files.
+
+Model pairs
+  tiny        the test factory's `make_tiny_pair` (CPU, seconds to build): a Llama base and a
+              shallower Llama nudger of the same width, agreement knob = residual branches x (1 - a).
+  olmo2-7b    an OLMo-2-7B-shaped base (hidden 4096, 32 layers, 32 heads, MLP 11008, vocab 100352)
+              with an OLMo-2-1B-shaped nudger (hidden 2048, 16 layers, 16 heads, MLP 8192).
+  llama3-8b   a Llama-3-8B-shaped base (hidden 4096, 32 layers, 32/8 heads, MLP 14336, vocab 128256)
+              with a Llama-3.2-1B-shaped nudger (hidden 2048, 16 layers, 32/8 heads, MLP 8192;
+              untied here, the real one ties its embeddings).
+  Real shapes get random weights made on the fly (seeded, on the target device, no download) and
+  written as Hugging Face folders, preferably into RAM (/dev/shm). `shrink=s` divides widths and
+  head counts by s (layers and vocabulary kept), so the same code runs on a CPU in seconds.
+
+Agreement knob across hidden sizes (real-shape pairs)
+  Both models' ends are views of ONE shared random "bigram" in a latent space of rank
+  r = min(hidden sizes) - 1: U, V ~ N(0, 1) of shape [vocab, r] (same seed for both models), and per
+  model a random P_m [r, hidden_m] with orthonormal rows (P_m P_m^T = I_r). Then
+      embedding  E_m = U P_m * sqrt(hidden_m / r)          (residual stream RMS ~1)
+      LM head    H_m = V P_m * peakiness / sqrt(hidden_m)  (rows past the tokenizer: zero)
+      final norm gain = 1 exactly.
+  With every residual branch off, a model's logits for input token x are
+      H_m RMSNorm(E_m[x]) = peakiness * V U[x] sqrt(1 + c^2) / (sqrt(r) * rms),   rms = sqrt(|U[x]|^2 / r + c^2),
+  the same for both models whatever their widths. (Channel 0 is kept out of P: it carries the
+  constant c * sqrt(hidden_m) in every embedding row, which the padded vocabulary rows of the head
+  read with a negative weight so that padded ids get logits near -40 and no softmax mass.) The transformer blocks are seeded per model
+  and their residual branches scaled by (1 - agreement) exactly as the tiny factory does
+  (Llama: o_proj and down_proj; OLMo-2: the post-attention / post-feedforward norm gains), so
+  agreement 1 = both models are the same bigram, 0 = unrelated blocks on top of it. The knob is
+  monotone but not linear (32 layers of noise drown the bigram faster than 2): real-depth pairs
+  need agreement near 0.9 for high acceptance. `set_agreement` changes it in place on loaded
+  models (engine or transformers) by rescaling those same tensors, so a sweep loads once.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gc
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+PAPER_NUDGED_FRACTION = 0.09   # arXiv 2410.09300: "fewer than 9% of tokens nudged"
+PAPER_GAMMA = 0.4
+DEFAULT_PEAKINESS = 4.5
+TOKENIZER_SIZE = 512           # the factory's byte-level tokenizer; real vocabularies are padded to size
+SHARD_BYTES = 2 << 30
+PAIR_VERSION = 1               # bump when the weights a pair folder gets change
+# Real-shape pairs pad a 512-token tokenizer to a real vocabulary (100k+ ids). Zero head rows would
+# still hold e^0 of softmax mass each (~1e5 in all) and drown the top-1 probability, so one hidden
+# channel carries a constant (BIAS_CHANNEL_RMS x sqrt(hidden): as much energy as all the other
+# channels together, so 32 layers of block noise cannot flip its sign) and the padded rows read it
+# with a negative weight: their logits sit near -PAD_LOGIT. The real head rows are scaled up by
+# sqrt(1 + BIAS_CHANNEL_RMS^2) to undo the share of the RMS norm that the constant takes.
+BIAS_CHANNEL_RMS = 1.0
+PAD_LOGIT = 40.0
+
+# --------------------------------------------------------------------------- model shapes
+TINY_BASE = dict(hidden_size=256, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=768)
+TINY_NUDGER_LAYERS = 2
+
+REAL_SHAPES: dict[str, dict[str, Any]] = {
+    "olmo2-7b": dict(family="olmo2", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+                     intermediate_size=11008, vocab_size=100352, max_position_embeddings=4096),
+    "olmo2-1b": dict(family="olmo2", hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=16,
+                     intermediate_size=8192, vocab_size=100352, max_position_embeddings=4096),
+    "llama3-8b": dict(family="llama3", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                      intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192,
+                      overrides=dict(rope_scaling=None)),
+    "llama3.2-1b": dict(family="llama3", hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
+                        intermediate_size=8192, vocab_size=128256, max_position_embeddings=8192,
+                        overrides=dict(rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0,
+                                                     "original_max_position_embeddings": 8192})),
+}
+REAL_PAIRS = {"olmo2-7b": ("olmo2-7b", "olmo2-1b"), "llama3-8b": ("llama3-8b", "llama3.2-1b")}
+MODEL_CHOICES = ("tiny", *REAL_PAIRS)
+
+# Residual-branch tensors the agreement knob scales, per family (names as in HF and in the engine).
+BRANCH_SUFFIXES = {
+    "llama": ("self_attn.o_proj.weight", "mlp.down_proj.weight"),
+    "llama3": ("self_attn.o_proj.weight", "mlp.down_proj.weight"),
+    "olmo2": ("post_attention_layernorm.weight", "post_feedforward_layernorm.weight"),
+}
+
+
+# --------------------------------------------------------------------------- device, naming
+def setup_device(device: str, threads: int | None = None) -> torch.device:
+    """CPU runs use few torch threads (default 1): on a shared 2-core box more threads spin and stall."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        torch.set_num_threads(threads or 1)
+    return dev
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def device_slug(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-" + cpu_model()
+    name = re.sub(r"\(r\)|\(tm\)", "", name.lower())
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")[:48]
+
+
+def git_short() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        return out or "nogit"
+    except Exception:
+        return "nogit"
+
+
+def git_dirty() -> bool | None:
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout
+        return bool(out.strip())
+    except Exception:
+        return None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def environment(device: torch.device) -> dict:
+    env = dict(device=device_name(device), python=platform.python_version(), torch=torch.__version__,
+               commit=git_short(), dirty=git_dirty(), date=datetime.date.today().isoformat(),
+               host_cpu=cpu_model(), cpu_count=os.cpu_count())
+    try:
+        import transformers
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        env["transformers"] = None
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        try:
+            import triton
+            env["triton"] = triton.__version__
+        except ImportError:
+            env["triton"] = None
+    return env
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30, reps: int = 20) -> float:
+    """Device-to-device copy bandwidth (read + write counted), median of `reps` timed copies."""
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    free_memory(device)
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+# --------------------------------------------------------------------------- model pairs
+@dataclass
+class Pair:
+    name: str
+    base: Path
+    nudger: Path
+    family: str
+    agreement: float                  # the knob the folders were written with
+    build_s: float = 0.0
+    where: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict:
+        return dict(name=self.name, base=str(self.base), nudger=str(self.nudger), family=self.family,
+                    agreement_written=self.agreement, build_s=round(self.build_s, 1), where=self.where,
+                    base_config=_config_summary(self.base), nudger_config=_config_summary(self.nudger),
+                    notes=self.notes)
+
+
+def _config_summary(folder: Path) -> dict:
+    c = json.loads((folder / "config.json").read_text())
+    keys = ("architectures", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "vocab_size", "torch_dtype")
+    return {k: c.get(k) for k in keys} | {"params": param_count(folder)}
+
+
+def param_count(folder: Path) -> int:
+    from safetensors import safe_open
+    total = 0
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                total += math.prod(st.get_slice(name).get_shape())
+    return total
+
+
+def weight_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def kv_bytes_per_token(folder: Path, dtype: torch.dtype) -> int:
+    c = json.loads((folder / "config.json").read_text())
+    heads = c["num_attention_heads"]
+    kv = c.get("num_key_value_heads") or heads
+    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    return c["num_hidden_layers"] * 2 * kv * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def tiny_pair(out_dir: Path, agreement: float, seed: int = 0) -> Pair:
+    from nudge_engine.testing import make_tiny_pair
+    t0 = time.perf_counter()
+    base, nudger = make_tiny_pair(out_dir, "llama", "llama", "bytelevel", agreement, seed,
+                                  nudger_overrides={"num_layers": TINY_NUDGER_LAYERS}, **TINY_BASE)
+    return Pair("tiny", base, nudger, "llama", agreement, time.perf_counter() - t0, str(out_dir),
+                [f"tiny factory pair: Llama base {TINY_BASE}, nudger {TINY_NUDGER_LAYERS} layers, float32"])
+
+
+def scratch_dir(need_bytes: int, label: str) -> tuple[Path, str]:
+    """A fresh folder in RAM (/dev/shm) when it has room (1.2x need), else on disk (TMPDIR)."""
+    import tempfile
+    shm = Path("/dev/shm")
+    try:
+        if shm.is_dir() and shutil.disk_usage(shm).free > need_bytes * 1.2:
+            return Path(tempfile.mkdtemp(prefix=f"nudge-bench-{label}-", dir=shm)), "RAM (/dev/shm)"
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix=f"nudge-bench-{label}-")), "disk (TMPDIR: /dev/shm too small)"
+
+
+def real_shape_spec(name: str, shrink: int = 1) -> dict:
+    """The shape of `name`; shrink > 1 divides widths and head counts (layers and vocabulary kept)."""
+    spec = dict(REAL_SHAPES[name])
+    if shrink > 1:
+        spec["hidden_size"] //= shrink
+        spec["intermediate_size"] //= shrink
+        spec["num_heads"] = max(1, spec["num_heads"] // shrink)
+        spec["num_kv_heads"] = max(1, spec["num_kv_heads"] // shrink)
+        if spec["num_heads"] % spec["num_kv_heads"]:
+            spec["num_kv_heads"] = 1
+    return spec
+
+
+def real_shape_bytes(name: str, dtype: torch.dtype, shrink: int = 1) -> int:
+    s = real_shape_spec(name, shrink)
+    h, i, v = s["hidden_size"], s["intermediate_size"], s["vocab_size"]
+    hd = h // s["num_heads"]
+    per_layer = h * hd * (2 * s["num_heads"] + 2 * s["num_kv_heads"]) + 3 * h * i
+    return (s["num_layers"] * per_layer + 2 * v * h) * torch.empty((), dtype=dtype).element_size()
+
+
+def real_shape_pair(name: str, agreement: float, device: torch.device, dtype: str = "bfloat16", *,
+                    seed: int = 0, shrink: int = 1, peakiness: float = DEFAULT_PEAKINESS,
+                    out_dir: Path | None = None, log: Callable[[str], None] = print) -> Pair:
+    """Write the `name` pair (see REAL_PAIRS) with random seeded weights; see the module docstring."""
+    base_name, nudger_name = REAL_PAIRS[name]
+    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    need = real_shape_bytes(base_name, torch_dtype, shrink) + real_shape_bytes(nudger_name, torch_dtype, shrink)
+    if out_dir is None:
+        out_dir, where = scratch_dir(need, name)
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        where = str(out_dir)
+    t0 = time.perf_counter()
+    specs = {base_name: real_shape_spec(base_name, shrink), nudger_name: real_shape_spec(nudger_name, shrink)}
+    rank = min(s["hidden_size"] for s in specs.values()) - 1  # channel 0 is the constant channel
+    folders = []
+    for role, mname, mseed in (("base", base_name, seed), ("nudger", nudger_name, seed + 1)):
+        folder = out_dir / role
+        _write_real_shape_model(folder, specs[mname], seed=mseed, shared_seed=seed, rank=rank,
+                                residual_scale=1.0 - agreement, peakiness=peakiness, device=device,
+                                dtype=dtype, torch_dtype=torch_dtype)
+        folders.append(folder)
+        log(f"  wrote {role} ({mname}{f' / {shrink}' if shrink > 1 else ''}, "
+            f"{weight_bytes(folder) / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f}s")
+    pair = Pair(name + (f"/shrink{shrink}" if shrink > 1 else ""), folders[0], folders[1],
+                specs[base_name]["family"], agreement, time.perf_counter() - t0, where)
+    pair.notes.append(f"random weights of real shapes ({base_name} + {nudger_name}{f', widths / {shrink}' if shrink > 1 else ''}), "
+                      f"{dtype}, shared bigram of rank {rank}, made on {device.type} and written to {where} "
+                      f"in {pair.build_s:.1f}s")
+    return pair
+
+
+def _write_real_shape_model(folder: Path, spec: dict, *, seed: int, shared_seed: int, rank: int,
+                            residual_scale: float, peakiness: float, device: torch.device, dtype: str,
+                            torch_dtype: torch.dtype) -> None:
+    from safetensors.torch import save_file
+    from nudge_engine.testing import model_factory as mf
+    from nudge_engine.testing.tokenizer_factory import make_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    family = spec["family"]
+    traits = mf.FAMILIES[family]
+    make_tokenizer(folder, "bytelevel", TOKENIZER_SIZE, model_max_length=spec["max_position_embeddings"])
+    special_ids, tokenizer_size = mf._read_tokenizer(folder / "tokenizer.json")
+    config = mf._family_config(
+        family, hidden_size=spec["hidden_size"], num_layers=spec["num_layers"], num_heads=spec["num_heads"],
+        num_kv_heads=spec["num_kv_heads"], head_dim=None,
+        intermediate_size=spec["intermediate_size"], vocab_size=spec["vocab_size"],
+        max_position_embeddings=spec["max_position_embeddings"], tie_word_embeddings=False, dtype=dtype,
+        sliding_window=None, bos_token_id=special_ids["<s>"], eos_token_id=special_ids["</s>"],
+        pad_token_id=special_ids["<pad>"])
+    config.update(spec.get("overrides", {}))
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+
+    draw = _DeviceDraw(traits, f"{seed}/", device)
+    shared = _DeviceDraw(traits, f"shared/{shared_seed}/", device)
+    # P [rank, hidden]: orthonormal rows (a QR of a seeded Gaussian, per model) that leave channel 0
+    # out; channel 0 carries a constant that the padded head rows read (see BIAS_CHANNEL_RMS).
+    q, _ = torch.linalg.qr(draw.normal("bigram.projection", (hidden - 1, rank)))   # [hidden - 1, rank]
+    p = torch.zeros(rank, hidden, device=device)
+    p[:, 1:] = q.T
+    bias_value = BIAS_CHANNEL_RMS * math.sqrt(hidden)   # same share of every model's RMS
+    tensors: dict[str, torch.Tensor] = {}
+    shards: list[dict[str, torch.Tensor]] = []
+    size = 0
+
+    def put(name: str, t: torch.Tensor) -> None:
+        nonlocal size
+        t = t.to(torch_dtype).contiguous().cpu()
+        tensors[name] = t
+        size += t.numel() * t.element_size()
+        if size >= SHARD_BYTES:
+            flush()
+
+    def flush() -> None:
+        nonlocal tensors, size
+        if tensors:
+            shards.append(tensors)
+            save_file(tensors, str(folder / f"model-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
+            shards[-1] = {k: None for k in tensors}  # names only; drop the host copies
+        tensors, size = {}, 0
+
+    u = shared.normal("bigram.U", (vocab, rank))
+    embed = (u @ p) * math.sqrt(hidden / rank)
+    embed[:, 0] = bias_value
+    put("model.embed_tokens.weight", embed)
+    del u, embed
+    for i in range(config["num_hidden_layers"]):
+        for name, t in mf._layer_weights(traits, config, draw, f"model.layers.{i}", residual_scale).items():
+            put(name, t)
+    put("model.norm.weight", torch.ones(hidden, device=device))
+    v = shared.normal("bigram.V", (vocab, rank))
+    head = (v @ p) * (peakiness * math.sqrt(1 + BIAS_CHANNEL_RMS ** 2) / math.sqrt(hidden))
+    head[tokenizer_size:] = 0.0
+    # padded ids: normed channel 0 ~ bias_value / rms, rms ~ sqrt(1 + c^2) -> logit ~ -PAD_LOGIT
+    head[tokenizer_size:, 0] = -PAD_LOGIT * math.sqrt(1 + BIAS_CHANNEL_RMS ** 2) / bias_value
+    del v
+    put("lm_head.weight", head)
+    del head
+    flush()
+    weight_map = {name: f"model-{n:05d}.safetensors" for n, shard in enumerate(shards, 1) for name in shard}
+    total = sum(f.stat().st_size for f in folder.glob("model-*.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=1))
+    mf._write_json(folder / "config.json", config)
+    mf._write_json(folder / "generation_config.json",
+                   {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+
+
+class _DeviceDraw:
+    """The factory's seeded initializers (same keys, same formulas), drawn on `device`."""
+
+    def __init__(self, traits, prefix: str, device: torch.device):
+        from nudge_engine.testing import model_factory as mf
+        self._draw = mf._Draw(traits, prefix)
+        self._draw.normal = self.normal  # linear() and norm() call normal(); route them here
+        self.prefix = prefix
+        self.device = device
+
+    def normal(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        key = self.prefix + name
+        seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        return torch.randn(shape, generator=gen, device=self.device, dtype=torch.float32)
+
+    def linear(self, *a, **kw):
+        return self._draw.linear(*a, **kw)
+
+    def norm(self, *a, **kw):
+        return self._draw.norm(*a, **kw)
+
+
+def make_pair(models: str, agreement: float, device: torch.device, dtype: str, *, work_dir: Path | None = None,
+              shrink: int = 1, seed: int = 0, log: Callable[[str], None] = print) -> Pair:
+    """The pair `models` in work_dir (default: a scratch folder). A work_dir that already holds the same
+    pair (same name, agreement, seed, shrink, dtype; see pair.json there) is reused, so suites run one
+    after another (gpu_check.sh) write the 7B weights once."""
+    stamp = dict(models=models, agreement=agreement, seed=seed, shrink=shrink,
+                 dtype=dtype if models != "tiny" else "float32", version=PAIR_VERSION)
+    if work_dir is not None and (work_dir / "pair.json").is_file():
+        saved = json.loads((work_dir / "pair.json").read_text())
+        if saved.get("stamp") == stamp:
+            pair = Pair(**{k: (Path(v) if k in ("base", "nudger") else v) for k, v in saved["pair"].items()})
+            pair.notes = pair.notes + [f"reused from {work_dir}"]
+            log(f"reusing the pair in {work_dir}")
+            return pair
+    if models == "tiny":
+        import tempfile
+        folder = work_dir or Path(tempfile.mkdtemp(prefix="nudge-bench-tiny-"))
+        pair = tiny_pair(folder, agreement, seed)
+    else:
+        pair = real_shape_pair(models, agreement, device, dtype, seed=seed, shrink=shrink, out_dir=work_dir, log=log)
+    if work_dir is not None:
+        fields = dict(name=pair.name, base=str(pair.base), nudger=str(pair.nudger), family=pair.family,
+                      agreement=pair.agreement, build_s=pair.build_s, where=pair.where, notes=pair.notes)
+        (work_dir / "pair.json").write_text(json.dumps(dict(stamp=stamp, pair=fields), indent=1))
+    return pair
+
+
+def remove_pair(pair: Pair) -> None:
+    """Delete a pair written into a scratch folder (RAM is precious)."""
+    root = pair.base.parent
+    if root.name.startswith("nudge-bench-"):
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- agreement in place
+class AgreementKnob:
+    """Rescale the residual-branch tensors of loaded models so they behave like folders written at
+    another agreement: tensor = original * (1 - a) / (1 - a_written). Works on engine models and
+    transformers models alike (same parameter names)."""
+
+    def __init__(self, family: str, written: float, modules: Iterable[torch.nn.Module]):
+        if written >= 1.0:
+            raise ValueError("folders written at agreement 1 have no residual branches left to rescale")
+        suffixes = BRANCH_SUFFIXES[family]
+        self.written = written
+        self.current = written
+        self.params: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        for module in modules:
+            for name, param in module.named_parameters():
+                if name.endswith(suffixes):
+                    self.params.append((param, param.detach().clone()))
+        if not self.params:
+            raise ValueError(f"no residual-branch tensors ({suffixes}) found")
+
+    @torch.no_grad()
+    def set(self, agreement: float) -> None:
+        factor = (1.0 - agreement) / (1.0 - self.written)
+        for param, original in self.params:
+            param.copy_(original * factor)
+        self.current = agreement
+
+
+def engine_modules(engine) -> list[torch.nn.Module]:
+    return [m.runner.model for m in engine.models]
+
+
+# --------------------------------------------------------------------------- prompts
+def corpus_text() -> str:
+    from nudge_engine.testing.tokenizer_factory import CORPUS_PATH
+    return CORPUS_PATH.read_text(encoding="utf-8")
+
+
+def make_prompts(tokenizer, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    """Token-id prompts of the given lengths, cut from the shipped corpus (deterministic)."""
+    import random
+    ids = tokenizer.encode(corpus_text(), add_special_tokens=False)
+    rng = random.Random(seed)
+    out = []
+    for n in lengths:
+        if n > len(ids):
+            reps = ids * (n // len(ids) + 1)
+            out.append(reps[:n])
+            continue
+        start = rng.randrange(0, len(ids) - n + 1)
+        out.append(ids[start:start + n])
+    return out
+
+
+# --------------------------------------------------------------------------- gamma for a nudged fraction
+# Teacher-forced argmax agreement of base and nudger (CPU check, 200 tokens): tiny pair 0.9 -> ~0.7;
+# real-depth pairs 0.98 -> ~0.8, 0.95 -> ~0.5, 0.9 -> ~0.2 (32 layers of block noise add up).
+DEFAULT_AGREEMENT = {"tiny": 0.9, "real": 0.98}
+
+
+def nudged_fraction(engine, prompts, max_tokens: int, gamma: float, k: int = 8) -> float:
+    from nudge_engine.sampling_params import NudgeParams, SamplingParams
+    outs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+                           NudgeParams(gamma=gamma, draft_tokens=k))
+    tokens = sum(len(o.token_ids) for o in outs)
+    return sum(s == "nudger" for o in outs for s in o.sources) / max(tokens, 1)
+
+
+def calibrate_gamma(engine, prompts, max_tokens: int, target: float = PAPER_NUDGED_FRACTION,
+                    iters: int = 7) -> tuple[float, list[tuple[float, float]]]:
+    """Bisect gamma in [0, 1] for a nudged fraction near `target` (it grows with gamma, not strictly);
+    returns the best gamma tried and every (gamma, fraction) tried."""
+    lo, hi = 0.0, 1.0
+    tried = []
+    for _ in range(iters):
+        g = round((lo + hi) / 2, 4)
+        f = nudged_fraction(engine, prompts, max_tokens, g)
+        tried.append((g, f))
+        if f < target:
+            lo = g
+        else:
+            hi = g
+    best = min(tried, key=lambda gf: (abs(gf[1] - target), gf[0]))
+    return best[0], tried
+
+
+# --------------------------------------------------------------------------- transformers models
+def quiet_transformers() -> None:
+    import warnings
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*past_key_values.*")
+
+
+def load_hf(folder: Path, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+    quiet_transformers()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map=str(device))
+    except Exception:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device)
+    return model.eval()
+
+
+def hf_no_eos(model):
+    """A generation config that never stops at an end token (fixed output lengths, like ignore_eos)."""
+    import copy
+    cfg = copy.deepcopy(model.generation_config)
+    cfg.eos_token_id = None
+    cfg.do_sample = False
+    cfg.temperature = None
+    cfg.top_p = None
+    cfg.top_k = None
+    if cfg.pad_token_id is None:
+        cfg.pad_token_id = 0
+    return cfg
+
+
+# --------------------------------------------------------------------------- engine forward counting
+class ForwardCounter:
+    """Counts each engine model's forward passes and the KV it must read (for bytes-moved figures)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.counts = [dict(calls=0, tokens=0, kv_tokens=0) for _ in engine.models]
+        self._orig = []
+        for i, m in enumerate(engine.models):
+            runner = m.runner
+            orig = runner.forward
+            self._orig.append((runner, orig))
+
+            def wrapped(step, logits_indices, _orig=orig, _c=self.counts[i]):
+                _c["calls"] += 1
+                _c["tokens"] += int(step.input_ids.shape[0])
+                _c["kv_tokens"] += int(step.max_seq_len) * int(step.seq_lens.shape[0])
+                return _orig(step, logits_indices)
+            runner.forward = wrapped
+
+    def reset(self) -> None:
+        for c in self.counts:
+            c.update(calls=0, tokens=0, kv_tokens=0)
+
+    def snapshot(self) -> list[dict]:
+        return [dict(c) for c in self.counts]
+
+    def close(self) -> None:
+        for runner, orig in self._orig:
+            runner.forward = orig
+
+
+# --------------------------------------------------------------------------- results
+def fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]], digits: int = 2) -> str:
+    head = "| " + " | ".join(title for _, title in columns) + " |"
+    rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"
+    body = ["| " + " | ".join(fmt(r.get(key), digits) for key, _ in columns) + " |" for r in rows]
+    return "\n".join([head, rule, *body])
+
+
+def result_stem(device: torch.device, suite: str, models: str, commit: str | None = None) -> str:
+    """<YYYY-MM-DD>_<card-or-cpu-slug>_<git short commit>_<suite>[-<pair>] (pair only when not the default)."""
+    tag = "" if models in ("tiny", "olmo2-7b") else f"-{models.replace('/', '-')}"
+    return f"{datetime.date.today().isoformat()}_{device_slug(device)}_{commit or git_short()}_{suite}{tag}"
+
+
+def write_results(out_dir: str | Path | None, device: torch.device, suite: str, models: str, data: dict,
+                  markdown: str) -> tuple[Path, Path]:
+    """JSON + markdown into out_dir (default benchmarks/results); the commit is the one the run started on."""
+    out = Path(out_dir) if out_dir else RESULTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    stem = result_stem(device, suite, models, data.get("env", {}).get("commit"))
+    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
+    json_path.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
+    md_path.write_text(markdown.rstrip() + "\n")
+    return json_path, md_path
+
+
+def _json_default(o):
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    return str(o)
+
+
+def common_args(parser, *, tiny_help: str = "CPU, tiny factory models"):
+    parser.add_argument("--tiny", action="store_true", help=tiny_help)
+    parser.add_argument("--quick", action="store_true", help="fewer prompts, tokens and configurations")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, cpu with --tiny)")
+    parser.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
+    parser.add_argument("--out", default=None, help=f"folder for the result files (default {RESULTS_DIR})")
+    parser.add_argument("--models", default=None, choices=MODEL_CHOICES,
+                        help="model pair (default: tiny with --tiny, else olmo2-7b)")
+    parser.add_argument("--shrink", type=int, default=1,
+                        help="real-shape pairs: divide widths and head counts by this (layers, vocab kept)")
+    parser.add_argument("--work-dir", default=None, help="where to write the model folders (default: a scratch dir)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU torch threads (default 1)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds: optional parts (sweep points, larger batches) are skipped when time runs short")
+
+
+def resolve_common(args) -> tuple[torch.device, str, str]:
+    if args.device is None:
+        args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    device = setup_device(args.device, args.threads)
+    if args.models is None:
+        args.models = "tiny" if args.tiny or device.type == "cpu" else "olmo2-7b"
+    if args.dtype is None:
+        args.dtype = "bfloat16" if device.type == "cuda" else "float32"
+    return device, args.dtype, args.models
+
+
+class Log:
+    """Prints with elapsed seconds; keeps the lines for the JSON. `budget_s`: the run's time budget
+    (optional parts check `left()` and are skipped, with a note, when it runs short)."""
+
+    def __init__(self, budget_s: float | None = None):
+        self.t0 = time.perf_counter()
+        self.lines: list[str] = []
+        self.budget_s = budget_s
+        self.skipped: list[str] = []
+
+    def left(self) -> float:
+        if self.budget_s is None:
+            return float("inf")
+        return self.budget_s - (time.perf_counter() - self.t0)
+
+    def skip(self, what: str) -> None:
+        self.skipped.append(what)
+        self(f"skipped (time budget): {what}")
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{time.perf_counter() - self.t0:6.1f}s] {msg}"
+        self.lines.append(line)
+        print(line, flush=True)
+
+
+@contextlib.contextmanager
+def timed(device: torch.device):
+    box = {}
+    sync(device)
+    t0 = time.perf_counter()
+    yield box
+    sync(device)
+    box["s"] = time.perf_counter() - t0
+
+
+def median(xs: list[float]) -> float:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(x for x in xs if x is not None and not math.isnan(x))
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
