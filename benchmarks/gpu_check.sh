@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU check, one script (< 8 minutes on an H100): build the C++ core in place, the kernel tests
-# on the GPU, the end-to-end backend check (if present), the kernel benchmark; results into $OUT.
+# on the GPU, the end-to-end backend check (if present), the kernel benchmark, then the latency and
+# throughput suites on an OLMo-2-7B + OLMo-2-1B shaped pair (random weights made on the GPU, written
+# once to /dev/shm, shared by both suites); results into $OUT.
 #
 #   bash benchmarks/gpu_check.sh [--quick]
 #
@@ -70,6 +72,30 @@ fi
 
 run_part "kernel benchmark" 240 $PY benchmarks/bench_kernels.py $QUICK
 
+# ---- benchmark suites: latency + throughput, 7B + 1B shapes, bf16 -------------------------------
+# The whole script aims at 480 s (240 s with --quick). What is left goes to the two suites; each gets
+# --time-budget and drops optional parts (sweep points, the largest batches) when it runs short.
+TARGET=480; [ -n "$QUICK" ] && TARGET=240
+left() { echo $(( TARGET - ($(date +%s) - START) )); }
+max() { [ "$1" -gt "$2" ] && echo "$1" || echo "$2"; }
+need=$(( 40 * 1000 * 1000 * 1000 ))  # the pair's folders (~18 GB) with room to spare
+shm_free=$(df --output=avail -B1 /dev/shm 2>/dev/null | tail -1 | tr -d ' ')
+if [ -n "$shm_free" ] && [ "$shm_free" -gt "$need" ] 2>/dev/null; then
+    PAIR_DIR=/dev/shm/nudge-bench-olmo2-pair
+else
+    PAIR_DIR=${TMPDIR:-/tmp}/nudge-bench-olmo2-pair
+    echo "/dev/shm has too little room: the pair goes to disk ($PAIR_DIR), which costs ~10-20 s more"
+fi
+BENCH_COMMON=(--models olmo2-7b --device cuda --dtype bfloat16 --work-dir "$PAIR_DIR" $QUICK)
+LAT_MIN=150; TP_MIN=110; [ -n "$QUICK" ] && { LAT_MIN=100; TP_MIN=80; }
+lat_budget=$(max $LAT_MIN $(( $(left) * 55 / 100 )))
+run_part "latency suite (7B + 1B shapes, batch 1)" $(( lat_budget + 90 )) \
+    $PY -m benchmarks.latency "${BENCH_COMMON[@]}" --time-budget "$lat_budget"
+tp_budget=$(max $TP_MIN $(( $(left) - 10 )))
+run_part "throughput suite (7B + 1B shapes, offline)" $(( tp_budget + 90 )) \
+    $PY -m benchmarks.throughput "${BENCH_COMMON[@]}" --time-budget "$tp_budget"
+rm -rf "$PAIR_DIR"
+
 section "results"
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
@@ -77,6 +103,12 @@ if [ -n "${OUT:-}" ]; then
     commit=$(git rev-parse --short HEAD 2>/dev/null || echo nogit)
     for f in $(ls -t benchmarks/results/*_"${commit}"_kernels.json benchmarks/results/*_"${commit}"_kernels.md 2>/dev/null | head -2); do
         cp "$f" "$OUT/" && echo "copied $f to \$OUT"
+    done
+    for suite in latency throughput; do  # newest json + md + png of each suite for this commit
+        for ext in json md png; do
+            f=$(ls -t benchmarks/results/*_"${commit}"_"${suite}".$ext 2>/dev/null | head -1)
+            [ -n "$f" ] && cp "$f" "$OUT/" && echo "copied $f to \$OUT"
+        done
     done
 else
     echo "OUT not set: results stay in benchmarks/results/"

@@ -51,7 +51,7 @@ SIZES = {
                           agreements=(0.95, 0.98, 0.99), sweep_prompts=2, sweep_tokens=64, calib_tokens=64,
                           calib_iters=5),
     ("real", True): dict(repeats=1, prompts=2, prompt_len=128, max_tokens=64, ks=(2, 4, 8), agreements=(0.95, 0.99),
-                         sweep_prompts=1, sweep_tokens=48, calib_tokens=48, calib_iters=4),
+                         sweep_prompts=2, sweep_tokens=48, calib_tokens=48, calib_iters=4),
 }
 
 
@@ -410,7 +410,7 @@ def to_markdown(data: dict) -> str:
              f"Models: {pair['name']} — base {pair['base_config']['architectures'][0]} "
              f"{pair['base_config']['params'] / 1e6:.1f}M params, nudger {pair['nudger_config']['architectures'][0]} "
              f"{pair['nudger_config']['params'] / 1e6:.1f}M params, {data['args']['dtype']}, agreement knob "
-             f"{pair['agreement_written']}. {' '.join(pair['notes'])}.",
+             f"{pair['agreement_written']}. {'; '.join(pair['notes'])}.",
              f"{size['prompts']} prompts of {size['prompt_len']} tokens, {size['max_tokens']} output tokens each "
              f"(end tokens ignored), best of {size['repeats']} run(s) per prompt; tok/s = all output tokens / all "
              f"request time (prefill included); ms/token = median time per output token after the first.",

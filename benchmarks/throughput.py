@@ -150,14 +150,19 @@ def main(argv=None) -> int:
     rows: list[dict] = []
 
     last: dict[str, tuple[int, float]] = {}   # engine -> (n, seconds) of its latest run
+    configs = [f"engine, nudging k={k}" for k in size["ks"]] + ["engine, base alone"] + (
+        [] if args.no_hf else ["transformers generate, base alone"])
+    reserve_each = 30.0 if device.type == "cuda" else 10.0   # a later engine's load + its smallest batch
 
     def fits(engine_name, n) -> bool:
-        """Time budget: predict this run from the same engine's previous one (time ~ sqrt of the batch)."""
+        """Time budget: predict this run from the same engine's previous one (time ~ sqrt of the batch),
+        keeping a reserve for every engine still to come so that each gets its small batches."""
+        reserve = reserve_each * (len(configs) - 1 - configs.index(engine_name))
         if engine_name not in last:
-            return log.left() > 20
+            return log.left() - reserve > 20
         prev_n, prev_s = last[engine_name]
         predicted = prev_s * max(1.0, (n / prev_n) ** 0.5) * 1.5 + 10
-        if log.left() > predicted + 15:
+        if log.left() - reserve > predicted + 15:
             return True
         log.skip(f"{engine_name}, {n} requests (predicted {predicted:.0f} s, {log.left():.0f} s left)")
         return False
@@ -272,7 +277,7 @@ def to_markdown(data: dict) -> str:
              "",
              f"Models: {pair['name']} — base {pair['base_config']['params'] / 1e6:.1f}M params, nudger "
              f"{pair['nudger_config']['params'] / 1e6:.1f}M params, {data['args']['dtype']}, agreement knob "
-             f"{pair['agreement_written']}. {' '.join(pair['notes'])}.",
+             f"{pair['agreement_written']}. {'; '.join(pair['notes'])}.",
              f"Requests: prompts uniform in {size['prompt'][0]}..{size['prompt'][1]} tokens, outputs uniform in "
              f"{size['output'][0]}..{size['output'][1]} tokens (end tokens ignored), greedy, all submitted at once. "
              f"gamma = {data['gamma']}" + (f" (auto: ~{cal.get(data['gamma'], float('nan')):.1%} nudged on the "
