@@ -34,13 +34,15 @@ def plot_latency(data: dict, png: str | Path) -> Path:
     for ax, xkey, xlabel in ((axes[0], "nudged", "nudged fraction of output tokens"),
                              (axes[1], "acceptance", "draft acceptance at k=4 (accepted / drafted)")):
         for key, label, color in LATENCY_LINES:
-            pts = sorted((s[xkey], s[key], s["regime"]) for s in sweep if s.get(key) is not None
-                         and s.get(xkey) == s.get(xkey))
-            if not pts:
-                continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, label=label, lw=1.2, alpha=0.8)
-            for x, y, regime in pts:
-                ax.plot([x], [y], marker=REGIME_MARKERS.get(regime, "s"), color=color, ls="none")
+            regimes = sorted({s["regime"] for s in sweep})
+            for regime in regimes:  # one line per engine and regime, points sorted by x
+                pts = sorted((s[xkey], s[key]) for s in sweep if s["regime"] == regime and s.get(key) is not None
+                             and s.get(xkey) is not None and s[xkey] == s[xkey])
+                if not pts:
+                    continue
+                marker = REGIME_MARKERS.get(regime, "s")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, marker=marker, lw=1.2, alpha=0.85,
+                        ls="-" if marker == "o" else "--", label=label if regime == regimes[0] else None)
         if xkey == "nudged":
             ax.axvline(data.get("target_nudged", 0.09), color="grey", ls=":", lw=1)
             ax.text(data.get("target_nudged", 0.09), ax.get_ylim()[1] * 0.98, " paper ~9%", va="top", fontsize=8,
@@ -49,7 +51,7 @@ def plot_latency(data: dict, png: str | Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("output tokens/s (batch 1, greedy)")
     axes[0].legend(fontsize=8, loc="best")
-    axes[1].text(0.01, 0.01, "o: gamma 0.4   s: gamma for ~9% nudged\none point per agreement-knob value",
+    axes[1].text(0.01, 0.01, "o, solid: gamma 0.4   s, dashed: gamma for ~9% nudged\none point per agreement-knob value",
                  transform=axes[1].transAxes, fontsize=8, va="bottom")
     fig.suptitle("Latency vs nudging — " + _title(data), fontsize=10)
     fig.tight_layout()
