@@ -475,7 +475,9 @@ class AgreementKnob:
         for module in modules:
             for name, param in module.named_parameters():
                 if name.endswith(suffixes):
-                    self.params.append((param, param.detach().clone()))
+                    # originals of big tensors (Llama's o_proj / down_proj) wait in host memory
+                    keep = "cpu" if param.numel() > (1 << 20) else param.device
+                    self.params.append((param, param.detach().to(keep, copy=True)))
         if not self.params:
             raise ValueError(f"no residual-branch tensors ({suffixes}) found")
 
@@ -483,7 +485,7 @@ class AgreementKnob:
     def set(self, agreement: float) -> None:
         factor = (1.0 - agreement) / (1.0 - self.written)
         for param, original in self.params:
-            param.copy_(original * factor)
+            param.copy_(original.to(param.device) * factor)
         self.current = agreement
 
 
