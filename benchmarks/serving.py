@@ -84,7 +84,9 @@ class Server:
         env = dict(os.environ, PYTHONPATH=str(common.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         if args.device == "cpu":
             env.setdefault("OMP_NUM_THREADS", str(args.threads or 1))
-        self.stderr = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"nudge-bench-serve-{self.port}.log", "w+")
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"nudge-bench-serve-{self.port}.log"
+        self.stderr = open(self.log_path, "w+")
+        self.healthy = False
         self.proc = subprocess.Popen(cmd, cwd=common.ROOT, stdout=subprocess.DEVNULL, stderr=self.stderr, env=env)
 
     def wait_ready(self) -> float:
@@ -96,6 +98,7 @@ class Server:
                 raise RuntimeError(f"server exited ({self.proc.returncode}): {self.stderr.read()[-2000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    self.healthy = True
                     return time.perf_counter() - t0
             except httpx.HTTPError:
                 pass
@@ -111,6 +114,8 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self.stderr.close()
+        if self.healthy:  # keep the server's log only when it failed to start
+            self.log_path.unlink(missing_ok=True)
 
 
 async def one_request(client, url: str, prompt: list[int], max_tokens: int, send_at: float, t0: float) -> dict:
