@@ -51,6 +51,15 @@ class LoadedModel:
 
 
 class NudgeEngine:
+    pairing = "same-tokenizer"
+
+    def __new__(cls, base, nudger=None, **kwargs):
+        """A pair whose tokenizers differ gets the cross-tokenizer text path (NUDGING.md section 7)."""
+        if nudger is not None and _tokenizers_differ(base, nudger):
+            from .cross.engine import CrossTokenizerEngine
+            return CrossTokenizerEngine(base, nudger, **kwargs)
+        return super().__new__(cls)
+
     def __init__(
         self,
         base: str | Path,
@@ -78,11 +87,6 @@ class NudgeEngine:
         paths = [Path(base)] + ([Path(nudger)] if nudger is not None else [])
         loaded = [load_causal_lm(p, self.device, self.dtype) for p in paths]
         tokenizers = [Tokenizer(p) for p in paths]
-        if len(tokenizers) == 2 and tokenizers[0].vocab != tokenizers[1].vocab:
-            raise ValueError(
-                f"{paths[0]} and {paths[1]} have different tokenizers (vocabulary pieces differ); pairs across "
-                "tokenizer families need the cross-tokenizer text path, which this engine does not have yet"
-            )
         configs = [c for _, c in loaded]
         blocks = num_blocks or size_kv_pools(loaded, self.device, self.dtype, block_size, kv_cache_bytes,
                                              max_num_batched_tokens, attention_backend)
@@ -101,7 +105,8 @@ class NudgeEngine:
         self._ids = itertools.count()
         self._seed_gen = torch.Generator().manual_seed(seed)
         self.stats = EngineStats()
-        log.info("nudge_engine: base %s%s, %d KV blocks of %d tokens per model, backend %s",
+        log.info("nudge_engine: same-tokenizer token path: base %s%s, %d KV blocks of %d tokens per model, "
+                 "backend %s",
                  paths[0], f", nudger {paths[1]}" if nudger else "", blocks, block_size,
                  self.models[0].runner.backend.name)
 
@@ -371,6 +376,14 @@ class NudgeEngine:
                 seq.append(emit)
             # Invariant between rounds: the newest token is pending in both models.
             seq.set_num_computed(min(seq.num_computed, seq.num_tokens - 1))
+
+
+def _tokenizers_differ(base, nudger) -> bool:
+    """False when a tokenizer cannot be read, so that __init__ reports the folder's problem as before."""
+    try:
+        return Tokenizer(Path(base)).vocab != Tokenizer(Path(nudger)).vocab
+    except Exception:
+        return False
 
 
 def _top_logprobs(lp: torch.Tensor, targets: list[int], n: int) -> list[dict[int, float]]:

@@ -1,0 +1,611 @@
+"""CrossTokenizerEngine: nudging between models with different tokenizers (NUDGING.md section 7).
+
+The shared state is the output text (bytes, in spans, see spans.py). Each model keeps its own
+paged KV cache of its own context, and reads the other's text only as finished words, converted
+once: a handoff costs tokens proportional to the new text, never a prefill of the prefix.
+
+One step = one round for every scheduled request:
+  1. nudger passes (batched): catch-up on the base's new words, then draft tokens:
+     NUDGE mode: the nudger writes up to k tokens (its exact greedy tokens; they queue until decided),
+     BASE mode (k > 0): speculative drafts from the base text so far, to be verified by the base;
+  2. ONE base pass (batched): BASE mode: its pending token + the drafts' text in base tokens;
+     NUDGE mode: the nudger's new finished words, with a logits row at every word start;
+  3. a walk per request applies the section 7 rules in order and rolls back what was not used.
+k = 0 drafts nothing in BASE mode (lazy catch-up) and one token per round while nudging.
+Greedy only: the text-level handoff has no exact rejection-sampling form here.
+"""
+from __future__ import annotations
+
+import codecs
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import _core
+from ..engine import BASE_MODEL, DEFAULT_DRAFT_TOKENS, DEFAULT_GAMMA, NUDGER_MODEL, LoadedModel, NudgeEngine
+from ..loader import load_causal_lm, resolve_dtype
+from ..model_runner import DEFAULT_BLOCK_SIZE, ModelRunner, StepInputs
+from ..prompts import DEFAULT_BASE_TEMPLATE, ChatFormat, Prompt, tokenize_prompt
+from ..request import Mode, RequestOutput, StreamDelta
+from ..sampling_params import NudgeParams, SamplingParams
+from ..sizing import size_kv_pools
+from ..stats import EngineStats
+from ..tokenizer import Tokenizer
+from .spans import BASE, NUDGER, WRITER_NAMES, SpanText, decode_spans
+from .wordpieces import WHITESPACE, WordPieces, starts_word
+
+log = logging.getLogger("nudge_engine")
+
+assert (BASE, NUDGER) == (BASE_MODEL, NUDGER_MODEL)
+# The agreement test compares the base's token with at most this many nudger tokens of its word.
+AGREE_LOOKAHEAD = 8
+UNDECIDED = None          # agreement needs more of the nudger's word than drafted so far
+
+
+@dataclass
+class ReadWork:
+    """One read of the other model's text: what was converted, and what the reader computed for it."""
+    model: str                # the reader
+    text_bytes: int           # bytes of new text read
+    converted_tokens: int     # tokens appended to the reader's context for it
+    computed_tokens: int = 0  # tokens the reader's forward computed in that pass (pending included)
+
+
+@dataclass
+class CrossRequestOutput(RequestOutput):
+    # token_ids / sources: the base model's tokens of the output text and who wrote each.
+    spans: list[tuple[str, str]] = field(default_factory=list)       # (text, "base" | "nudger")
+    work: list[ReadWork] = field(default_factory=list)
+    computed_tokens: dict[str, int] = field(default_factory=dict)    # per model, whole request
+
+
+@dataclass
+class CrossRequest:
+    id: int
+    params: SamplingParams
+    gamma: float
+    draft_tokens: int
+    resume_on_agreement: bool
+    prompts: tuple[list[int], list[int]]                # [model]
+    seqs: tuple                                         # [model] _core.Sequence
+    text: SpanText = field(default_factory=SpanText)
+    mode: Mode = Mode.BASE
+    run: int = 0
+    base_out: list[int] = field(default_factory=list)   # base context after the prompt (committed)
+    base_src: list[int] = field(default_factory=list)   # writer of each
+    stable: int = 0           # nudger tokens that are final context; after them: queue or scratch
+    queue: list[int] = field(default_factory=list)      # NUDGE: nudger's drafted tokens, undecided
+    started: bool = False     # nudger prompt appended (lazily, at its first use)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    text_limit: int | None = None                       # bytes of text kept (stop string / length cut)
+    final_tokens: list[int] | None = None
+    final_sources: list[int] | None = None
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    work: list[ReadWork] = field(default_factory=list)
+    open_read: list = field(default_factory=lambda: [None, None])  # [model] ReadWork awaiting its pass
+    computed: list[int] = field(default_factory=lambda: [0, 0])
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    streamed_tokens: int = 0
+    streamed_bytes: int = 0
+    decoder: object = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def text_end(self) -> int:
+        return len(self.text.data) if self.text_limit is None else self.text_limit
+
+    def tokens(self) -> tuple[list[int], list[int]]:
+        if self.final_tokens is not None:
+            return self.final_tokens, self.final_sources
+        return self.base_out, self.base_src
+
+    def result(self) -> CrossRequestOutput:
+        end = self.text_end
+        tokens, sources = self.tokens()
+        return CrossRequestOutput(
+            request_id=self.id, prompt_token_ids=list(self.prompts[BASE]), token_ids=list(tokens),
+            text=bytes(self.text.data[:end]).decode("utf-8", "replace"),
+            sources=[WRITER_NAMES[s] for s in sources], finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason, logprobs=None, prompt_logprobs=None, rounds=self.rounds,
+            drafted_tokens=self.drafted, accepted_tokens=self.accepted, arrival_time=self.arrival_time,
+            first_token_time=self.first_token_time, finish_time=self.finish_time,
+            spans=decode_spans(self.text.writer_spans(end)), work=list(self.work),
+            computed_tokens=dict(zip(WRITER_NAMES, self.computed)),
+        )
+
+    def take_delta(self) -> StreamDelta:
+        """What a stream has not seen: committed base tokens, and text held back while a character
+        is incomplete (flushed as U+FFFD only when the request ends)."""
+        tokens, sources = self.tokens()
+        new = slice(self.streamed_tokens, len(tokens))
+        self.streamed_tokens = len(tokens)
+        if self.decoder is None:
+            self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        end = self.text_end
+        text = self.decoder.decode(bytes(self.text.data[self.streamed_bytes:end]), final=self.finished)
+        self.streamed_bytes = max(self.streamed_bytes, end)
+        return StreamDelta(self.id, tokens[new], text, [WRITER_NAMES[s] for s in sources[new]], None,
+                           self.finish_reason, self.stop_reason)
+
+    def draft_count(self) -> int:
+        if self.draft_tokens > 0:
+            return self.draft_tokens
+        return 1 if self.mode == Mode.NUDGE else 0
+
+
+class CrossTokenizerEngine:
+    """Same public surface as NudgeEngine; built by NudgeEngine(base, nudger) when tokenizers differ."""
+
+    pairing = "cross-tokenizer"
+
+    def __init__(
+        self,
+        base: str | Path,
+        nudger: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        gamma: float = DEFAULT_GAMMA,
+        draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+        resume_on_agreement: bool = True,
+        attention_backend: str = "auto",
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        kv_cache_bytes: int | None = None,
+        num_blocks: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 4096,
+        base_template: str = DEFAULT_BASE_TEMPLATE,
+        response_prefix: str = "",
+        seed: int = 0,
+    ):
+        self.defaults = NudgeParams(gamma=gamma, draft_tokens=draft_tokens, resume_on_agreement=resume_on_agreement)
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype)
+        self.chat_format = ChatFormat(base_template, response_prefix)
+        self.max_num_batched_tokens = max_num_batched_tokens
+        paths = [Path(base), Path(nudger)]
+        loaded = [load_causal_lm(p, self.device, self.dtype) for p in paths]
+        tokenizers = [Tokenizer(p) for p in paths]
+        self.wp = [WordPieces(t) for t in tokenizers]                # [model]
+        blocks = num_blocks or size_kv_pools(loaded, self.device, self.dtype, block_size, kv_cache_bytes,
+                                             max_num_batched_tokens, attention_backend)
+        self.models: list[LoadedModel] = []
+        for path, (model, config), tok in zip(paths, loaded, tokenizers):
+            runner = ModelRunner(model, config, self.device, self.dtype, blocks, block_size, attention_backend)
+            self.models.append(LoadedModel(path, runner, tok, _core.BlockPool(blocks, block_size)))
+        self.scheduler = _core.Scheduler([m.pool for m in self.models], max_num_seqs, max_num_batched_tokens)
+        self.eos = [frozenset(c.eos_token_ids) for _, c in loaded]    # [model]: each model's own EOS
+        self.eos_ids = self.eos[BASE] | self.eos[NUDGER]
+        self.requests: dict[int, CrossRequest] = {}
+        self._ids = itertools.count()
+        self.stats = EngineStats()
+        log.info("nudge_engine: cross-tokenizer text path: base %s, nudger %s, %d KV blocks of %d tokens "
+                 "per model", paths[0], paths[1], blocks, block_size)
+
+    # ------------------------------------------------------------------ public API
+    base = NudgeEngine.base
+    nudger = NudgeEngine.nudger
+    tokenizer = NudgeEngine.tokenizer
+    # The request loop is the same as the token path's: it only calls add_request/step/abort.
+    generate = NudgeEngine.generate
+    stream = NudgeEngine.stream
+    has_unfinished = NudgeEngine.has_unfinished
+    pools_all_free = NudgeEngine.pools_all_free
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                    nudge: NudgeParams | None = None) -> int:
+        params = params or SamplingParams()
+        nudge = nudge or NudgeParams()
+        nudger_params = nudge.nudger_sampling(params)
+        if not (params.greedy and nudger_params.greedy):
+            raise ValueError("the cross-tokenizer text path is greedy only: use temperature=0 "
+                             "(and nudger_temperature 0 or unset)")
+        if params.logprobs is not None or params.prompt_logprobs is not None:
+            raise ValueError("logprobs are not available on the cross-tokenizer path (tokens are per model)")
+        if isinstance(prompt, list):
+            raise ValueError("token ids mean different things to the two tokenizers: send text, or "
+                             "{'base': ids, 'nudger': ids}")
+        ids = tokenize_prompt(prompt, self.base.tokenizer, self.nudger.tokenizer, self.chat_format)
+        if not ids[BASE] or not ids[NUDGER]:
+            raise ValueError("prompt is empty after tokenization")
+        for m, p in zip(self.models, ids):
+            limit = m.config.max_position_embeddings
+            if len(p) + params.max_tokens > limit:
+                raise ValueError(f"prompt ({len(p)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                                 f"{m.path.name}'s context of {limit} tokens")
+        d = self.defaults
+        rid = next(self._ids)
+        req = CrossRequest(
+            id=rid, params=params,
+            gamma=d.gamma if nudge.gamma is None else nudge.gamma,
+            draft_tokens=d.draft_tokens if nudge.draft_tokens is None else nudge.draft_tokens,
+            resume_on_agreement=d.resume_on_agreement if nudge.resume_on_agreement is None else nudge.resume_on_agreement,
+            prompts=(list(ids[BASE]), list(ids[NUDGER])),
+            seqs=(_core.Sequence(self.base.pool), _core.Sequence(self.nudger.pool)),
+        )
+        req.seqs[BASE].append(req.prompts[BASE])
+        self.scheduler.add_request(rid, list(req.seqs))
+        self.requests[rid] = req
+        return rid
+
+    def abort(self, request_id: int) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is not None:
+            self.scheduler.abort(request_id)
+            req.finish_reason = req.finish_reason or "abort"
+
+    # ------------------------------------------------------------------ one round
+    def step(self) -> list[CrossRequest]:
+        for req in self.requests.values():
+            self._prepare(req)
+        sched = self.scheduler.schedule()
+        self.stats.preemptions += len(sched.preempted)
+        if not sched.req_ids:
+            return []
+        reqs = [self.requests[i] for i in sched.req_ids]
+        final = list(sched.is_final_chunk)
+        chunks = [list(sched.num_new_tokens[m]) for m in (BASE, NUDGER)]
+        drafts = self._nudger_passes(reqs, final, chunks[NUDGER])
+        checks = self._base_pass(reqs, final, chunks[BASE], drafts)
+        touched = []
+        for req, f, d, c in zip(reqs, final, drafts, checks):
+            if not f:
+                continue
+            req.rounds += 1
+            self.stats.rounds += 1
+            was = req.mode
+            if req.mode == Mode.BASE:
+                self._walk_base(req, d, c)
+            else:
+                self._walk_nudge(req, c)
+            self.stats.handoffs += int(was != req.mode)
+            if req.finished:
+                self._finish(req)
+            else:
+                self._settle(req)
+            touched.append(req)
+        return touched
+
+    def _prepare(self, req: CrossRequest) -> None:
+        """Before scheduling: the nudger reads the base's new words; scratch for BASE-mode drafts."""
+        dc = req.draft_count()
+        n = req.seqs[NUDGER]
+        extra = [0, 0]
+        if req.mode == Mode.NUDGE or dc > 0:
+            if not req.started:
+                n.append(req.prompts[NUDGER])
+                req.stable, req.started = len(req.prompts[NUDGER]), True
+            n.truncate(req.stable + len(req.queue))     # BASE-mode scratch and drafts of the last round
+            n.set_num_computed(min(n.num_computed, n.num_tokens - 1))
+            # NUDGE: the base's span is closed, so its last word is final too.
+            tokens, nbytes = req.text.read(NUDGER, self.wp[NUDGER], through_end=req.mode == Mode.NUDGE)
+            assert not (tokens and req.queue)
+            n.append(tokens)
+            req.stable += len(tokens)
+            scratch, scratch_tokens = b"", []
+            if req.mode == Mode.BASE:   # the base's unfinished last word: context for drafting only
+                scratch = bytes(req.text.data[req.text.covered[NUDGER]:])
+                scratch_tokens = self.wp[NUDGER].encode(scratch)
+                n.append(scratch_tokens)
+            if nbytes or scratch:
+                req.open_read[NUDGER] = ReadWork("nudger", nbytes + len(scratch), len(tokens) + len(scratch_tokens))
+            extra[NUDGER] = dc + (AGREE_LOOKAHEAD if req.mode == Mode.NUDGE and req.resume_on_agreement else 0)
+            # Base tokens of the drafted text: a guess for the reservation; _base_pass re-checks.
+            extra[BASE] = 2 * extra[NUDGER]
+        cap = self.max_num_batched_tokens - 1
+        self.scheduler.set_lookahead(req.id, [min(e, cap) for e in extra])
+
+    def _forward(self, m: int, seqs: list, num_new: list[int], rows: list[int] | None = None) -> torch.Tensor:
+        model = self.models[m]
+        batch = _core.build_batch(seqs, num_new, model.runner.block_size)
+        inputs = StepInputs.from_batch(batch, model.runner.device)
+        index = torch.from_numpy(batch.logits_indices) if rows is None else torch.tensor(rows, dtype=torch.long)
+        return model.runner.forward(inputs, index.to(model.runner.device))
+
+    def _computed(self, req: CrossRequest, m: int, num: int) -> None:
+        seq = req.seqs[m]
+        seq.set_num_computed(seq.num_computed + num)
+        req.computed[m] += num
+        if req.open_read[m] is not None:
+            req.open_read[m].computed_tokens = num
+            req.work.append(req.open_read[m])
+            req.open_read[m] = None
+
+    # ------------------------------------------------------------------ nudger
+    def _is_word_start(self, t: int) -> bool:
+        """A nudger token where the base may take over: its text starts a word, or it ends the text."""
+        return t in self.eos[NUDGER] or starts_word(self.wp[NUDGER].token_bytes[t])
+
+    def _last_check(self, req: CrossRequest) -> int | None:
+        """Index in the queue of the last word start the base must check (the run's first token never is)."""
+        for i in range(len(req.queue) - 1, -1, -1):
+            if req.run + i > 0 and self._is_word_start(req.queue[i]):
+                return i
+        return None
+
+    def _word_known(self, req: CrossRequest, i: int) -> bool:
+        """Whether the queue holds enough of the word at queue[i] for any agreement test."""
+        tb, n, got = self.wp[NUDGER].token_bytes, 0, 0
+        for j, u in enumerate(req.queue[i:]):
+            if j > 0 and starts_word(tb[u]):
+                return True
+            got += len(tb[u])
+            n += 1
+            if u in self.eos[NUDGER] or n >= AGREE_LOOKAHEAD or got >= self.wp[BASE].max_word_token_bytes:
+                return True
+        return False
+
+    def _wants_draft(self, req: CrossRequest, drafts: list[int]) -> bool:
+        ended = lambda toks: bool(toks) and toks[-1] in self.eos[NUDGER] and not req.params.ignore_eos  # noqa: E731
+        if req.mode == Mode.BASE:
+            return len(drafts) < req.draft_count() and not ended(drafts)
+        if ended(req.queue):
+            return False
+        if len(req.queue) < req.draft_count():
+            return True
+        last = self._last_check(req) if req.resume_on_agreement else None
+        return last is not None and not self._word_known(req, last)
+
+    def _nudger_passes(self, reqs: list[CrossRequest], final: list[bool], chunk: list[int]) -> list[list[int]]:
+        """Prefill chunks, then draft passes (one token per request per pass). -> BASE-mode drafts."""
+        drafts: list[list[int]] = [[] for _ in reqs]
+        active: dict[int, int] = {}
+        for i, req in enumerate(reqs):
+            n = req.seqs[NUDGER]
+            if not final[i]:
+                if chunk[i] > 0:
+                    active[i] = chunk[i]
+            elif req.started and self._wants_draft(req, drafts[i]):
+                active[i] = n.num_tokens - n.num_computed
+        while active:
+            for i in [i for i, num in active.items() if not reqs[i].seqs[NUDGER].reserve(
+                    reqs[i].seqs[NUDGER].num_computed + num)]:
+                del active[i]                       # pool short: draft less this round
+            if not active:
+                break
+            idx = list(active)
+            logits = self._forward(NUDGER, [reqs[i].seqs[NUDGER] for i in idx], [active[i] for i in idx])
+            tokens = logits.argmax(-1).tolist()
+            nxt = {}
+            for i, t in zip(idx, tokens):
+                req = reqs[i]
+                self._computed(req, NUDGER, active[i])
+                if not final[i]:
+                    continue
+                req.seqs[NUDGER].append(t)
+                req.drafted += 1
+                (drafts[i] if req.mode == Mode.BASE else req.queue).append(t)
+                if self._wants_draft(req, drafts[i]):
+                    nxt[i] = 1
+            active = nxt
+        return drafts
+
+    # ------------------------------------------------------------------ base
+    def _base_pass(self, reqs, final, chunk, drafts) -> list:
+        """ONE base forward. -> per request: BASE: (verify tokens, [(top1, argmax)] per row);
+        NUDGE: {queue index: (top1, argmax, base tokens up to it, text offset)} plus the tokens."""
+        seqs, nums, rows, plans = [], [], [], []
+        start = 0
+        for i, req in enumerate(reqs):
+            b = req.seqs[BASE]
+            plan = None
+            if not final[i]:
+                num = chunk[i]
+            else:
+                pending = b.num_tokens - b.num_computed
+                if req.mode == Mode.BASE:
+                    room = req.params.max_tokens - len(req.base_out) - 1     # verify no more than can be kept
+                    new = self.wp[BASE].encode(self.wp[NUDGER].bytes_of(drafts[i]))[:max(room, 0)]
+                    new = new[:self._room(b, len(new))]
+                    offsets = [start + pending - 1 + j for j in range(len(new) + 1)]
+                    plan = (new, offsets)
+                else:
+                    new, points = self._words_to_check(req)
+                    fit = self._room(b, len(new))
+                    points = [p for p in points if p[1] <= fit]
+                    new = new[:points[-1][1]] if points else []
+                    plan = (new, [(q, start + pending - 1 + ntok, ntok, off) for q, ntok, off in points])
+                    if points:
+                        nbytes = points[-1][2] - req.text.covered[BASE]
+                        req.open_read[BASE] = ReadWork("base", nbytes, len(new))
+                    else:
+                        pending = 0                 # nothing to check: the base waits
+                b.append(new)
+                num = pending + len(new)
+                rows.extend(plan[1] if req.mode == Mode.BASE else [p[1] for p in plan[1]])
+            plans.append(plan)
+            if num > 0:
+                seqs.append((req, b))
+                nums.append(num)
+                start += num
+        if not seqs:
+            return plans
+        # Section 2's raw distribution: top1 and argmax of the base's softmax at every row.
+        logits = self._forward(BASE, [b for _, b in seqs], nums, rows)
+        for (req, _), num in zip(seqs, nums):
+            self._computed(req, BASE, num)
+        top1, arg = torch.softmax(logits, -1).max(-1)
+        stats = iter(zip(top1.tolist(), arg.tolist()))
+        out = []
+        for req, plan in zip(reqs, plans):
+            if plan is None:
+                out.append(None)
+            elif req.mode == Mode.BASE:
+                out.append((plan[0], [next(stats) for _ in plan[1]]))
+            else:
+                out.append((plan[0], {q: (*next(stats), ntok, off) for q, _, ntok, off in plan[1]}))
+        return out
+
+    def _room(self, seq, want: int) -> int:
+        """How many of `want` new tokens fit the pool: what the scheduler reserved, or more if free."""
+        if seq.reserve(seq.num_tokens + want):
+            return want
+        return max(0, min(want, seq.num_reserved_slots - seq.num_tokens))
+
+    def _words_to_check(self, req: CrossRequest):
+        """Base tokens of the nudger's words up to its last word start in the queue, and for each word
+        start: (queue index, base tokens before it, text offset). Word starts are piece boundaries, so
+        converting segment by segment equals converting the whole."""
+        tb = self.wp[NUDGER].token_bytes
+        text = req.text
+        pending_text = bytes(text.data[text.covered[BASE]:])
+        offset, tokens, points = len(text.data), [], []
+        seg = bytearray(pending_text)
+        for q, t in enumerate(req.queue):
+            if req.run + q > 0 and self._is_word_start(t):
+                tokens += self.wp[BASE].encode(bytes(seg))
+                points.append((q, len(tokens), offset))
+                seg = bytearray()
+            seg += tb[t]
+            offset += len(tb[t])
+        return tokens, points
+
+    # ------------------------------------------------------------------ walks
+    def _walk_base(self, req: CrossRequest, drafts: list[int], check) -> None:
+        """Section 2 in BASE mode on the verified rows: accept drafts the base agrees with, emit its
+        own token at the first disagreement (or bonus), switch to NUDGE where top1 < gamma."""
+        new, stats = check
+        accepted, emitted = 0, None
+        for j, (top1, a) in enumerate(stats):
+            if top1 < req.gamma:
+                req.mode, req.run = Mode.NUDGE, 0
+                break
+            agreed = j < len(new) and a == new[j]
+            self._write(req, BASE, a)
+            if not agreed:
+                emitted = a               # a correction, or the bonus token after every draft
+                break
+            accepted += 1
+            if req.finished:
+                break
+        req.accepted += accepted
+        b = req.seqs[BASE]
+        b.truncate(len(req.prompts[BASE]) + len(req.base_out) - (emitted is not None))
+        if emitted is not None:
+            b.append(emitted)
+
+    def _agrees(self, req: CrossRequest, a: int, q: int):
+        """The base's greedy token's text is a prefix of the nudger's next word (queue[q:])."""
+        ab = self.wp[BASE].token_bytes[a]
+        if not ab or any(c in WHITESPACE for c in ab[1:]):
+            return False                  # no text (special), or not inside one word
+        tb, word, n = self.wp[NUDGER].token_bytes, b"", 0
+        for j, u in enumerate(req.queue[q:]):
+            if j > 0 and starts_word(tb[u]):
+                return word.startswith(ab)
+            word += tb[u]
+            n += 1
+            if u in self.eos[NUDGER] or n >= AGREE_LOOKAHEAD or len(word) >= len(ab):
+                return word.startswith(ab)
+        return UNDECIDED if ab.startswith(word) else False
+
+    def _walk_nudge(self, req: CrossRequest, checks) -> None:
+        """Section 7 in NUDGE mode: the nudger's queued tokens are its text; at each word start the
+        base (having read up to there) takes over if top1 >= gamma or it agrees."""
+        words, checks = checks if checks is not None else ([], {})
+        before = len(req.base_out)
+        kept, consumed, resumed = 0, 0, None
+        for q, t in enumerate(req.queue):
+            if req.run > 0 and self._is_word_start(t):
+                if q not in checks:
+                    break                     # not verified this round (pool short): next round
+                top1, a, ntok, off = checks[q]
+                # The words before this point are final: they join the base's context.
+                req.base_out += words[kept:ntok]
+                req.base_src += [NUDGER] * (ntok - kept)
+                kept = ntok
+                req.text.covered[BASE] = off
+                resume = top1 >= req.gamma or (req.resume_on_agreement and self._agrees(req, a, q))
+                if resume is UNDECIDED:
+                    break                     # keep the queue from here; draft more next round
+                if resume:
+                    resumed = a
+                    break
+            self._write(req, NUDGER, t)
+            req.stable += 1
+            req.run += 1
+            consumed = q + 1
+            if req.finished:
+                break
+        req.queue = [] if resumed is not None else req.queue[consumed:]
+        b = req.seqs[BASE]
+        b.truncate(len(req.prompts[BASE]) + before + kept)
+        if resumed is not None:
+            req.mode = Mode.BASE
+            req.seqs[NUDGER].truncate(req.stable)
+            b.append(resumed)
+            self._write(req, BASE, resumed)
+
+    def _settle(self, req: CrossRequest) -> None:
+        """Between rounds the newest token of each model is pending: the next pass gets its logits."""
+        for seq in req.seqs:
+            if seq.num_tokens:
+                seq.set_num_computed(min(seq.num_computed, seq.num_tokens - 1))
+
+    # ------------------------------------------------------------------ text, stops, results
+    def _write(self, req: CrossRequest, writer: int, token: int) -> None:
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        req.text.write(writer, self.wp[writer].token_bytes[token])
+        if writer == BASE:
+            req.base_out.append(token)
+            req.base_src.append(BASE)
+        p = req.params
+        if not p.ignore_eos and token in self.eos[writer]:
+            return self._stop(req, "stop", token)
+        if writer == BASE and token in p.stop_token_ids:
+            return self._stop(req, "stop", token)
+        if p.stop and self._stop_string(req):
+            return
+        if self._count(req) >= p.max_tokens:
+            return self._stop(req, "length", None)
+
+    def _tail_tokens(self, req: CrossRequest) -> list[int]:
+        """Base tokens of the nudger's text the base has not read yet (its last word as it stands)."""
+        return self.wp[BASE].encode(bytes(req.text.data[req.text.covered[BASE]:]))
+
+    def _count(self, req: CrossRequest) -> int:
+        """Base tokens of the output text. Every converted token holds >= 1 byte, so the tail is
+        converted only when its bytes could reach max_tokens (keeps long nudged runs linear)."""
+        tail = len(req.text.data) - req.text.covered[BASE]
+        if len(req.base_out) + tail < req.params.max_tokens:
+            return len(req.base_out) + tail
+        return len(req.base_out) + len(self._tail_tokens(req))
+
+    def _stop_string(self, req: CrossRequest) -> bool:
+        data = req.text.data
+        stops = [s.encode("utf-8") for s in req.params.stop]
+        start = max(0, len(data) - max(map(len, stops)) - 64)
+        for s, raw in zip(req.params.stop, stops):
+            at = data.find(raw, start)
+            if at >= 0:
+                req.text_limit = at + len(raw) if req.params.include_stop_str_in_output else at
+                self._stop(req, "stop", s)
+                return True
+        return False
+
+    def _stop(self, req: CrossRequest, reason: str, stop_reason) -> None:
+        req.finish_reason, req.stop_reason = reason, stop_reason
+        req.finish_time = time.monotonic()
+        tail = self._tail_tokens(req)
+        tokens, sources = req.base_out + tail, req.base_src + [NUDGER] * len(tail)
+        if reason == "length" and len(tokens) > req.params.max_tokens:
+            tokens, sources = tokens[:req.params.max_tokens], sources[:req.params.max_tokens]
+            req.text_limit = len(self.wp[BASE].bytes_of(tokens))
+        req.final_tokens, req.final_sources = tokens, sources
+
+    def _finish(self, req: CrossRequest) -> None:
+        self.scheduler.finish(req.id)
+        del self.requests[req.id]
