@@ -54,6 +54,12 @@ class Handoff:
         return decisions
 
     def _decide_greedy(self, idx, reqs, drafts, walk_rows, base_logits, decisions) -> None:
+        if all(not drafts[i] and reqs[i].gamma <= 0 for i in idx):
+            # No drafts and a base that always writes (top1 >= 0): the walk is the argmax.
+            rows = torch.tensor([walk_rows[i].start for i in idx], device=base_logits.device)
+            for i, tok in zip(idx, base_logits[rows].argmax(-1).tolist()):
+                decisions[i] = Decision(0, tok, int(reqs[i].mode), reqs[i].run, [], None)
+            return
         rows = torch.cat([torch.arange(walk_rows[i].start, walk_rows[i].stop) for i in idx]).to(self.device)
         flat_drafts = []
         starts = [0]

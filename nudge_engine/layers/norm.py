@@ -16,8 +16,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))  # [dim]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [num_tokens, dim]
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         if self.unit_offset:
             return (normed * (1.0 + self.weight.float())).to(x.dtype)
         # Llama casts before the weight multiply; Gemma after (transformers PR 29402).

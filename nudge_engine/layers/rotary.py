@@ -30,6 +30,8 @@ class RotaryEmbedding(nn.Module):
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # [max_positions, head_dim/2]
         self.register_buffer("cos", angles.cos(), persistent=False)  # [max_positions, head_dim/2]
         self.register_buffer("sin", angles.sin(), persistent=False)  # [max_positions, head_dim/2]
+        self._positions: torch.Tensor | None = None
+        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(
         self,
@@ -37,8 +39,11 @@ class RotaryEmbedding(nn.Module):
         q: torch.Tensor,          # [num_tokens, num_heads, head_dim]
         k: torch.Tensor,          # [num_tokens, num_kv_heads, head_dim]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions][:, None, :]  # [num_tokens, 1, head_dim/2]
-        sin = self.sin[positions][:, None, :]
+        # Every layer of a step rotates the same positions: gather cos/sin once per step.
+        if positions is not self._positions:
+            self._positions = positions
+            self._cos_sin = (self.cos[positions][:, None, :], self.sin[positions][:, None, :])  # [num_tokens, 1, head_dim/2]
+        cos, sin = self._cos_sin
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
