@@ -351,6 +351,41 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
         return _AbortingStreamingResponse(gen, group, media_type="text/event-stream",
                                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    def with_nudge_fields(choice: dict, sources: list[str], out) -> dict:
+        """The extra fields every choice carries: token sources, and once finished the stop and nudged fraction."""
+        choice["sources"] = sources
+        if out is not None:
+            choice["stop_reason"] = out.stop_reason
+            choice["nudged_fraction"] = out.nudged_fraction
+        return choice
+
+    async def sse_events(group, header: dict, make_choice, include_usage: bool, prompt_tokens: int,
+                         preamble: list[dict] = ()):
+        """The SSE stream of one request group: choice chunks, an error chunk if the engine fails,
+        then usage (when asked) and [DONE]. make_choice(event) -> the choice dict of one chunk."""
+        for choice in preamble:
+            yield _sse({**header, "choices": [choice]})
+        completion_tokens, failed = 0, False
+        async for ev in group.events():
+            if isinstance(ev, GroupError):
+                yield _sse(error_chunk(ev.error))
+                failed = True
+                break
+            completion_tokens += len(ev.token_ids)
+            yield _sse({**header, "choices": [with_nudge_fields(make_choice(ev), ev.sources, ev.output)]})
+        if include_usage and not failed:
+            yield _sse({**header, "choices": [], "usage": P.usage(prompt_tokens, completion_tokens)})
+        yield "data: [DONE]\n\n"
+
+    async def final_response(group, request: Request, header: dict, make_choice, prompt_tokens: int):
+        """The non-streamed body: make_choice(index, output) -> the choice dict."""
+        outputs = await run_group(group, request)
+        if outputs is None:
+            return Response(status_code=499)
+        choices = [with_nudge_fields(make_choice(i, out), out.sources, out) for i, out in enumerate(outputs)]
+        return {**header, "choices": choices,
+                "usage": P.usage(prompt_tokens, sum(len(o.token_ids) for o in outputs))}
+
     # ------------------------------------------------------------ routes
     @app.get("/health")
     async def health():
@@ -408,53 +443,30 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
             prompt_tokens += len(base_ids)
         items = [GenerateItem(pr, sp, nudge) for pr in prompts for sp in params]
         group = await submit(items)
-        rid, created, model = P.new_id("cmpl"), P.now(), settings.model_name
+        header = {"id": P.new_id("cmpl"), "object": "text_completion", "created": P.now(),
+                  "model": settings.model_name}
         n_logprobs = body.logprobs
 
         if body.stream:
+            offsets = [0] * len(items)
+
+            def chunk_choice(ev) -> dict:
+                lp = None
+                if n_logprobs is not None:
+                    lp, offsets[ev.index] = P.completion_logprobs(
+                        base_tok, ev.token_ids, _clean_logprobs(ev.logprobs), n_logprobs, offsets[ev.index])
+                return {"index": ev.index, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}
+
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return streaming(sse_events(group, header, chunk_choice, include_usage, prompt_tokens), group)
 
-            async def gen():
-                offsets = [0] * len(items)
-                completion_tokens = 0
-                failed = False
-                async for ev in group.events():
-                    if isinstance(ev, GroupError):
-                        yield _sse(error_chunk(ev.error))
-                        failed = True
-                        break
-                    completion_tokens += len(ev.token_ids)
-                    lp = None
-                    if n_logprobs is not None:
-                        lp, offsets[ev.index] = P.completion_logprobs(
-                            base_tok, ev.token_ids, _clean_logprobs(ev.logprobs), n_logprobs, offsets[ev.index])
-                    choice = {"index": ev.index, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason,
-                              "sources": ev.sources}
-                    if ev.output is not None:
-                        choice["stop_reason"] = ev.output.stop_reason
-                        choice["nudged_fraction"] = ev.output.nudged_fraction
-                    yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                                "choices": [choice]})
-                if include_usage and not failed:
-                    yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                                "choices": [], "usage": P.usage(prompt_tokens, completion_tokens)})
-                yield "data: [DONE]\n\n"
-
-            return streaming(gen(), group)
-
-        outputs = await run_group(group, request)
-        if outputs is None:
-            return Response(status_code=499)
-        choices = []
-        for index, out in enumerate(outputs):
+        def final_choice(index: int, out) -> dict:
             lp = None
             if n_logprobs is not None:
                 lp, _ = P.completion_logprobs(base_tok, out.token_ids, _clean_logprobs(out.logprobs), n_logprobs, 0)
-            choices.append({"index": index, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason,
-                            "stop_reason": out.stop_reason, "sources": out.sources,
-                            "nudged_fraction": out.nudged_fraction})
-        return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-                "usage": P.usage(prompt_tokens, sum(len(o.token_ids) for o in outputs))}
+            return {"index": index, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
+
+        return await final_response(group, request, header, final_choice, prompt_tokens)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: P.ChatCompletionRequest, request: Request):
@@ -493,55 +505,28 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
         n_top = (body.top_logprobs or 0) if body.logprobs else None
         params, nudge = make_params(body, max_tokens, n_top)
         group = await submit([GenerateItem(prompt, sp, nudge) for sp in params])
-        rid, created, model = P.new_id("chatcmpl"), P.now(), settings.model_name
+        header = {"id": P.new_id("chatcmpl"), "object": "chat.completion.chunk", "created": P.now(),
+                  "model": settings.model_name}
         prompt_tokens = len(base_ids)
 
+        def logprobs_of(token_ids, logprobs):
+            return P.chat_logprobs(base_tok, token_ids, _clean_logprobs(logprobs), n_top) if n_top is not None else None
+
         if body.stream:
+            def chunk_choice(ev) -> dict:
+                return {"index": ev.index, "delta": {"content": ev.text}, "logprobs": logprobs_of(ev.token_ids, ev.logprobs),
+                        "finish_reason": ev.finish_reason}
+
+            roles = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                     for i in range(body.n)]
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return streaming(sse_events(group, header, chunk_choice, include_usage, prompt_tokens, roles), group)
 
-            def chunk(choices):
-                return _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                             "choices": choices})
+        def final_choice(index: int, out) -> dict:
+            return {"index": index, "message": {"role": "assistant", "content": out.text},
+                    "logprobs": logprobs_of(out.token_ids, out.logprobs), "finish_reason": out.finish_reason}
 
-            async def gen():
-                completion_tokens = 0
-                failed = False
-                for i in range(body.n):
-                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None}])
-                async for ev in group.events():
-                    if isinstance(ev, GroupError):
-                        yield _sse(error_chunk(ev.error))
-                        failed = True
-                        break
-                    completion_tokens += len(ev.token_ids)
-                    lp = (P.chat_logprobs(base_tok, ev.token_ids, _clean_logprobs(ev.logprobs), n_top)
-                          if n_top is not None else None)
-                    choice = {"index": ev.index, "delta": {"content": ev.text}, "logprobs": lp,
-                              "finish_reason": ev.finish_reason, "sources": ev.sources}
-                    if ev.output is not None:
-                        choice["stop_reason"] = ev.output.stop_reason
-                        choice["nudged_fraction"] = ev.output.nudged_fraction
-                    yield chunk([choice])
-                if include_usage and not failed:
-                    yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                                "choices": [], "usage": P.usage(prompt_tokens, completion_tokens)})
-                yield "data: [DONE]\n\n"
-
-            return streaming(gen(), group)
-
-        outputs = await run_group(group, request)
-        if outputs is None:
-            return Response(status_code=499)
-        choices = []
-        for index, out in enumerate(outputs):
-            lp = None
-            if n_top is not None:
-                lp = P.chat_logprobs(base_tok, out.token_ids, _clean_logprobs(out.logprobs), n_top)
-            choices.append({"index": index, "message": {"role": "assistant", "content": out.text}, "logprobs": lp,
-                            "finish_reason": out.finish_reason, "stop_reason": out.stop_reason,
-                            "sources": out.sources, "nudged_fraction": out.nudged_fraction})
-        return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
-                "usage": P.usage(prompt_tokens, sum(len(o.token_ids) for o in outputs))}
+        return await final_response(group, request, {**header, "object": "chat.completion"}, final_choice,
+                                    prompt_tokens)
 
     return app
