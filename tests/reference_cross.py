@@ -30,7 +30,8 @@ class CrossResult:
 
 @torch.no_grad()
 def cross_nudging(folders, wps: tuple[WordPieces, WordPieces], prompts, gamma: float, resume_on_agreement: bool,
-                  max_tokens: int, eos: tuple[frozenset, frozenset]) -> CrossResult:
+                  max_tokens: int, eos: tuple[frozenset, frozenset], nudger_limit: int) -> CrossResult:
+    """nudger_limit: the request ends ("length") once the nudger's context holds this many tokens."""
     models = [hf_model(f) for f in folders]
     spans: list[list] = []        # [writer, bytes, own tokens]
 
@@ -91,7 +92,7 @@ def cross_nudging(folders, wps: tuple[WordPieces, WordPieces], prompts, gamma: f
         write(writer, t)
         if t in eos[writer]:
             finish = "stop"
-        elif len(base_tokens()[0]) >= max_tokens:
+        elif len(base_tokens()[0]) >= max_tokens or len(context(NUDGER)) >= nudger_limit:
             finish = "length"
     ids, src = base_tokens()
     data = b"".join(bytes(d) for _, d, _ in spans)

@@ -1,8 +1,10 @@
 """Cross-tokenizer nudging (NUDGING.md section 7): the engine equals a slow full-forward reference."""
 from __future__ import annotations
 
+import json
 import logging
 import random
+import shutil
 
 import pytest
 
@@ -33,7 +35,8 @@ def pair(request, tiny_model):
 
 def reference(engine, folders, prompt: str, gamma: float, roa: bool = True, max_tokens: int = MAX_TOKENS):
     ids = (engine.base.tokenizer.encode(prompt), engine.nudger.tokenizer.encode(prompt))
-    return cross_nudging(folders, tuple(engine.wp), ids, gamma, roa, max_tokens, tuple(engine.eos))
+    return cross_nudging(folders, tuple(engine.wp), ids, gamma, roa, max_tokens, tuple(engine.eos),
+                         engine.nudger_context_limit)
 
 
 # ---------------------------------------------------------------- word pieces
@@ -110,6 +113,39 @@ def test_gamma_zero_is_the_base_greedy_text_and_above_one_the_nudgers(pair, chec
             end = len(engine.wp[BASE].bytes_of(a.token_ids))
             assert a.text == engine.wp[NUDGER].bytes_of(theirs)[:end].decode("utf-8", "replace")
             assert [name for _, name in a.spans] == ["nudger"] and set(a.sources) == {"nudger"}
+
+
+def twin_with_another_tokenizer(folder, out):
+    """The same model under a tokenizer that differs in one unused special piece: the cross path
+    runs, yet both models want the same text, so drafts get accepted and handoffs are frequent."""
+    shutil.copytree(folder, out)
+    spec = json.loads((out / "tokenizer.json").read_text())
+    for added in spec["added_tokens"]:
+        if added["content"] == "<|system|>":
+            added["content"] = "<|sys|>"
+    spec["model"]["vocab"]["<|sys|>"] = spec["model"]["vocab"].pop("<|system|>")
+    (out / "tokenizer.json").write_text(json.dumps(spec))
+    return out
+
+
+def test_drafts_of_an_agreeing_nudger_are_accepted_and_output_stays_exact(tiny_model, tmp_path, check_pools):
+    base = tiny_model("llama", "bytelevel")
+    twin = twin_with_another_tokenizer(base, tmp_path / "twin")
+    engine = NudgeEngine(base, twin)
+    check_pools(engine)
+    assert engine.pairing == "cross-tokenizer"
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+    plain = engine.generate(PROMPTS, params, NudgeParams(gamma=0.0, draft_tokens=4))
+    for prompt, out in zip(PROMPTS, plain):
+        assert out.token_ids == hf_greedy(base, engine.base.tokenizer.encode(prompt), MAX_TOKENS, engine.eos[BASE])
+    # Speculative decoding with the nudger as drafter: most drafts pass, so fewer rounds than tokens.
+    assert sum(o.accepted_tokens for o in plain) > sum(o.drafted_tokens for o in plain) / 2
+    assert sum(o.rounds for o in plain) < sum(len(o.token_ids) for o in plain)
+    nudged = engine.generate(PROMPTS, params, [NudgeParams(gamma=0.4, draft_tokens=k) for k in (0, 4, 0, 4)])
+    for prompt, out in zip(PROMPTS, nudged):
+        ref = reference(engine, (base, twin), prompt, 0.4)
+        assert (out.text, out.spans, out.token_ids, out.finish_reason) == (ref.text, ref.spans, ref.token_ids,
+                                                                         ref.finish_reason)
 
 
 # ---------------------------------------------------------------- work per handoff

@@ -13,6 +13,15 @@ One step = one round for every scheduled request:
   3. a walk per request applies the section 7 rules in order and rolls back what was not used.
 k = 0 drafts nothing in BASE mode (lazy catch-up) and one token per round while nudging.
 Greedy only: the text-level handoff has no exact rejection-sampling form here.
+
+Where section 7 leaves a detail open, this file (and tests/reference_cross.py) fix it so:
+  - a word start is a nudger token whose bytes begin with ASCII whitespace, or the nudger's EOS;
+  - agreement: the base token's bytes (non-empty, no whitespace after the first byte) are a
+    prefix of the nudger's next word, read over at most AGREE_LOOKAHEAD nudger tokens;
+  - max_tokens: the base tokens of the text (the unfinished last word as it stands); when a
+    nudger token overshoots, the output is cut to the first max_tokens base tokens;
+  - the request also ends ("length") when the nudger's context nears its position limit;
+  - stop_token_ids are base-vocabulary ids, checked on tokens the base writes.
 """
 from __future__ import annotations
 
@@ -44,6 +53,11 @@ assert (BASE, NUDGER) == (BASE_MODEL, NUDGER_MODEL)
 # The agreement test compares the base's token with at most this many nudger tokens of its word.
 AGREE_LOOKAHEAD = 8
 UNDECIDED = None          # agreement needs more of the nudger's word than drafted so far
+MAX_DRAFT_TOKENS = 64     # NudgeParams' bound on draft_tokens
+# A request ends ("length") when the nudger's context gets this close to its position limit, so
+# that drafts and the agreement lookahead always fit. It also ends nudger runs of text-less
+# special tokens, which max_tokens (base tokens of the text) would never count.
+NUDGER_HEADROOM = MAX_DRAFT_TOKENS + AGREE_LOOKAHEAD
 
 
 @dataclass
@@ -188,6 +202,7 @@ class CrossTokenizerEngine:
         self.scheduler = _core.Scheduler([m.pool for m in self.models], max_num_seqs, max_num_batched_tokens)
         self.eos = [frozenset(c.eos_token_ids) for _, c in loaded]    # [model]: each model's own EOS
         self.eos_ids = self.eos[BASE] | self.eos[NUDGER]
+        self.nudger_context_limit = self.nudger.config.max_position_embeddings - NUDGER_HEADROOM
         self.requests: dict[int, CrossRequest] = {}
         self._ids = itertools.count()
         self.stats = EngineStats()
@@ -220,6 +235,9 @@ class CrossTokenizerEngine:
         ids = tokenize_prompt(prompt, self.base.tokenizer, self.nudger.tokenizer, self.chat_format)
         if not ids[BASE] or not ids[NUDGER]:
             raise ValueError("prompt is empty after tokenization")
+        if len(ids[NUDGER]) >= self.nudger_context_limit:
+            raise ValueError(f"the nudger's prompt ({len(ids[NUDGER])} tokens) leaves no room to write "
+                             f"(limit {self.nudger_context_limit} = context - {NUDGER_HEADROOM} for drafts)")
         for m, p in zip(self.models, ids):
             limit = m.config.max_position_embeddings
             if len(p) + params.max_tokens > limit:
@@ -301,7 +319,7 @@ class CrossTokenizerEngine:
                 n.append(scratch_tokens)
             if nbytes or scratch:
                 req.open_read[NUDGER] = ReadWork("nudger", nbytes + len(scratch), len(tokens) + len(scratch_tokens))
-            extra[NUDGER] = dc + (AGREE_LOOKAHEAD if req.mode == Mode.NUDGE and req.resume_on_agreement else 0)
+            extra[NUDGER] = dc + (AGREE_LOOKAHEAD if req.mode == Mode.NUDGE else 0)
             # Base tokens of the drafted text: a guess for the reservation; _base_pass re-checks.
             extra[BASE] = 2 * extra[NUDGER]
         cap = self.max_num_batched_tokens - 1
@@ -351,8 +369,8 @@ class CrossTokenizerEngine:
         ended = lambda toks: bool(toks) and toks[-1] in self.eos[NUDGER] and not req.params.ignore_eos  # noqa: E731
         if req.mode == Mode.BASE:
             return len(drafts) < req.draft_count() and not ended(drafts)
-        if ended(req.queue):
-            return False
+        if ended(req.queue) or len(req.queue) >= req.draft_count() + AGREE_LOOKAHEAD:
+            return False              # bounded: word starts must not chain the lookahead forever
         if len(req.queue) < req.draft_count():
             return True
         last = self._last_check(req) if req.resume_on_agreement else None
@@ -413,7 +431,8 @@ class CrossTokenizerEngine:
                     plan = (new, offsets)
                 else:
                     new, points = self._words_to_check(req)
-                    fit = self._room(b, len(new))
+                    # A word start past max_tokens is never reached: the text ends before it.
+                    fit = min(self._room(b, len(new)), req.params.max_tokens - len(req.base_out))
                     points = [p for p in points if p[1] <= fit]
                     new = new[:points[-1][1]] if points else []
                     plan = (new, [(q, start + pending - 1 + ntok, ntok, off) for q, ntok, off in points])
@@ -569,7 +588,7 @@ class CrossTokenizerEngine:
             return self._stop(req, "stop", token)
         if p.stop and self._stop_string(req):
             return
-        if self._count(req) >= p.max_tokens:
+        if self._count(req) >= p.max_tokens or self._nudger_context(req) >= self.nudger_context_limit:
             return self._stop(req, "length", None)
 
     def _tail_tokens(self, req: CrossRequest) -> list[int]:
@@ -583,6 +602,15 @@ class CrossTokenizerEngine:
         if len(req.base_out) + tail < req.params.max_tokens:
             return len(req.base_out) + tail
         return len(req.base_out) + len(self._tail_tokens(req))
+
+    def _nudger_context(self, req: CrossRequest) -> int:
+        """Tokens in the nudger's context as of now (the base's unread text converted), bounded first
+        by bytes so the conversion runs only near the limit."""
+        read = req.stable if req.started else len(req.prompts[NUDGER])
+        unread = req.text.data[req.text.covered[NUDGER]:]
+        if read + len(unread) < self.nudger_context_limit:
+            return read + len(unread)
+        return read + len(self.wp[NUDGER].encode(bytes(unread)))
 
     def _stop_string(self, req: CrossRequest) -> bool:
         data = req.text.data
