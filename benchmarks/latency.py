@@ -247,6 +247,7 @@ def main(argv=None) -> int:
         b.copy_gbps = common.copy_bandwidth_gbps(device)
         log(f"device-to-device copy bandwidth: {b.copy_gbps:.0f} GB/s (read + write)")
 
+    from nudge_engine.engine import DEFAULT_DRAFT_TOKENS
     from nudge_engine.sampling_params import NudgeParams
     eng_pair = b.engine(pair.base, pair.nudger)
     prompts = common.make_prompts(eng_pair.tokenizer, [size["prompt_len"]] * size["prompts"], seed=args.seed)
@@ -277,9 +278,16 @@ def main(argv=None) -> int:
     row_a = add("(a) engine, base alone", "engine", None, row_a, gamma=None)
     engine_outs = {}
     for k in (0, *size["ks"]):
-        r, outs = b.run_engine(eng_pair, prompts, N, NudgeParams(gamma=gamma, draft_tokens=k), counter, repeats=R)
+        nudge = NudgeParams(gamma=gamma, draft_tokens=k, adaptive_drafting=False)
+        r, outs = b.run_engine(eng_pair, prompts, N, nudge, counter, repeats=R)
         engine_outs[k] = outs
         add(f"(b) engine, nudging, k={k}", "engine", k, r, gamma=gamma)
+    # The engine's default: up to DEFAULT_DRAFT_TOKENS drafts, fewer where they do not pay.
+    k_max = DEFAULT_DRAFT_TOKENS
+    r, outs = b.run_engine(eng_pair, prompts, N, NudgeParams(gamma=gamma, draft_tokens=k_max, adaptive_drafting=True),
+                           counter, repeats=R)
+    engine_outs[f"auto{k_max}"] = outs
+    add(f"(b) engine, nudging, adaptive k<={k_max} (default)", "engine", f"<={k_max}", r, gamma=gamma)
     same_output = all([o.token_ids for o in engine_outs[k]] == [o.token_ids for o in engine_outs[0]]
                       for k in engine_outs)
     log(f"nudged outputs identical for every k: {same_output}")
@@ -333,11 +341,13 @@ def main(argv=None) -> int:
                                               iters=size["calib_iters"])
             for g, regime in ((common.PAPER_GAMMA, "gamma 0.4"), (g_cal, f"~{args.target_nudged:.0%} nudged")):
                 r0, o0 = b.run_engine(eng_pair, sp, ST, NudgeParams(gamma=g, draft_tokens=0))
-                r4, o4 = b.run_engine(eng_pair, sp, ST, NudgeParams(gamma=g, draft_tokens=4))
+                r4, o4 = b.run_engine(eng_pair, sp, ST, NudgeParams(gamma=g, draft_tokens=4, adaptive_drafting=False))
+                ra, _ = b.run_engine(eng_pair, sp, ST, NudgeParams(gamma=g, draft_tokens=4, adaptive_drafting=True))
                 entry = dict(agreement=a, gamma=g, regime=regime, nudged=r4["nudged"], acceptance=r4["acceptance"],
                              acc_per_round=r4["acc_per_round"], base_tok_s=base_row["tok_s"], k0_tok_s=r0["tok_s"],
                              k4_tok_s=r4["tok_s"], k0_vs_base=r0["tok_s"] / base_row["tok_s"],
-                             k4_vs_base=r4["tok_s"] / base_row["tok_s"],
+                             k4_vs_base=r4["tok_s"] / base_row["tok_s"], auto_tok_s=ra["tok_s"],
+                             auto_vs_base=ra["tok_s"] / base_row["tok_s"],
                              same_output=[o.token_ids for o in o0] == [o.token_ids for o in o4])
                 if nb_sweep is not None:
                     rn, on = b.run_notebook(nb_sweep, sp, ST, g)
@@ -396,7 +406,8 @@ LIMIT_COLUMNS = [("bytes_per_token", "MB moved/token"), ("limit_tok_s", "limit t
 SWEEP_COLUMNS = [("agreement", "agreement"), ("regime", "regime"), ("gamma", "gamma"), ("nudged", "nudged"),
                  ("acceptance", "acceptance k=4"), ("acc_per_round", "accepted/round k=4"),
                  ("base_tok_s", "base tok/s"), ("k0_tok_s", "k=0 tok/s"), ("k4_tok_s", "k=4 tok/s"),
-                 ("notebook_tok_s", "notebook tok/s"), ("k0_vs_base", "k=0 / base"), ("k4_vs_base", "k=4 / base"),
+                 ("auto_tok_s", "adaptive k<=4 tok/s"), ("notebook_tok_s", "notebook tok/s"),
+                 ("k0_vs_base", "k=0 / base"), ("k4_vs_base", "k=4 / base"), ("auto_vs_base", "adaptive / base"),
                  ("notebook_vs_base", "notebook / base")]
 
 

@@ -190,12 +190,13 @@ def main(argv=None) -> int:
         log(f"gamma {gamma} nudges ~{dict(calibration)[gamma]:.1%} on the calibration prompts")
     else:
         gamma = float(args.gamma)
-    for k in size["ks"]:
-        name = f"engine, nudging k={k}"
+    variants = [(f"engine, nudging k={k}", k, False) for k in size["ks"]]
+    variants.append((f"engine, nudging adaptive k<={max(size['ks'])} (default)", max(size["ks"]), True))
+    for name, k, adaptive in variants:
         for n in size["counts"]:
             if fits(name, n):
-                add(name, n, run_engine(eng, *mixes[n], NudgeParams(gamma=gamma, draft_tokens=k), device),
-                    gamma=gamma, k=k)
+                nudge = NudgeParams(gamma=gamma, draft_tokens=k, adaptive_drafting=adaptive)
+                add(name, n, run_engine(eng, *mixes[n], nudge, device), gamma=gamma, k=k)
     del eng
     common.free_memory(device)
     eng = engine(None)

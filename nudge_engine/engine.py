@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -19,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from . import _core
+from .draft_policy import DraftPolicy
 from .handoff import Handoff
 from .loader import load_causal_lm, resolve_dtype
 from .model_runner import DEFAULT_BLOCK_SIZE, ModelRunner, StepInputs
@@ -35,6 +37,7 @@ log = logging.getLogger("nudge_engine")
 DEFAULT_GAMMA = 0.4
 DEFAULT_DRAFT_TOKENS = 4
 BASE_MODEL, NUDGER_MODEL = 0, 1
+MIN_COST_RATIO = 0.05  # a nudger pass is never free: launch and host costs
 MAX_IDLE_STEPS = 1000  # steps without any emitted token before generate() gives up (chunked prefill emits none)
 
 
@@ -70,6 +73,7 @@ class NudgeEngine:
         gamma: float = DEFAULT_GAMMA,
         draft_tokens: int = DEFAULT_DRAFT_TOKENS,
         resume_on_agreement: bool = True,
+        adaptive_drafting: bool = True,
         attention_backend: str = "auto",
         block_size: int = DEFAULT_BLOCK_SIZE,
         kv_cache_bytes: int | None = None,
@@ -80,7 +84,8 @@ class NudgeEngine:
         response_prefix: str = "",
         seed: int = 0,
     ):
-        self.defaults = NudgeParams(gamma=gamma, draft_tokens=draft_tokens, resume_on_agreement=resume_on_agreement)
+        self.defaults = NudgeParams(gamma=gamma, draft_tokens=draft_tokens, resume_on_agreement=resume_on_agreement,
+                                    adaptive_drafting=adaptive_drafting)
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
         self.chat_format = ChatFormat(base_template, response_prefix)
@@ -100,6 +105,8 @@ class NudgeEngine:
         table = tokenizers[-1].word_start_table()[:vocab]
         self.word_start = torch.zeros(vocab, dtype=torch.bool)        # [vocab]
         self.word_start[: len(table)] = torch.tensor(table, dtype=torch.bool)
+        sizes = [sum(p.numel() for p in m.runner.model.parameters()) for m in self.models]
+        self.draft_policy = DraftPolicy(cost_ratio=max(sizes[-1] / sizes[0], MIN_COST_RATIO))
         self.handoff = Handoff(self.device, self.word_start, self.base.runner.backend.name == "triton")
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
@@ -146,6 +153,7 @@ class NudgeEngine:
             nudger_params=nudge.nudger_sampling(params),
             gamma=(d.gamma if nudge.gamma is None else nudge.gamma) if nudger else 0.0,
             draft_tokens=d.draft_tokens if nudge.draft_tokens is None else nudge.draft_tokens,
+            adaptive_drafting=d.adaptive_drafting if nudge.adaptive_drafting is None else nudge.adaptive_drafting,
             resume_on_agreement=d.resume_on_agreement if nudge.resume_on_agreement is None else nudge.resume_on_agreement,
             eos_ids=self.eos_ids, detok=IncrementalDetokenizer.after_prompt(self.base.tokenizer, base_ids),
             generator=gen,
@@ -237,9 +245,11 @@ class NudgeEngine:
             return []
         reqs = [self.requests[i] for i in sched.req_ids]
         final = list(sched.is_final_chunk)
-        drafts_k = [r.draft_count() if f else 0 for r, f in zip(reqs, final)]
+        drafts_k = [self._draft_count(r) if f else 0 for r, f in zip(reqs, final)]
+        started = time.perf_counter()
         drafts, draft_logits = self._draft(reqs, sched.num_new_tokens[NUDGER_MODEL] if self.nudger else None,
                                            drafts_k, final)
+        drafted = time.perf_counter()
         base_logits, walk_rows, prompt_rows = self._verify(reqs, sched.num_new_tokens[BASE_MODEL], drafts, final)
         self._record_prompt_logprobs(reqs, base_logits, prompt_rows)
         finals = [i for i, f in enumerate(final) if f]
@@ -247,15 +257,29 @@ class NudgeEngine:
         decisions = self.handoff.decide([reqs[i] for i in finals], [drafts[i] for i in finals],
                                         [walk_rows[i] for i in finals], base_logits,
                                         [draft_logits[i] for i in finals])
+        if max(drafts_k, default=0) > 0:  # the walk's copy back has waited for the base pass
+            self.draft_policy.observe_pass_times((drafted - started) / max(drafts_k),
+                                                 time.perf_counter() - drafted)
         for i, decision in zip(finals, decisions):
             req = reqs[i]
             self._apply(req, drafts[i], decision)
             touched.append(req)
         return touched
 
+    def _draft_count(self, req: Request) -> int:
+        """Draft tokens this round: while nudging, the nudger writes anyway (at least one token);
+        in BASE mode up to draft_tokens, fewer where the policy sees drafts not paying."""
+        if req.nudger_seq is None:
+            return 0
+        if req.mode == Mode.NUDGE:
+            return max(req.draft_tokens, 1)
+        if not req.adaptive_drafting:
+            return req.draft_tokens
+        return self.draft_policy.choose(req.draft_stats, req.draft_tokens, measured=req.greedy)
+
     def _prepare(self, req: Request) -> None:
         """Lazy catch-up: the nudger sees the output only in rounds where it drafts."""
-        k = req.draft_count()
+        k = self._draft_count(req)
         if req.nudger_seq is None:
             self.scheduler.set_lookahead(req.id, [k])
             return
@@ -363,6 +387,8 @@ class NudgeEngine:
         req.drafted += len(drafts)
         req.accepted += m
         self.stats.record_round(len(drafts), m, sources, was_mode != req.mode)
+        if was_mode == Mode.BASE:
+            self._observe_drafts(req, len(drafts), decision)
         req.add_tokens(tokens, sources, decision.logprobs)
         if req.finished:
             self.scheduler.finish(req.id)
@@ -376,6 +402,20 @@ class NudgeEngine:
                 seq.append(emit)
             # Invariant between rounds: the newest token is pending in both models.
             seq.set_num_computed(min(seq.num_computed, seq.num_tokens - 1))
+
+    @staticmethod
+    def _observe_drafts(req: Request, drafted: int, decision) -> None:
+        """Acceptance history of a round that began in BASE mode: drafts the base agreed with, and
+        one rejection when it corrected a draft (a switch to nudging rejects nothing)."""
+        stats = req.draft_stats
+        if drafted == 0:
+            stats.rounds_without_draft += 1
+            return
+        stats.rounds_without_draft = 0
+        agreed = sum(1 for s in decision.accepted_sources if s == Source.BASE)
+        corrected = (decision.emit_token is not None and decision.mode == Mode.BASE
+                     and decision.num_accepted < drafted)
+        stats.observe(agreed, int(corrected))
 
 
 def _tokenizers_differ(base, nudger) -> bool:

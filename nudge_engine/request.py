@@ -7,6 +7,7 @@ from enum import IntEnum
 
 import torch
 
+from .draft_policy import DraftStats
 from .sampling_params import SamplingParams
 from .tokenizer import IncrementalDetokenizer
 
@@ -70,6 +71,7 @@ class Request:
     nudger_params: SamplingParams
     gamma: float
     draft_tokens: int
+    adaptive_drafting: bool
     resume_on_agreement: bool
     eos_ids: frozenset[int]
     detok: IncrementalDetokenizer
@@ -84,6 +86,7 @@ class Request:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    draft_stats: DraftStats = field(default_factory=DraftStats)
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
@@ -96,14 +99,6 @@ class Request:
     @property
     def greedy(self) -> bool:
         return self.params.greedy and self.nudger_params.greedy
-
-    def draft_count(self) -> int:
-        """Draft tokens this round. k = 0 drafts only while nudging (lazy catch-up otherwise)."""
-        if self.nudger_seq is None:
-            return 0
-        if self.draft_tokens > 0:
-            return self.draft_tokens
-        return 1 if self.mode == Mode.NUDGE else 0
 
     def add_tokens(self, tokens: list[int], sources: list[int], logprobs: list[dict[int, float]] | None) -> None:
         """Appends decided tokens one by one, stopping at the first stop condition (NUDGING.md section 4)."""

@@ -62,7 +62,8 @@ class NudgeParams:
     """None = the engine's default. The nudger's own sampling settings default to the base's."""
 
     gamma: float | None = None
-    draft_tokens: int | None = None
+    draft_tokens: int | None = None              # the most a round drafts (0: lazy catch-up, never speculate)
+    adaptive_drafting: bool | None = None        # pick fewer drafts in rounds where they do not pay
     resume_on_agreement: bool | None = None
     nudger_temperature: float | None = None
     nudger_top_p: float | None = None

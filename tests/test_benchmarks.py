@@ -60,7 +60,7 @@ def test_latency_tiny_quick_writes_results(tmp_path):
     assert any(f.endswith("_latency.png") for f in files), files
     data = json.loads(next(tmp_path.glob("*_latency.json")).read_text())
     labels = [r["label"][:3] for r in data["rows"]]
-    assert labels.count("(b)") == 4 and all(x in labels for x in ("(a)", "(c)", "(d)", "(e)"))
+    assert labels.count("(b)") == 5 and all(x in labels for x in ("(a)", "(c)", "(d)", "(e)"))
     assert data["nudged_outputs_identical_for_every_k"]
     assert next(r for r in data["rows"] if r["label"].startswith("(d)"))["equals_engine"] == "2/2"
     assert data["sweep"] and all(s["same_output"] for s in data["sweep"])

@@ -47,16 +47,18 @@ def test_engine_equals_sequential_for_every_gamma_k_and_rule(pair, check_pools):
     base, nudger, engine = pair
     check_pools(engine)
     prompts = random_prompts(engine.base.config.vocab_size, 6, seed=1)
-    cases = [(p, g, k, roa) for p in prompts[:3] for g in GAMMAS for k in DRAFTS for roa in (True, False)
+    # Fixed draft lengths, plus adaptive drafting (k is then the most a round drafts).
+    cases = [(p, g, k, roa, False) for p in prompts[:3] for g in GAMMAS for k in DRAFTS for roa in (True, False)
              if roa or g in (0.4, 0.7)]
-    cases += [(p, 0.4, k, True) for p in prompts[3:] for k in DRAFTS]
+    cases += [(p, 0.4, k, True, adaptive) for p in prompts[3:] for k in DRAFTS for adaptive in (False, True)]
     random.Random(0).shuffle(cases)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
     outs = engine.generate([c[0] for c in cases], params,
-                           [NudgeParams(gamma=g, draft_tokens=k, resume_on_agreement=roa) for _, g, k, roa in cases])
+                           [NudgeParams(gamma=g, draft_tokens=k, resume_on_agreement=roa, adaptive_drafting=a)
+                            for _, g, k, roa, a in cases])
     refs = {}
     nudged_somewhere = handed_back = 0
-    for (prompt, gamma, k, roa), out in zip(cases, outs):
+    for (prompt, gamma, k, roa, _), out in zip(cases, outs):
         key = (tuple(prompt), gamma, roa)
         if key not in refs:
             refs[key] = expected(base, nudger, engine, prompt, gamma, roa)
@@ -95,7 +97,7 @@ def test_small_pools_force_preemption_and_keep_outputs(tiny_pair, check_pools):
     check_pools(small)
     prompts = random_prompts(big.base.config.vocab_size, 16, seed=3)
     params = SamplingParams(max_tokens=24, temperature=0)
-    nudge = [NudgeParams(draft_tokens=k) for k in (0, 2, 4, 8)] * 4
+    nudge = [NudgeParams(draft_tokens=k, adaptive_drafting=k != 8) for k in (0, 2, 4, 8)] * 4
     want = big.generate(prompts, params, nudge)
     got = small.generate(prompts, params, nudge)
     assert small.stats.preemptions > 0
