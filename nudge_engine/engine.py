@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -22,13 +21,13 @@ from tqdm import tqdm
 from . import _core
 from .draft_policy import DraftPolicy
 from .handoff import Handoff
-from .loader import load_causal_lm, resolve_dtype
-from .model_runner import DEFAULT_BLOCK_SIZE, ModelRunner, StepInputs
+from .loader import resolve_dtype
+from .model_pair import LoadedModel, load_models
+from .model_runner import DEFAULT_BLOCK_SIZE, StepInputs
 from .prompts import DEFAULT_BASE_TEMPLATE, ChatFormat, Prompt, tokenize_prompt
 from .request import Mode, Request, RequestOutput, Source, StreamDelta
 from .sampler import draw, processed_probs
 from .sampling_params import NudgeParams, SamplingParams
-from .sizing import size_kv_pools
 from .stats import EngineStats
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -39,18 +38,6 @@ DEFAULT_DRAFT_TOKENS = 4
 BASE_MODEL, NUDGER_MODEL = 0, 1
 MIN_COST_RATIO = 0.05  # a nudger pass is never free: launch and host costs
 MAX_IDLE_STEPS = 1000  # steps without any emitted token before generate() gives up (chunked prefill emits none)
-
-
-@dataclass
-class LoadedModel:
-    path: Path
-    runner: ModelRunner
-    tokenizer: Tokenizer
-    pool: _core.BlockPool
-
-    @property
-    def config(self):
-        return self.runner.config
 
 
 class NudgeEngine:
@@ -90,23 +77,18 @@ class NudgeEngine:
         self.dtype = resolve_dtype(dtype)
         self.chat_format = ChatFormat(base_template, response_prefix)
         paths = [Path(base)] + ([Path(nudger)] if nudger is not None else [])
-        loaded = [load_causal_lm(p, self.device, self.dtype) for p in paths]
-        tokenizers = [Tokenizer(p) for p in paths]
-        configs = [c for _, c in loaded]
-        blocks = num_blocks or size_kv_pools(loaded, self.device, self.dtype, block_size, kv_cache_bytes,
-                                             max_num_batched_tokens, attention_backend)
-        self.models: list[LoadedModel] = []
-        for path, (model, config), tok in zip(paths, loaded, tokenizers):
-            runner = ModelRunner(model, config, self.device, self.dtype, blocks, block_size, attention_backend)
-            self.models.append(LoadedModel(path, runner, tok, _core.BlockPool(blocks, block_size)))
+        self.models = load_models(paths, self.device, self.dtype, attention_backend=attention_backend,
+                                  block_size=block_size, kv_cache_bytes=kv_cache_bytes, num_blocks=num_blocks,
+                                  max_num_batched_tokens=max_num_batched_tokens)
+        configs = [m.config for m in self.models]
         self.scheduler = _core.Scheduler([m.pool for m in self.models], max_num_seqs, max_num_batched_tokens)
         self.eos_ids = frozenset(itertools.chain.from_iterable(c.eos_token_ids for c in configs))
         vocab = max(c.vocab_size for c in configs)
-        table = tokenizers[-1].word_start_table()[:vocab]
+        table = self.models[-1].tokenizer.word_start_table()[:vocab]
         self.word_start = torch.zeros(vocab, dtype=torch.bool)        # [vocab]
         self.word_start[: len(table)] = torch.tensor(table, dtype=torch.bool)
-        sizes = [sum(p.numel() for p in m.runner.model.parameters()) for m in self.models]
-        self.draft_policy = DraftPolicy(cost_ratio=max(sizes[-1] / sizes[0], MIN_COST_RATIO))
+        ratio = self.models[-1].num_parameters / self.base.num_parameters
+        self.draft_policy = DraftPolicy(cost_ratio=max(ratio, MIN_COST_RATIO))
         self.handoff = Handoff(self.device, self.word_start, self.base.runner.backend.name == "triton")
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
@@ -114,7 +96,7 @@ class NudgeEngine:
         self.stats = EngineStats()
         log.info("nudge_engine: same-tokenizer token path: base %s%s, %d KV blocks of %d tokens per model, "
                  "backend %s",
-                 paths[0], f", nudger {paths[1]}" if nudger else "", blocks, block_size,
+                 paths[0], f", nudger {paths[1]}" if nudger else "", self.base.pool.num_blocks, block_size,
                  self.models[0].runner.backend.name)
 
     # ------------------------------------------------------------------ public API

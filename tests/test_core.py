@@ -401,7 +401,6 @@ def test_lazy_nudger_catches_up_in_chunks():
     # The engine adds the nudger's sequence empty and fills it only when the nudger drafts.
     base, nudger = BlockPool(64, 4), BlockPool(64, 4)
     sched = Scheduler([base, nudger], max_num_seqs=4, max_num_batched_tokens=8)
-    eng = Engine(sched)
     base_seq, nudger_seq = make_seq(base, 5), Sequence(nudger)
     sched.add_request(0, [base_seq, nudger_seq])
     step = sched.schedule()

@@ -4,7 +4,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from nudge_engine.engine import NudgeEngine
 from nudge_engine.sampling_params import NudgeParams, SamplingParams

@@ -35,15 +35,14 @@ from pathlib import Path
 import torch
 
 from .. import _core
-from ..engine import BASE_MODEL, DEFAULT_DRAFT_TOKENS, DEFAULT_GAMMA, NUDGER_MODEL, LoadedModel, NudgeEngine
-from ..loader import load_causal_lm, resolve_dtype
-from ..model_runner import DEFAULT_BLOCK_SIZE, ModelRunner, StepInputs
+from ..engine import BASE_MODEL, DEFAULT_DRAFT_TOKENS, DEFAULT_GAMMA, NUDGER_MODEL, NudgeEngine
+from ..loader import resolve_dtype
+from ..model_pair import load_models
+from ..model_runner import DEFAULT_BLOCK_SIZE, StepInputs
 from ..prompts import DEFAULT_BASE_TEMPLATE, ChatFormat, Prompt, tokenize_prompt
 from ..request import Mode, RequestOutput, StreamDelta
 from ..sampling_params import NudgeParams, SamplingParams
-from ..sizing import size_kv_pools
 from ..stats import EngineStats
-from ..tokenizer import Tokenizer
 from .spans import BASE, NUDGER, WRITER_NAMES, SpanText, decode_spans
 from .wordpieces import WHITESPACE, WordPieces, starts_word
 
@@ -174,6 +173,7 @@ class CrossTokenizerEngine:
         gamma: float = DEFAULT_GAMMA,
         draft_tokens: int = DEFAULT_DRAFT_TOKENS,
         resume_on_agreement: bool = True,
+        adaptive_drafting: bool = True,  # accepted for NudgeEngine's signature; this path drafts a fixed k
         attention_backend: str = "auto",
         block_size: int = DEFAULT_BLOCK_SIZE,
         kv_cache_bytes: int | None = None,
@@ -190,24 +190,19 @@ class CrossTokenizerEngine:
         self.chat_format = ChatFormat(base_template, response_prefix)
         self.max_num_batched_tokens = max_num_batched_tokens
         paths = [Path(base), Path(nudger)]
-        loaded = [load_causal_lm(p, self.device, self.dtype) for p in paths]
-        tokenizers = [Tokenizer(p) for p in paths]
-        self.wp = [WordPieces(t) for t in tokenizers]                # [model]
-        blocks = num_blocks or size_kv_pools(loaded, self.device, self.dtype, block_size, kv_cache_bytes,
-                                             max_num_batched_tokens, attention_backend)
-        self.models: list[LoadedModel] = []
-        for path, (model, config), tok in zip(paths, loaded, tokenizers):
-            runner = ModelRunner(model, config, self.device, self.dtype, blocks, block_size, attention_backend)
-            self.models.append(LoadedModel(path, runner, tok, _core.BlockPool(blocks, block_size)))
+        self.models = load_models(paths, self.device, self.dtype, attention_backend=attention_backend,
+                                  block_size=block_size, kv_cache_bytes=kv_cache_bytes, num_blocks=num_blocks,
+                                  max_num_batched_tokens=max_num_batched_tokens)
+        self.wp = [WordPieces(m.tokenizer) for m in self.models]      # [model]
         self.scheduler = _core.Scheduler([m.pool for m in self.models], max_num_seqs, max_num_batched_tokens)
-        self.eos = [frozenset(c.eos_token_ids) for _, c in loaded]    # [model]: each model's own EOS
+        self.eos = [frozenset(m.config.eos_token_ids) for m in self.models]  # [model]: each model's own EOS
         self.eos_ids = self.eos[BASE] | self.eos[NUDGER]
         self.nudger_context_limit = self.nudger.config.max_position_embeddings - NUDGER_HEADROOM
         self.requests: dict[int, CrossRequest] = {}
         self._ids = itertools.count()
         self.stats = EngineStats()
         log.info("nudge_engine: cross-tokenizer text path: base %s, nudger %s, %d KV blocks of %d tokens "
-                 "per model", paths[0], paths[1], blocks, block_size)
+                 "per model", paths[0], paths[1], self.base.pool.num_blocks, block_size)
 
     # ------------------------------------------------------------------ public API
     base = NudgeEngine.base

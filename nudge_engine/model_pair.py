@@ -1,0 +1,43 @@
+"""Loads the models of an engine (base, and the nudger if any): weights, tokenizer, runner, KV pool."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import _core
+from .loader import load_causal_lm
+from .model_runner import ModelRunner
+from .sizing import size_kv_pools
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    runner: ModelRunner
+    tokenizer: Tokenizer
+    pool: _core.BlockPool
+
+    @property
+    def config(self):
+        return self.runner.config
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.runner.model.parameters())
+
+
+def load_models(paths: list[Path], device: torch.device, dtype: torch.dtype, *, attention_backend: str,
+                block_size: int, kv_cache_bytes: int | None, num_blocks: int | None,
+                max_num_batched_tokens: int) -> list[LoadedModel]:
+    """One LoadedModel per path; every pool gets the same number of blocks (sizing.py says why)."""
+    loaded = [load_causal_lm(p, device, dtype) for p in paths]
+    blocks = num_blocks or size_kv_pools(loaded, device, dtype, block_size, kv_cache_bytes,
+                                         max_num_batched_tokens, attention_backend)
+    return [
+        LoadedModel(path, ModelRunner(model, config, device, dtype, blocks, block_size, attention_backend),
+                    Tokenizer(path), _core.BlockPool(blocks, block_size))
+        for path, (model, config) in zip(paths, loaded)
+    ]
