@@ -94,7 +94,7 @@ class NudgeEngine:
         self._ids = itertools.count()
         self._seed_gen = torch.Generator().manual_seed(seed)
         self.stats = EngineStats()
-        log.info("nudge_engine: same-tokenizer token path: base %s%s, %d KV blocks of %d tokens per model, "
+        log.info("same-tokenizer token path: base %s%s, %d KV blocks of %d tokens per model, "
                  "backend %s",
                  paths[0], f", nudger {paths[1]}" if nudger else "", self.base.pool.num_blocks, block_size,
                  self.models[0].runner.backend.name)

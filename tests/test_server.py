@@ -533,3 +533,23 @@ def test_base_alone_in_process(pair):
         choice = out["choices"][0]
         assert set(choice["sources"]) == {"base"} and choice["nudged_fraction"] == 0
         assert out["usage"]["completion_tokens"] == len(choice["sources"])
+
+
+def test_cross_tokenizer_pair_in_process(tiny_model):
+    """Different tokenizers: /v1/models says so, and completions (streamed or not) agree."""
+    from fastapi.testclient import TestClient
+
+    from nudge_engine.engine import NudgeEngine
+    from nudge_engine.server import ServerSettings, build_app
+
+    engine = NudgeEngine(tiny_model("llama", "bytelevel"), tiny_model("llama", "metaspace", num_layers=1),
+                         kv_cache_bytes=16 << 20)
+    with TestClient(build_app(engine, ServerSettings(model_name="cross"))) as http:
+        assert http.get("/v1/models").json()["data"][0]["pairing"] == "cross-tokenizer"
+        body = {"model": "cross", "prompt": "Hello there", "max_tokens": 10, "temperature": 0, "gamma": 0.5}
+        whole = http.post("/v1/completions", json=body).json()["choices"][0]
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as resp:
+            chunks = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == whole["text"]
+        assert whole["finish_reason"] == "length" and len(whole["sources"]) == 10
+    assert engine.pools_all_free()

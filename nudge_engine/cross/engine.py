@@ -201,7 +201,7 @@ class CrossTokenizerEngine:
         self.requests: dict[int, CrossRequest] = {}
         self._ids = itertools.count()
         self.stats = EngineStats()
-        log.info("nudge_engine: cross-tokenizer text path: base %s, nudger %s, %d KV blocks of %d tokens "
+        log.info("cross-tokenizer text path: base %s, nudger %s, %d KV blocks of %d tokens "
                  "per model", paths[0], paths[1], self.base.pool.num_blocks, block_size)
 
     # ------------------------------------------------------------------ public API

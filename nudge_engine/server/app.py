@@ -405,7 +405,7 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
             "id": settings.model_name, "object": "model", "created": P.now(), "owned_by": "nudge_engine",
             "root": base_path, "max_model_len": context,
             "nudger": str(engine.nudger.path) if engine.nudger is not None else None,
-            "pairing": "same-tokenizer" if engine.nudger is not None else "base-alone",
+            "pairing": engine.pairing if engine.nudger is not None else "base-alone",
             "gamma": engine.defaults.gamma, "draft_tokens": engine.defaults.draft_tokens,
             "resume_on_agreement": engine.defaults.resume_on_agreement,
         }]}
