@@ -25,11 +25,9 @@ Where section 7 leaves a detail open, this file (and tests/reference_cross.py) f
 """
 from __future__ import annotations
 
-import codecs
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,10 +38,11 @@ from ..loader import resolve_dtype
 from ..model_pair import load_models
 from ..model_runner import DEFAULT_BLOCK_SIZE, StepInputs
 from ..prompts import DEFAULT_BASE_TEMPLATE, ChatFormat, Prompt, tokenize_prompt
-from ..request import Mode, RequestOutput, StreamDelta
+from ..request import Mode
 from ..sampling_params import NudgeParams, SamplingParams
 from ..stats import EngineStats
-from .spans import BASE, NUDGER, WRITER_NAMES, SpanText, decode_spans
+from .request import CrossRequest, ReadWork
+from .spans import BASE, NUDGER
 from .wordpieces import WHITESPACE, WordPieces, starts_word
 
 log = logging.getLogger("nudge_engine")
@@ -57,105 +56,6 @@ MAX_DRAFT_TOKENS = 64     # NudgeParams' bound on draft_tokens
 # that drafts and the agreement lookahead always fit. It also ends nudger runs of text-less
 # special tokens, which max_tokens (base tokens of the text) would never count.
 NUDGER_HEADROOM = MAX_DRAFT_TOKENS + AGREE_LOOKAHEAD
-
-
-@dataclass
-class ReadWork:
-    """One read of the other model's text: what was converted, and what the reader computed for it."""
-    model: str                # the reader
-    text_bytes: int           # bytes of new text read
-    converted_tokens: int     # tokens appended to the reader's context for it
-    computed_tokens: int = 0  # tokens the reader's forward computed in that pass (pending included)
-
-
-@dataclass
-class CrossRequestOutput(RequestOutput):
-    # token_ids / sources: the base model's tokens of the output text and who wrote each.
-    spans: list[tuple[str, str]] = field(default_factory=list)       # (text, "base" | "nudger")
-    work: list[ReadWork] = field(default_factory=list)
-    computed_tokens: dict[str, int] = field(default_factory=dict)    # per model, whole request
-
-
-@dataclass
-class CrossRequest:
-    id: int
-    params: SamplingParams
-    gamma: float
-    draft_tokens: int
-    resume_on_agreement: bool
-    prompts: tuple[list[int], list[int]]                # [model]
-    seqs: tuple                                         # [model] _core.Sequence
-    text: SpanText = field(default_factory=SpanText)
-    mode: Mode = Mode.BASE
-    run: int = 0
-    base_out: list[int] = field(default_factory=list)   # base context after the prompt (committed)
-    base_src: list[int] = field(default_factory=list)   # writer of each
-    stable: int = 0           # nudger tokens that are final context; after them: queue or scratch
-    queue: list[int] = field(default_factory=list)      # NUDGE: nudger's drafted tokens, undecided
-    started: bool = False     # nudger prompt appended (lazily, at its first use)
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-    text_limit: int | None = None                       # bytes of text kept (stop string / length cut)
-    final_tokens: list[int] | None = None
-    final_sources: list[int] | None = None
-    rounds: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    work: list[ReadWork] = field(default_factory=list)
-    open_read: list = field(default_factory=lambda: [None, None])  # [model] ReadWork awaiting its pass
-    computed: list[int] = field(default_factory=lambda: [0, 0])
-    arrival_time: float = field(default_factory=time.monotonic)
-    first_token_time: float | None = None
-    finish_time: float | None = None
-    streamed_tokens: int = 0
-    streamed_bytes: int = 0
-    decoder: object = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def text_end(self) -> int:
-        return len(self.text.data) if self.text_limit is None else self.text_limit
-
-    def tokens(self) -> tuple[list[int], list[int]]:
-        if self.final_tokens is not None:
-            return self.final_tokens, self.final_sources
-        return self.base_out, self.base_src
-
-    def result(self) -> CrossRequestOutput:
-        end = self.text_end
-        tokens, sources = self.tokens()
-        return CrossRequestOutput(
-            request_id=self.id, prompt_token_ids=list(self.prompts[BASE]), token_ids=list(tokens),
-            text=bytes(self.text.data[:end]).decode("utf-8", "replace"),
-            sources=[WRITER_NAMES[s] for s in sources], finish_reason=self.finish_reason,
-            stop_reason=self.stop_reason, logprobs=None, prompt_logprobs=None, rounds=self.rounds,
-            drafted_tokens=self.drafted, accepted_tokens=self.accepted, arrival_time=self.arrival_time,
-            first_token_time=self.first_token_time, finish_time=self.finish_time,
-            spans=decode_spans(self.text.writer_spans(end)), work=list(self.work),
-            computed_tokens=dict(zip(WRITER_NAMES, self.computed)),
-        )
-
-    def take_delta(self) -> StreamDelta:
-        """What a stream has not seen: committed base tokens, and text held back while a character
-        is incomplete (flushed as U+FFFD only when the request ends)."""
-        tokens, sources = self.tokens()
-        new = slice(self.streamed_tokens, len(tokens))
-        self.streamed_tokens = len(tokens)
-        if self.decoder is None:
-            self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        end = self.text_end
-        text = self.decoder.decode(bytes(self.text.data[self.streamed_bytes:end]), final=self.finished)
-        self.streamed_bytes = max(self.streamed_bytes, end)
-        return StreamDelta(self.id, tokens[new], text, [WRITER_NAMES[s] for s in sources[new]], None,
-                           self.finish_reason, self.stop_reason)
-
-    def draft_count(self) -> int:
-        if self.draft_tokens > 0:
-            return self.draft_tokens
-        return 1 if self.mode == Mode.NUDGE else 0
 
 
 class CrossTokenizerEngine:
