@@ -150,7 +150,8 @@ def main(argv=None) -> int:
     rows: list[dict] = []
 
     last: dict[str, tuple[int, float]] = {}   # engine -> (n, seconds) of its latest run
-    configs = [f"engine, nudging k={k}" for k in size["ks"]] + ["engine, base alone"] + (
+    adaptive_name = f"engine, nudging adaptive k<={max(size['ks'])} (default)"
+    configs = [f"engine, nudging k={k}" for k in size["ks"]] + [adaptive_name, "engine, base alone"] + (
         [] if args.no_hf else ["transformers generate, base alone"])
     reserve_each = 30.0 if device.type == "cuda" else 10.0   # a later engine's load + its smallest batch
 
@@ -191,7 +192,7 @@ def main(argv=None) -> int:
     else:
         gamma = float(args.gamma)
     variants = [(f"engine, nudging k={k}", k, False) for k in size["ks"]]
-    variants.append((f"engine, nudging adaptive k<={max(size['ks'])} (default)", max(size["ks"]), True))
+    variants.append((adaptive_name, max(size["ks"]), True))
     for name, k, adaptive in variants:
         for n in size["counts"]:
             if fits(name, n):
