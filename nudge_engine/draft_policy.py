@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ACCEPT_PRIOR, REJECT_PRIOR = 3.0, 1.0   # optimistic start: a = 0.75
+ACCEPT_PRIOR, REJECT_PRIOR = 1.0, 1.0   # start at a = 0.5: one cheap draft until the request shows more
 HISTORY_DECAY = 0.8                      # per round: acceptance is a property of the recent text
 PROBE_EVERY = 8                          # BASE rounds without drafts before drafting once more
 COST_DECAY = 0.9
