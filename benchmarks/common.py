@@ -251,6 +251,13 @@ def kv_bytes_per_token(folder: Path, dtype: torch.dtype) -> int:
     return c["num_hidden_layers"] * 2 * kv * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+def tiny_cross_nudger(out_dir: Path, seed: int = 0) -> Path:
+    """The tiny pair's nudger shape with a `▁` tokenizer: a cross-tokenizer partner for the byte-level base."""
+    from nudge_engine.testing import make_tiny_model
+    shape = {**TINY_BASE, "num_layers": TINY_NUDGER_LAYERS}
+    return make_tiny_model(out_dir, "llama", "metaspace", seed=seed + 1, **shape)
+
+
 def tiny_pair(out_dir: Path, agreement: float, seed: int = 0) -> Pair:
     from nudge_engine.testing import make_tiny_pair
     t0 = time.perf_counter()

@@ -266,7 +266,7 @@ def main(argv=None) -> int:
         row = dict(row, label=label, engine=engine_name, k=k, **extra)
         rows.append(row)
         log(f"{label:38s} {row['tok_s']:8.1f} tok/s  tpot {row['tpot_ms']:7.2f} ms"
-            + (f"  nudged {row['nudged']:.1%}" if row.get("nudged") is not None and label[:3] in ("(b)", "(d)") else ""))
+            + (f"  nudged {row['nudged']:.1%}" if row.get("nudged") is not None and label[:3] in ("(b)", "(d)", "(f)") else ""))
         return row
 
     # (a) and (b): both engines stay loaded for the sweep at the end
@@ -317,6 +317,21 @@ def main(argv=None) -> int:
     nudger_counter.close()
     del eng_nudger, nudger_counter
     common.free_memory(device)
+
+    # (f): cross-tokenizer nudging (NUDGING.md section 7) beside the token path, on the same base and
+    # a nudger of the same shape whose tokenizer is `▁`-style: text prompts, the engine picks the text path.
+    if kind == "tiny":
+        cross_dir = Path(pair.where) / "cross-nudger"
+        eng_cross = b.engine(pair.base, common.tiny_cross_nudger(cross_dir, args.seed))
+        text_prompts = [eng_pair.tokenizer.decode(p) for p in prompts]
+        for k in (0, DEFAULT_DRAFT_TOKENS):
+            r, outs = b.run_engine(eng_cross, text_prompts, N, NudgeParams(gamma=gamma, draft_tokens=k), repeats=R)
+            work = [w for o in outs for w in o.work]
+            add(f"(f) engine, cross-tokenizer nudging, k={k}", "engine-cross", k, r, gamma=gamma,
+                reads=len(work), converted_per_read=(
+                    sum(w.converted_tokens for w in work) / len(work) if work else None))
+        del eng_cross
+        common.free_memory(device)
 
     # Agreement sweep: the knob moves in place on the loaded engines (and the notebook's models).
     sweep = []
@@ -435,11 +450,16 @@ def to_markdown(data: dict) -> str:
                 for r in data["rows"]]
     else:
         rows = data["rows"]
-    rows = [dict(r, nudged=r.get("nudged") if r["label"][:3] in ("(b)", "(d)") else None) for r in rows]
+    rows = [dict(r, nudged=r.get("nudged") if r["label"][:3] in ("(b)", "(d)", "(f)") else None) for r in rows]
     lines.append(common.markdown_table(rows, cols))
     nb = next((r for r in data["rows"] if r["label"].startswith("(d)")), None)
     if nb:
         lines += ["", f"Notebook output equals the engine's (greedy, same gamma) on {nb['equals_engine']} prompts."]
+    for r in data["rows"]:
+        if r["label"].startswith("(f)") and r.get("reads"):
+            lines += ["", f"{r['label']}: text path, same base, a nudger of the same shape with a `▁` tokenizer; "
+                          f"{r['reads']} reads of the other model's text, {r['converted_per_read']:.1f} tokens "
+                          f"converted per read (work per handoff follows the new text, not the prefix)."]
     if data["copy_gbps"] == data["copy_gbps"] and data["copy_gbps"]:
         lines += ["", f"Limit: device-to-device copy bandwidth {data['copy_gbps']:.0f} GB/s measured in this run "
                       f"(read + write). MB moved/token = (weights read per forward + KV read) summed over the forward "
