@@ -71,6 +71,22 @@ def _mask(meta: AttentionMetadata, sliding_window: int) -> torch.Tensor:
     return meta.plan[key]
 
 
+def _padded(query, k_cache, v_cache, meta: AttentionMetadata):
+    """Queries scattered and keys/values gathered per sequence, in float32 (the reference must not
+    round scores to bf16 or overflow in fp16).
+    -> q [num_seqs, q_max, heads, head_dim], k and v [num_seqs, k_max, kv_heads, head_dim]"""
+    if "causal" not in meta.plan:
+        plan_torch(meta)
+    p = meta.plan
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    q = query.new_zeros(meta.num_seqs, meta.max_query_len, num_heads, head_dim, dtype=torch.float32)
+    q[p["seq_of_token"], p["row_of_token"]] = query.float()
+    k = k_cache.view(-1, num_kv_heads, head_dim)[p["key_slots"]].float()
+    v = v_cache.view(-1, num_kv_heads, head_dim)[p["key_slots"]].float()
+    return q, k, v
+
+
 def paged_attention_torch(
     query: torch.Tensor,    # [num_tokens, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -80,30 +96,16 @@ def paged_attention_torch(
     sliding_window: int = NO_WINDOW,
     softcap: float = NO_SOFTCAP,
 ) -> torch.Tensor:          # [num_tokens, num_heads, head_dim]
-    if "causal" not in meta.plan:
-        plan_torch(meta)
-    p = meta.plan
-    num_tokens, num_heads, head_dim = query.shape
-    num_kv_heads = k_cache.shape[2]
-    num_seqs = meta.num_seqs
-
-    q = query.new_zeros(num_seqs, meta.max_query_len, num_heads, head_dim)
-    q[p["seq_of_token"], p["row_of_token"]] = query
-    k = k_cache.view(-1, num_kv_heads, head_dim)[p["key_slots"]]  # [num_seqs, k_max, num_kv_heads, head_dim]
-    v = v_cache.view(-1, num_kv_heads, head_dim)[p["key_slots"]]
-    group = num_heads // num_kv_heads
-    # float32 throughout: the reference must not round scores to bf16 or overflow in fp16.
-    k = k.repeat_interleave(group, dim=2).float()
-    v = v.repeat_interleave(group, dim=2).float()
-
-    scores = torch.einsum("sqhd,skhd->shqk", q.float(), k) * scale  # [num_seqs, heads, q_max, k_max]
+    q, k, v = _padded(query, k_cache, v_cache, meta)
+    group = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("sqhd,skhd->shqk", q, k) * scale  # [num_seqs, heads, q_max, k_max]
     if softcap != NO_SOFTCAP:
         scores = torch.tanh(scores / softcap) * softcap
-    mask = _mask(meta, sliding_window)[:, None, :, :]
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores.masked_fill(~_mask(meta, sliding_window)[:, None, :, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # padded query rows are all -inf
     out = torch.einsum("shqk,skhd->sqhd", probs, v)
-    return out[p["seq_of_token"], p["row_of_token"]].to(query.dtype)
+    return out[meta.plan["seq_of_token"], meta.plan["row_of_token"]].to(query.dtype)
 
 
 def paged_attention_sdpa(
@@ -115,20 +117,12 @@ def paged_attention_sdpa(
     sliding_window: int = NO_WINDOW,
 ) -> torch.Tensor:          # [num_tokens, num_heads, head_dim]
     """The same attention through torch's fused SDPA (no softcapping): one op instead of five."""
-    if "causal" not in meta.plan:
-        plan_torch(meta)
-    p = meta.plan
-    num_tokens, num_heads, head_dim = query.shape
-    num_kv_heads = k_cache.shape[2]
-    q = query.new_zeros(meta.num_seqs, meta.max_query_len, num_heads, head_dim)
-    q[p["seq_of_token"], p["row_of_token"]] = query
-    k = k_cache.view(-1, num_kv_heads, head_dim)[p["key_slots"]]  # [num_seqs, k_max, num_kv_heads, head_dim]
-    v = v_cache.view(-1, num_kv_heads, head_dim)[p["key_slots"]]
+    q, k, v = _padded(query, k_cache, v_cache, meta)
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(),
-        attn_mask=_mask(meta, sliding_window)[:, None], scale=scale, enable_gqa=num_heads != num_kv_heads,
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=_mask(meta, sliding_window)[:, None], scale=scale, enable_gqa=q.shape[2] != k.shape[2],
     )  # [num_seqs, heads, q_max, head_dim]; padded query rows are NaN and dropped below
-    return out.transpose(1, 2)[p["seq_of_token"], p["row_of_token"]].to(query.dtype)
+    return out.transpose(1, 2)[meta.plan["seq_of_token"], meta.plan["row_of_token"]].to(query.dtype)
 
 
 class TorchAttentionBackend:
