@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import utils  # noqa: F401  (sets up the interpreter on GPU-less machines before triton)
-from .handoff_walk import _walk_step, as_int8
+from .handoff_walk import _fold_step, _walk_step, as_int8
 from .top1_stats import _combine_row, top1_partials
 from .utils import next_pow2
 
@@ -60,14 +60,9 @@ def _handoff_step_kernel(
         t1 = tl.exp(row_max - lse)
         d = tl.load(drafts_ptr + pos).to(tl.int64)
         source, emit, step_mode, step_run = _walk_step(mode, run, d, a, t1, gamma, roa, word_start_ptr)
-        # Positions after the stop are still visited (no break in Triton) but change nothing;
-        # their statistics are still reported.
-        source = tl.where(walking, source, _NO_SOURCE)
-        emit_token = tl.where(walking & emit, a, emit_token)
-        mode = tl.where(walking, step_mode, mode)
-        run = tl.where(walking, step_run, run)
-        num_accepted += (source != _NO_SOURCE).to(tl.int32)
-        walking = walking & (source != _NO_SOURCE)
+        walking, mode, run, emit_token, num_accepted, source = _fold_step(
+            walking, mode, run, emit_token, num_accepted, source, emit, step_mode, step_run, a)
+        # Positions after the stop still report their statistics.
         tl.store(source_out + pos, source)
         tl.store(argmax_out + pos, row_arg)
         tl.store(top1_out_ptr + pos, t1)

@@ -54,6 +54,19 @@ def _walk_step(mode, run, d, a, t1, gamma, resume_on_agreement, word_start_ptr):
 
 
 @triton.jit
+def _fold_step(walking, mode, run, emit_token, num_accepted, source, emit, step_mode, step_run, a):
+    """Folds one position's decision into a request's walk. Positions after the walk stopped are
+    still visited (no break in Triton) but change nothing."""
+    source = tl.where(walking, source, _NO_SOURCE)
+    emit_token = tl.where(walking & emit, a, emit_token)
+    mode = tl.where(walking, step_mode, mode)
+    run = tl.where(walking, step_run, run)
+    num_accepted += (source != _NO_SOURCE).to(tl.int32)
+    walking = walking & (source != _NO_SOURCE)
+    return walking, mode, run, emit_token, num_accepted, source
+
+
+@triton.jit
 def _handoff_walk_kernel(
     base_argmax_ptr,   # [P] int64
     base_top1_ptr,     # [P] f32
@@ -85,13 +98,8 @@ def _handoff_walk_kernel(
         a = tl.load(base_argmax_ptr + pos).to(tl.int64)
         t1 = tl.load(base_top1_ptr + pos).to(tl.float32)
         source, emit, step_mode, step_run = _walk_step(mode, run, d, a, t1, gamma, roa, word_start_ptr)
-        # Positions after the stop are still visited (no break in Triton) but change nothing.
-        source = tl.where(walking, source, _NO_SOURCE)
-        emit_token = tl.where(walking & emit, a, emit_token)
-        mode = tl.where(walking, step_mode, mode)
-        run = tl.where(walking, step_run, run)
-        num_accepted += (source != _NO_SOURCE).to(tl.int32)
-        walking = walking & (source != _NO_SOURCE)
+        walking, mode, run, emit_token, num_accepted, source = _fold_step(
+            walking, mode, run, emit_token, num_accepted, source, emit, step_mode, step_run, a)
         tl.store(source_ptr + pos, source.to(tl.int8))
     tl.store(num_accepted_ptr + req, num_accepted)
     tl.store(emit_token_ptr + req, emit_token)
