@@ -11,6 +11,8 @@ from nudge_engine.engine import NudgeEngine
 from nudge_engine.sampling_params import NudgeParams, SamplingParams
 from nudge_engine.testing import make_tiny_pair
 
+KV_CACHE_BYTES = 256 << 20
+
 
 def main() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -24,9 +26,12 @@ def main() -> int:
             nudge = [NudgeParams(gamma=0.5, draft_tokens=k) for k in (0, 1, 4, 8)]
             outs = {}
             for backend in ("torch", "triton"):
-                engine = NudgeEngine(base, nudger, device=device, attention_backend=backend)
+                # A fixed KV budget: sizing from free memory would give the first engine most of the GPU.
+                engine = NudgeEngine(base, nudger, device=device, attention_backend=backend,
+                                     kv_cache_bytes=KV_CACHE_BYTES)
                 outs[backend] = engine.generate(prompts, params, nudge)
                 assert engine.pools_all_free()
+                del engine
             same = all(a.token_ids == b.token_ids and a.sources == b.sources
                        for a, b in zip(outs["torch"], outs["triton"]))
             nudged = sum(o.nudged_fraction for o in outs["torch"]) / len(prompts)

@@ -216,3 +216,15 @@ def test_stream_never_shows_text_a_stop_string_later_cuts(tiny_model, check_pool
         shown += delta.text
         assert final.text.startswith(shown)
     assert shown == final.text and final.finish_reason == "stop"
+
+
+def test_building_an_engine_imports_neither_dynamo_nor_triton(tiny_model):
+    """Start-up stays light, and the Triton interpreter can still be switched on after an engine exists."""
+    import subprocess
+    import sys
+    code = ("import sys; from nudge_engine.engine import NudgeEngine; "
+            f"NudgeEngine({str(tiny_model('llama'))!r}); "
+            "print(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

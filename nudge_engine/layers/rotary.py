@@ -24,12 +24,18 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, rope: RopeConfig):
         super().__init__()
-        inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        if rope.scaling is not None:
-            inv_freq = _llama3_inv_freq(inv_freq, rope.scaling)
-        angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # [max_positions, head_dim/2]
-        self.register_buffer("cos", angles.cos(), persistent=False)  # [max_positions, head_dim/2]
-        self.register_buffer("sin", angles.sin(), persistent=False)  # [max_positions, head_dim/2]
+        if torch.empty(0).is_meta:
+            # The loader's shape-only pass builds models on "meta": skip the arithmetic (on meta
+            # tensors it goes through torch's reference ops, which import torch._dynamo and triton).
+            cos = sin = torch.empty(max_positions, head_dim // 2)
+        else:
+            inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+            if rope.scaling is not None:
+                inv_freq = _llama3_inv_freq(inv_freq, rope.scaling)
+            angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+            cos, sin = angles.cos(), angles.sin()
+        self.register_buffer("cos", cos, persistent=False)  # [max_positions, head_dim/2]
+        self.register_buffer("sin", sin, persistent=False)  # [max_positions, head_dim/2]
         self._positions: torch.Tensor | None = None
         self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 

@@ -12,6 +12,7 @@ from ..layers.attention import Attention, AttentionSpec
 from ..layers.attention_torch import NO_SOFTCAP
 from ..layers.decoder import DecoderLayer
 from ..layers.forward_context import ForwardContext
+from ..layers.linear import Linear
 from ..layers.mlp import GatedMLP
 from ..layers.rotary import RotaryEmbedding
 
@@ -41,7 +42,10 @@ class Body(nn.Module):
 
     def __init__(self, config: ModelConfig, arch: ArchSpec):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Uninitialized: the checkpoint fills it (a random init would cost start-up time, and its
+        # reference path pulls in torch._dynamo).
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))  # [vocab, hidden]
         rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope)
         self.layers = nn.ModuleList(
             DecoderLayer(
@@ -62,7 +66,7 @@ class CausalLM(nn.Module):
         self.arch = arch
         self.model = Body(config, arch)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size)  # weight [vocab, hidden]
 
     def forward(
         self,
