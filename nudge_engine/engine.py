@@ -23,7 +23,7 @@ from .draft_policy import DraftPolicy
 from .handoff import Handoff
 from .loader import resolve_dtype
 from .model_pair import LoadedModel, load_models
-from .model_runner import DEFAULT_BLOCK_SIZE, StepInputs
+from .model_runner import DEFAULT_BLOCK_SIZE
 from .prompts import DEFAULT_BASE_TEMPLATE, ChatFormat, Prompt, tokenize_prompt
 from .request import Mode, Request, RequestOutput, Source, StreamDelta
 from .sampler import draw, processed_probs
@@ -227,7 +227,7 @@ class NudgeEngine:
             return []
         reqs = [self.requests[i] for i in sched.req_ids]
         final = list(sched.is_final_chunk)
-        drafts_k = [self._draft_count(r) if f else 0 for r, f in zip(reqs, final)]
+        drafts_k = [r.planned_drafts if f else 0 for r, f in zip(reqs, final)]
         started = time.perf_counter()
         drafts, draft_logits = self._draft(reqs, sched.num_new_tokens[NUDGER_MODEL] if self.nudger else None,
                                            drafts_k, final)
@@ -260,8 +260,9 @@ class NudgeEngine:
         return self.draft_policy.choose(req.draft_stats, req.draft_tokens, measured=req.greedy)
 
     def _prepare(self, req: Request) -> None:
-        """Lazy catch-up: the nudger sees the output only in rounds where it drafts."""
-        k = self._draft_count(req)
+        """Plans the request's drafts for this round. Lazy catch-up: the nudger sees the output only
+        in rounds where it drafts."""
+        k = req.planned_drafts = self._draft_count(req)
         if req.nudger_seq is None:
             self.scheduler.set_lookahead(req.id, [k])
             return
@@ -272,13 +273,6 @@ class NudgeEngine:
             if seen < len(req.output):
                 req.nudger_seq.append(req.output[seen:])
         self.scheduler.set_lookahead(req.id, [k, max(k - 1, 0)])
-
-    def _forward(self, model: LoadedModel, seqs: list, num_new: list[int],
-                 rows: torch.Tensor | None = None) -> tuple[torch.Tensor, object]:
-        batch = _core.build_batch(seqs, num_new, model.runner.block_size)
-        inputs = StepInputs.from_batch(batch, model.runner.device)
-        index = torch.from_numpy(batch.logits_indices) if rows is None else rows
-        return model.runner.forward(inputs, index.to(model.runner.device)), batch
 
     def _draft(self, reqs: list[Request], num_new: list[int] | None, k: list[int], final: list[bool]):
         """Nudger passes: catch-up + first draft, then one draft token per pass.
@@ -296,7 +290,7 @@ class NudgeEngine:
             if not active:
                 break
             seqs = [reqs[i].nudger_seq for i in active]
-            out, _ = self._forward(self.nudger, seqs, [step_new[i] for i in active])
+            out = self.nudger.forward(seqs, [step_new[i] for i in active])
             picks = [i for i in active if len(drafts[i]) < k[i]]
             tokens = self._pick_drafts([reqs[i] for i in picks], out[[active.index(i) for i in picks]])
             for i in active:
@@ -343,7 +337,7 @@ class NudgeEngine:
             walk_rows.append(slice(walk_first, len(rows)))
             nums.append(total)
             start += total
-        logits, _ = self._forward(self.base, [r.base_seq for r in reqs], nums, torch.tensor(rows, dtype=torch.long))
+        logits = self.base.forward([r.base_seq for r in reqs], nums, rows)
         for req, n in zip(reqs, nums):
             req.base_seq.set_num_computed(req.base_seq.num_computed + n)
         return logits, walk_rows, prompt_rows
@@ -376,10 +370,9 @@ class NudgeEngine:
             self.scheduler.finish(req.id)
             del self.requests[req.id]
             return
-        for seq, rejected in ((req.base_seq, len(drafts) - m), (req.nudger_seq, len(drafts) - m)):
-            if seq is None or (seq is req.nudger_seq and not drafts):
-                continue
-            seq.truncate(seq.num_tokens - rejected)
+        # The nudger's sequence holds this round's tokens only if it drafted (lazy catch-up otherwise).
+        for seq in [req.base_seq] + ([req.nudger_seq] if drafts else []):
+            seq.truncate(seq.num_tokens - (len(drafts) - m))
             if emit is not None:
                 seq.append(emit)
             # Invariant between rounds: the newest token is pending in both models.

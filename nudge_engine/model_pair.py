@@ -8,7 +8,7 @@ import torch
 
 from . import _core
 from .loader import load_causal_lm
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, StepInputs
 from .sizing import size_kv_pools
 from .tokenizer import Tokenizer
 
@@ -23,6 +23,14 @@ class LoadedModel:
     @property
     def config(self):
         return self.runner.config
+
+    def forward(self, seqs: list, num_new: list[int], rows=None) -> torch.Tensor:
+        """One pass over `num_new[i]` new tokens of each sequence; float32 logits at `rows` of the flat
+        batch (a list or tensor), by default at each sequence's last new token."""
+        batch = _core.build_batch(seqs, num_new, self.runner.block_size)
+        inputs = StepInputs.from_batch(batch, self.runner.device)
+        index = torch.from_numpy(batch.logits_indices) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+        return self.runner.forward(inputs, index.to(self.runner.device))
 
     @property
     def num_parameters(self) -> int:

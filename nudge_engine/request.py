@@ -87,6 +87,7 @@ class Request:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     draft_stats: DraftStats = field(default_factory=DraftStats)
+    planned_drafts: int = 0        # this round's draft count, decided before scheduling
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0

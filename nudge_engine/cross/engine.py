@@ -36,7 +36,7 @@ from .. import _core
 from ..engine import BASE_MODEL, DEFAULT_DRAFT_TOKENS, DEFAULT_GAMMA, NUDGER_MODEL, NudgeEngine
 from ..loader import resolve_dtype
 from ..model_pair import load_models
-from ..model_runner import DEFAULT_BLOCK_SIZE, StepInputs
+from ..model_runner import DEFAULT_BLOCK_SIZE
 from ..prompts import DEFAULT_BASE_TEMPLATE, ChatFormat, Prompt, tokenize_prompt
 from ..request import Mode
 from ..sampling_params import NudgeParams, SamplingParams
@@ -220,13 +220,6 @@ class CrossTokenizerEngine:
         cap = self.max_num_batched_tokens - 1
         self.scheduler.set_lookahead(req.id, [min(e, cap) for e in extra])
 
-    def _forward(self, m: int, seqs: list, num_new: list[int], rows: list[int] | None = None) -> torch.Tensor:
-        model = self.models[m]
-        batch = _core.build_batch(seqs, num_new, model.runner.block_size)
-        inputs = StepInputs.from_batch(batch, model.runner.device)
-        index = torch.from_numpy(batch.logits_indices) if rows is None else torch.tensor(rows, dtype=torch.long)
-        return model.runner.forward(inputs, index.to(model.runner.device))
-
     def _computed(self, req: CrossRequest, m: int, num: int) -> None:
         seq = req.seqs[m]
         seq.set_num_computed(seq.num_computed + num)
@@ -289,7 +282,7 @@ class CrossTokenizerEngine:
             if not active:
                 break
             idx = list(active)
-            logits = self._forward(NUDGER, [reqs[i].seqs[NUDGER] for i in idx], [active[i] for i in idx])
+            logits = self.models[NUDGER].forward([reqs[i].seqs[NUDGER] for i in idx], [active[i] for i in idx])
             tokens = logits.argmax(-1).tolist()
             nxt = {}
             for i, t in zip(idx, tokens):
@@ -347,7 +340,7 @@ class CrossTokenizerEngine:
         if not seqs:
             return plans
         # Section 2's raw distribution: top1 and argmax of the base's softmax at every row.
-        logits = self._forward(BASE, [b for _, b in seqs], nums, rows)
+        logits = self.models[BASE].forward([b for _, b in seqs], nums, rows)
         for (req, _), num in zip(seqs, nums):
             self._computed(req, BASE, num)
         top1, arg = torch.softmax(logits, -1).max(-1)
