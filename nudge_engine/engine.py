@@ -25,7 +25,7 @@ from .loader import resolve_dtype
 from .model_pair import LoadedModel, load_models
 from .model_runner import DEFAULT_BLOCK_SIZE
 from .prompts import DEFAULT_BASE_TEMPLATE, ChatFormat, Prompt, tokenize_prompt
-from .request import Mode, Request, RequestOutput, Source, StreamDelta
+from .request import Mode, Request, RequestFailedError, RequestOutput, Source, StreamDelta
 from .sampler import draw, processed_probs
 from .sampling_params import NudgeParams, SamplingParams
 from .stats import EngineStats
@@ -37,6 +37,8 @@ DEFAULT_GAMMA = 0.4
 DEFAULT_DRAFT_TOKENS = 4
 BASE_MODEL, NUDGER_MODEL = 0, 1
 MIN_COST_RATIO = 0.05  # a nudger pass is never free: launch and host costs
+MIN_BATCHED_TOKENS_NUDGING = 2
+FAILED = object()     # what a guarded per-request call returns when the request failed this step
 MAX_IDLE_STEPS = 1000  # steps without any emitted token before generate() gives up (chunked prefill emits none)
 
 
@@ -81,6 +83,10 @@ class NudgeEngine:
                                   block_size=block_size, kv_cache_bytes=kv_cache_bytes, num_blocks=num_blocks,
                                   max_num_batched_tokens=max_num_batched_tokens)
         configs = [m.config for m in self.models]
+        if nudger is not None and max_num_batched_tokens < MIN_BATCHED_TOKENS_NUDGING:
+            raise ValueError(f"max_num_batched_tokens must be >= {MIN_BATCHED_TOKENS_NUDGING} with a nudger "
+                             f"(a round verifies at least one draft and the token before it), got {max_num_batched_tokens}")
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.scheduler = _core.Scheduler([m.pool for m in self.models], max_num_seqs, max_num_batched_tokens)
         self.eos_ids = frozenset(itertools.chain.from_iterable(c.eos_token_ids for c in configs))
         vocab = max(c.vocab_size for c in configs)
@@ -94,6 +100,7 @@ class NudgeEngine:
         self._ids = itertools.count()
         self._seed_gen = torch.Generator().manual_seed(seed)
         self.stats = EngineStats()
+        self._failed: dict[int, Exception] = {}   # request id -> what ended it, within one step
         log.info("same-tokenizer token path: base %s%s, %d KV blocks of %d tokens per model, "
                  "backend %s",
                  paths[0], f", nudger {paths[1]}" if nudger else "", self.base.pool.num_blocks, block_size,
@@ -121,11 +128,8 @@ class NudgeEngine:
                                                nudger.tokenizer if nudger else None, self.chat_format)
         if not base_ids or (nudger is not None and not nudger_ids):
             raise ValueError("prompt is empty after tokenization")
-        for m, ids in zip(self.models, (base_ids, nudger_ids)):
-            limit = m.config.max_position_embeddings
-            if len(ids) + params.max_tokens > limit:
-                raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                                 f"{m.path.name}'s context of {limit} tokens")
+        for m, ids, role in zip(self.models, (base_ids, nudger_ids), ("base", "nudger")):
+            m.check_fits(role, len(ids), params.max_tokens)
         d = self.defaults
         rid = next(self._ids)
         gen = torch.Generator()
@@ -170,7 +174,8 @@ class NudgeEngine:
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
                  nudge: NudgeParams | Sequence[NudgeParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        """One result per prompt, in order. `params` / `nudge`: one for all, or one per prompt."""
+        """One result per prompt, in order. `params` / `nudge`: one for all, or one per prompt.
+        A request whose own work failed comes back with finish_reason "error" and `error` set."""
         if isinstance(prompts, str) or (isinstance(prompts, dict)) or (
                 isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -204,13 +209,16 @@ class NudgeEngine:
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None,
                nudge: NudgeParams | None = None) -> Iterator[StreamDelta]:
-        """Yields tokens as they are decided; closing the iterator early aborts the request."""
+        """Yields tokens as they are decided; closing the iterator early aborts the request.
+        Raises RequestFailedError if the request's own work failed (the tokens before it were yielded)."""
         rid = self.add_request(prompt, params, nudge)
         req = self.requests[rid]
         try:
             while not req.finished:
                 self.step()
                 delta = req.take_delta()
+                if delta.finish_reason == "error":
+                    raise RequestFailedError(req.error)
                 if delta.token_ids or delta.text or delta.finish_reason:
                     yield delta
         finally:
@@ -218,13 +226,20 @@ class NudgeEngine:
 
     # ------------------------------------------------------------------ one round
     def step(self) -> list[Request]:
-        """Runs one round for the scheduled requests; returns those that got tokens or finished."""
-        for req in self.requests.values():
-            self._prepare(req)
+        """Runs one round for the scheduled requests; returns those that got tokens or finished.
+
+        A failure in a request's own work (its sampling, its walk, its stop checks) ends that
+        request alone with finish_reason "error"; the others go on. Only a failure of the batched
+        passes, which belong to every request in them, propagates to the caller.
+        """
+        self._failed = {}
+        for req in list(self.requests.values()):
+            self._guard(req, self._prepare, req)
+        ended = self._end_failed()
         sched = self.scheduler.schedule()
         self.stats.preemptions += len(sched.preempted)
         if not sched.req_ids:
-            return []
+            return ended
         reqs = [self.requests[i] for i in sched.req_ids]
         final = list(sched.is_final_chunk)
         drafts_k = [r.planned_drafts if f else 0 for r, f in zip(reqs, final)]
@@ -233,31 +248,68 @@ class NudgeEngine:
                                            drafts_k, final)
         drafted = time.perf_counter()
         base_logits, walk_rows, prompt_rows = self._verify(reqs, sched.num_new_tokens[BASE_MODEL], drafts, final)
-        self._record_prompt_logprobs(reqs, base_logits, prompt_rows)
-        finals = [i for i, f in enumerate(final) if f]
-        touched = []
+        for entry in prompt_rows:
+            if entry is not None:
+                self._guard(entry[0], self._record_prompt_logprobs, entry, base_logits)
+        finals = [i for i, f in enumerate(final) if f and reqs[i].id not in self._failed]
         decisions = self.handoff.decide([reqs[i] for i in finals], [drafts[i] for i in finals],
                                         [walk_rows[i] for i in finals], base_logits,
                                         [draft_logits[i] for i in finals])
         if max(drafts_k, default=0) > 0:  # the walk's copy back has waited for the base pass
             self.draft_policy.observe_pass_times((drafted - started) / max(drafts_k),
                                                  time.perf_counter() - drafted)
+        touched = []
         for i, decision in zip(finals, decisions):
             req = reqs[i]
-            self._apply(req, drafts[i], decision)
-            touched.append(req)
-        return touched
+            if isinstance(decision, Exception):
+                self._failed[req.id] = decision
+            elif self._guard(req, self._apply, req, drafts[i], decision) is not FAILED:
+                touched.append(req)
+        return ended + touched + self._end_failed()
+
+    def _guard(self, req: Request, fn, *args):
+        """fn(*args), or FAILED (and the request marked to end) if it raises or the request already failed."""
+        if req.id in self._failed:
+            return FAILED
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - whatever it is, it belongs to this request alone
+            self._failed[req.id] = e
+            return FAILED
+
+    def _end_failed(self) -> list[Request]:
+        """Ends the requests that failed this step: their blocks go back to both pools."""
+        ended = []
+        for rid, exc in self._failed.items():
+            req = self.requests.pop(rid, None)
+            if req is None:
+                continue
+            log.error("request %d failed and was ended alone: %s: %s", rid, type(exc).__name__, exc,
+                      exc_info=(type(exc), exc, exc.__traceback__))
+            self.scheduler.abort(rid)
+            req.fail(f"{type(exc).__name__}: {exc}")
+            self.stats.failed_requests += 1
+            ended.append(req)
+        self._failed = {}
+        return ended
 
     def _draft_count(self, req: Request) -> int:
         """Draft tokens this round: while nudging, the nudger writes anyway (at least one token);
-        in BASE mode up to draft_tokens, fewer where the policy sees drafts not paying."""
+        in BASE mode up to draft_tokens, fewer where the policy sees drafts not paying.
+
+        Never more than the tokens the request may still emit: admission checked that prompt +
+        max_tokens fits both contexts and both pools, so no draft reaches past a model's last
+        position or a pool's capacity (and never past the step's token budget).
+        """
         if req.nudger_seq is None:
             return 0
         if req.mode == Mode.NUDGE:
-            return max(req.draft_tokens, 1)
-        if not req.adaptive_drafting:
-            return req.draft_tokens
-        return self.draft_policy.choose(req.draft_stats, req.draft_tokens, measured=req.greedy)
+            k = max(req.draft_tokens, 1)
+        elif not req.adaptive_drafting:
+            k = req.draft_tokens
+        else:
+            k = self.draft_policy.choose(req.draft_stats, req.draft_tokens, measured=req.greedy)
+        return min(k, req.params.max_tokens - len(req.output), self.max_num_batched_tokens - 1)
 
     def _prepare(self, req: Request) -> None:
         """Plans the request's drafts for this round. Lazy catch-up: the nudger sees the output only
@@ -297,10 +349,12 @@ class NudgeEngine:
                 seq = reqs[i].nudger_seq
                 seq.set_num_computed(seq.num_computed + step_new[i])
             for i, (tok, row) in zip(picks, tokens):
+                if tok is FAILED:
+                    continue
                 drafts[i].append(tok)
                 logits[i].append(row)
                 reqs[i].nudger_seq.append(tok)
-            active = [i for i in picks if len(drafts[i]) < k[i]]
+            active = [i for i in picks if len(drafts[i]) < k[i] and reqs[i].id not in self._failed]
             step_new = {i: 1 for i in active}
         return drafts, logits
 
@@ -312,7 +366,7 @@ class NudgeEngine:
         if sampled:
             probs = processed_probs(rows[sampled].cpu(), [reqs[j].nudger_params for j in sampled])
             for j, p in zip(sampled, probs):
-                tokens[j] = draw(p, reqs[j].generator)
+                tokens[j] = self._guard(reqs[j], draw, p, reqs[j].generator)
         return list(zip(tokens, rows))
 
     def _verify(self, reqs: list[Request], num_new: list[int], drafts: list[list[int]], final: list[bool]):
@@ -342,16 +396,14 @@ class NudgeEngine:
             req.base_seq.set_num_computed(req.base_seq.num_computed + n)
         return logits, walk_rows, prompt_rows
 
-    def _record_prompt_logprobs(self, reqs, logits, prompt_rows) -> None:
-        for entry in prompt_rows:
-            if entry is None:
-                continue
-            req, computed, count, first = entry
-            if count <= 0:
-                continue
-            lp = torch.log_softmax(logits[first:first + count], dim=-1).cpu()
-            targets = req.base_prompt[computed + 1: computed + 1 + count]
-            req.prompt_logprobs.extend(_top_logprobs(lp, targets, req.params.prompt_logprobs))
+    @staticmethod
+    def _record_prompt_logprobs(entry, logits) -> None:
+        req, computed, count, first = entry
+        if count <= 0:
+            return
+        lp = torch.log_softmax(logits[first:first + count], dim=-1).cpu()
+        targets = req.base_prompt[computed + 1: computed + 1 + count]
+        req.prompt_logprobs.extend(_top_logprobs(lp, targets, req.params.prompt_logprobs))
 
     def _apply(self, req: Request, drafts: list[int], decision) -> None:
         m, emit = decision.num_accepted, decision.emit_token

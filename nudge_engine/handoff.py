@@ -39,8 +39,10 @@ class Handoff:
         walk_rows: list[slice],              # each request's rows in base_logits: k + 1 of them
         base_logits: torch.Tensor,           # [rows, vocab] float32
         draft_logits: list[list[torch.Tensor]],  # per request, per draft: the nudger's raw logits [vocab]
-    ) -> list[Decision]:
-        decisions: list[Decision | None] = [None] * len(reqs)
+    ) -> list[Decision | Exception]:
+        """One Decision per request, or the exception that ended that request's own part of the walk
+        (its sampling walk or its logprobs): a request's failure is not the others'."""
+        decisions: list[Decision | Exception | None] = [None] * len(reqs)
         greedy = [i for i, r in enumerate(reqs) if r.greedy]
         if greedy:
             self._decide_greedy(greedy, reqs, drafts, walk_rows, base_logits, decisions)
@@ -48,9 +50,12 @@ class Handoff:
         if sampled:
             self._decide_sampled(sampled, reqs, drafts, walk_rows, base_logits, draft_logits, decisions)
         for i, r in enumerate(reqs):
-            if r.logprobs is not None:
-                decisions[i].logprobs = _decision_logprobs(decisions[i], drafts[i], base_logits[walk_rows[i]],
-                                                           draft_logits[i], r.params.logprobs)
+            if r.logprobs is not None and isinstance(decisions[i], Decision):
+                try:
+                    decisions[i].logprobs = _decision_logprobs(decisions[i], drafts[i], base_logits[walk_rows[i]],
+                                                               draft_logits[i], r.params.logprobs)
+                except Exception as e:  # noqa: BLE001
+                    decisions[i] = e
         return decisions
 
     def _decide_greedy(self, idx, reqs, drafts, walk_rows, base_logits, decisions) -> None:
@@ -101,10 +106,13 @@ class Handoff:
         at, dat = 0, 0
         for i in idx:
             r, k = reqs[i], len(drafts[i])
-            w = sampling_walk(drafts[i], top1[at:at + k + 1], argmax[at:at + k + 1], base_probs[at:at + k + 1],
-                              draft_probs[dat:dat + k], Mode(r.mode), r.run, r.gamma, r.resume_on_agreement,
-                              self.word_start_host, r.generator)
-            decisions[i] = Decision(w.num_accepted, w.emit_token, int(w.mode), w.run, w.accepted_sources, None)
+            try:
+                w = sampling_walk(drafts[i], top1[at:at + k + 1], argmax[at:at + k + 1], base_probs[at:at + k + 1],
+                                  draft_probs[dat:dat + k], Mode(r.mode), r.run, r.gamma, r.resume_on_agreement,
+                                  self.word_start_host, r.generator)
+                decisions[i] = Decision(w.num_accepted, w.emit_token, int(w.mode), w.run, w.accepted_sources, None)
+            except Exception as e:  # noqa: BLE001
+                decisions[i] = e
             at, dat = at + k + 1, dat + k
 
 

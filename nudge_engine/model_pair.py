@@ -32,6 +32,21 @@ class LoadedModel:
         index = torch.from_numpy(batch.logits_indices) if rows is None else torch.as_tensor(rows, dtype=torch.long)
         return self.runner.forward(inputs, index.to(self.runner.device))
 
+    def check_fits(self, role: str, num_prompt_tokens: int, max_new_tokens: int) -> None:
+        """ValueError unless a prompt and its longest output fit this model's context and its whole KV
+        pool, so a request that can never run is refused at admission instead of failing a step."""
+        total = num_prompt_tokens + max_new_tokens
+        limit = self.config.max_position_embeddings
+        if total > limit:
+            raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_new_tokens}) exceeds the "
+                             f"{role} model {self.path.name}'s context of {limit} tokens")
+        pool = self.pool
+        blocks = -(-total // pool.block_size)
+        if blocks > pool.num_blocks:
+            raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_new_tokens}) needs {blocks} KV "
+                             f"blocks of {pool.block_size} tokens, more than the {role} model's whole pool "
+                             f"({pool.num_blocks} blocks); lower max_tokens or give the engine a larger KV cache")
+
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.runner.model.parameters())

@@ -14,6 +14,10 @@ from .tokenizer import IncrementalDetokenizer
 SOURCE_NAMES = ("base", "nudger")
 
 
+class RequestFailedError(RuntimeError):
+    """A request's own work raised; the request ended alone (the engine and other requests go on)."""
+
+
 class Mode(IntEnum):
     BASE = 0
     NUDGE = 1
@@ -31,7 +35,7 @@ class RequestOutput:
     token_ids: list[int]
     text: str
     sources: list[str]                           # "base" | "nudger" per emitted token
-    finish_reason: str | None                    # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None                    # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: str | int | None                # the matched stop string or token id
     logprobs: list[dict[int, float]] | None      # per emitted token: {token id: logprob}, emitted first
     prompt_logprobs: list[dict[int, float] | None] | None
@@ -41,6 +45,7 @@ class RequestOutput:
     arrival_time: float
     first_token_time: float | None
     finish_time: float | None
+    error: str | None = None                     # why the request failed (finish_reason "error")
 
     @property
     def finished(self) -> bool:
@@ -96,6 +101,7 @@ class Request:
     finish_time: float | None = None
     emitted_upto: int = 0          # output tokens already handed to a stream
     emitted_text_upto: int = 0
+    error: str | None = None       # set with finish_reason "error"
 
     @property
     def greedy(self) -> bool:
@@ -145,6 +151,11 @@ class Request:
     def abort(self) -> None:
         self._finish("abort", None)
 
+    def fail(self, message: str) -> None:
+        """Ends the request alone after its own work raised; its output so far is kept."""
+        self.error = message
+        self._finish("error", None)
+
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -157,6 +168,7 @@ class Request:
             logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs,
             rounds=self.rounds, drafted_tokens=self.drafted, accepted_tokens=self.accepted,
             arrival_time=self.arrival_time, first_token_time=self.first_token_time, finish_time=self.finish_time,
+            error=self.error,
         )
 
     def take_delta(self) -> StreamDelta:

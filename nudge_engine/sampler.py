@@ -14,6 +14,9 @@ def processed_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
 
     Greedy rows are the one-hot distribution at the argmax, so rejection sampling treats greedy
     and sampled models alike. Top-p applies to the top-k-filtered, renormalized distribution.
+    Every row is a finite distribution whatever the settings: the top token always survives the
+    filters (a top-p so small it keeps nothing keeps it), and a row that still is not finite
+    (logits with NaN, a temperature whose float32 form overflows) becomes one-hot at its argmax.
     """
     n, vocab = logits.shape
     dev = logits.device
@@ -30,11 +33,14 @@ def processed_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
         mass_above = ordered.cumsum(-1) - ordered
         keep &= mass_above < top_p[:, None] * ordered.sum(-1, keepdim=True)
         keep &= ordered >= min_p[:, None] * ordered[:, :1]
+        keep[:, 0] = True
         probs = torch.zeros_like(probs).scatter_(-1, order, torch.where(keep, ordered, 0.0))
         probs = probs / probs.sum(-1, keepdim=True)
-    if bool(greedy.any()):
+    total = probs.sum(-1)
+    one_hot_rows = greedy | ~torch.isfinite(total) | (total <= 0)
+    if bool(one_hot_rows.any()):
         one_hot = torch.nn.functional.one_hot(logits.argmax(-1), vocab).to(probs.dtype)
-        probs = torch.where(greedy[:, None], one_hot, probs)
+        probs = torch.where(one_hot_rows[:, None], one_hot, probs)
     return probs
 
 

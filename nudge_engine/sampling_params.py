@@ -6,6 +6,12 @@ from dataclasses import dataclass, field
 
 GREEDY = 0.0
 MAX_LOGPROBS = 20
+# Below this temperature a request is greedy, as in vLLM: 1 / temperature overflows float32 near 3e-39,
+# and long before that the distribution is one-hot in float32 anyway.
+SAMPLING_EPS = 1e-5
+TOP_K_OFF = 0
+MAX_DRAFT_TOKENS = 64
+TOP_K_OFF_VLLM = -1   # vLLM's spelling of "off"; taken as TOP_K_OFF
 
 
 def _check(cond: bool, message: str) -> None:
@@ -14,15 +20,40 @@ def _check(cond: bool, message: str) -> None:
 
 
 def _finite(name: str, value: float) -> None:
-    _check(isinstance(value, (int, float)) and math.isfinite(value), f"{name} must be a finite number, got {value!r}")
+    _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+           f"{name} must be a finite number, got {value!r}")
+
+
+def _check_sampling(prefix: str, temperature, top_p, top_k, min_p) -> None:
+    """The same rules for the base's settings and the nudger's `nudger_*` twins (None = not given)."""
+    if temperature is not None:
+        _finite(prefix + "temperature", temperature)
+        _check(temperature >= 0, f"{prefix}temperature must be >= 0, got {temperature}")
+    if top_p is not None:
+        _finite(prefix + "top_p", top_p)
+        _check(0 < top_p <= 1, f"{prefix}top_p must be in (0, 1], got {top_p}")
+    if top_k is not None:
+        _check(isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= TOP_K_OFF_VLLM,
+               f"{prefix}top_k must be an integer >= 0 (0 or -1 = off), got {top_k!r}")
+    if min_p is not None:
+        _finite(prefix + "min_p", min_p)
+        _check(0 <= min_p <= 1, f"{prefix}min_p must be in [0, 1], got {min_p}")
+
+
+def _normal_temperature(t: float) -> float:
+    return GREEDY if t < SAMPLING_EPS else float(t)
+
+
+def _normal_top_k(k: int) -> int:
+    return TOP_K_OFF if k == TOP_K_OFF_VLLM else k
 
 
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0     # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0               # 0 = all tokens
+    temperature: float = 1.0     # 0 (or below SAMPLING_EPS) = greedy
+    top_p: float = 1.0           # however small, the top token is kept
+    top_k: int = 0               # 0 (or -1) = all tokens
     min_p: float = 0.0
     seed: int | None = None      # per request: same seed, same output, whatever is batched with it
     stop: list[str] = field(default_factory=list)
@@ -38,13 +69,9 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        _finite("temperature", self.temperature)
-        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
-        _finite("top_p", self.top_p)
-        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        _finite("min_p", self.min_p)
-        _check(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
+        _check_sampling("", self.temperature, self.top_p, self.top_k, self.min_p)
+        self.temperature = _normal_temperature(self.temperature)
+        self.top_k = _normal_top_k(self.top_k)
         _check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids >= 0")
@@ -75,8 +102,9 @@ class NudgeParams:
             _finite("gamma", self.gamma)
             _check(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}")
         if self.draft_tokens is not None:
-            _check(isinstance(self.draft_tokens, int) and 0 <= self.draft_tokens <= 64,
-                   f"draft_tokens must be an integer in [0, 64], got {self.draft_tokens!r}")
+            _check(isinstance(self.draft_tokens, int) and 0 <= self.draft_tokens <= MAX_DRAFT_TOKENS,
+                   f"draft_tokens must be an integer in [0, {MAX_DRAFT_TOKENS}], got {self.draft_tokens!r}")
+        _check_sampling("nudger_", self.nudger_temperature, self.nudger_top_p, self.nudger_top_k, self.nudger_min_p)
 
     def nudger_sampling(self, base: SamplingParams) -> SamplingParams:
         def pick(mine, theirs):

@@ -15,6 +15,7 @@ class EngineStats:
     nudger_tokens: int = 0
     handoffs: int = 0
     preemptions: int = 0
+    failed_requests: int = 0      # requests ended alone because their own work raised
 
     def record_round(self, drafted: int, accepted: int, sources: list[int], mode_changed: bool) -> None:
         self.rounds += 1

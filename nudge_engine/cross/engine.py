@@ -133,11 +133,8 @@ class CrossTokenizerEngine:
         if len(ids[NUDGER]) >= self.nudger_context_limit:
             raise ValueError(f"the nudger's prompt ({len(ids[NUDGER])} tokens) leaves no room to write "
                              f"(limit {self.nudger_context_limit} = context - {NUDGER_HEADROOM} for drafts)")
-        for m, p in zip(self.models, ids):
-            limit = m.config.max_position_embeddings
-            if len(p) + params.max_tokens > limit:
-                raise ValueError(f"prompt ({len(p)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                                 f"{m.path.name}'s context of {limit} tokens")
+        for m, p, role in zip(self.models, ids, ("base", "nudger")):
+            m.check_fits(role, len(p), params.max_tokens)
         d = self.defaults
         rid = next(self._ids)
         req = CrossRequest(
@@ -161,12 +158,17 @@ class CrossTokenizerEngine:
 
     # ------------------------------------------------------------------ one round
     def step(self) -> list[CrossRequest]:
-        for req in self.requests.values():
-            self._prepare(req)
+        """One round; as on the token path, a failure in one request's own work ends it alone."""
+        ended = []
+        for req in list(self.requests.values()):
+            try:
+                self._prepare(req)
+            except Exception as e:  # noqa: BLE001
+                ended.append(self._fail(req, e))
         sched = self.scheduler.schedule()
         self.stats.preemptions += len(sched.preempted)
         if not sched.req_ids:
-            return []
+            return ended
         reqs = [self.requests[i] for i in sched.req_ids]
         final = list(sched.is_final_chunk)
         chunks = [list(sched.num_new_tokens[m]) for m in (BASE, NUDGER)]
@@ -179,17 +181,30 @@ class CrossTokenizerEngine:
             req.rounds += 1
             self.stats.rounds += 1
             was = req.mode
-            if req.mode == Mode.BASE:
-                self._walk_base(req, d, c)
-            else:
-                self._walk_nudge(req, c)
-            self.stats.handoffs += int(was != req.mode)
-            if req.finished:
-                self._finish(req)
-            else:
-                self._settle(req)
+            try:
+                if req.mode == Mode.BASE:
+                    self._walk_base(req, d, c)
+                else:
+                    self._walk_nudge(req, c)
+                self.stats.handoffs += int(was != req.mode)
+                if req.finished:
+                    self._finish(req)
+                else:
+                    self._settle(req)
+            except Exception as e:  # noqa: BLE001
+                self._fail(req, e)
             touched.append(req)
-        return touched
+        return ended + touched
+
+    def _fail(self, req: CrossRequest, exc: Exception) -> CrossRequest:
+        log.error("request %d failed and was ended alone: %s: %s", req.id, type(exc).__name__, exc,
+                  exc_info=(type(exc), exc, exc.__traceback__))
+        self.requests.pop(req.id, None)
+        self.scheduler.abort(req.id)
+        req.finish_reason, req.error = "error", f"{type(exc).__name__}: {exc}"
+        req.finish_time = time.monotonic()
+        self.stats.failed_requests += 1
+        return req
 
     def _prepare(self, req: CrossRequest) -> None:
         """Before scheduling: the nudger reads the base's new words; scratch for BASE-mode drafts."""

@@ -61,6 +61,7 @@ class CrossRequest:
     streamed_tokens: int = 0
     streamed_bytes: int = 0
     decoder: object = None
+    error: str | None = None                            # set with finish_reason "error"
 
     @property
     def finished(self) -> bool:
@@ -86,7 +87,7 @@ class CrossRequest:
             drafted_tokens=self.drafted, accepted_tokens=self.accepted, arrival_time=self.arrival_time,
             first_token_time=self.first_token_time, finish_time=self.finish_time,
             spans=decode_spans(self.text.writer_spans(end)), work=list(self.work),
-            computed_tokens=dict(zip(WRITER_NAMES, self.computed)),
+            computed_tokens=dict(zip(WRITER_NAMES, self.computed)), error=self.error,
         )
 
     def take_delta(self) -> StreamDelta:

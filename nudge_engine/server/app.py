@@ -34,7 +34,7 @@ from ..sampling_params import NudgeParams, SamplingParams
 from ..tokenizer import render_chat_template
 from . import protocol as P
 from .async_engine import (AsyncEngine, EngineDeadError, EngineStepError, GenerateItem, GroupError,
-                           InvalidRequestError, QueueFullError)
+                           InvalidRequestError, QueueFullError, RequestFailedError)
 from .metrics import ServerMetrics
 
 log = logging.getLogger("nudge_engine.server")
@@ -337,6 +337,8 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
             return None
         except EngineStepError as e:
             raise APIError(500, str(e), "server_error", None, "engine_error") from None
+        except RequestFailedError as e:
+            raise APIError(500, str(e), "server_error", None, "request_failed") from None
         except EngineDeadError as e:
             raise APIError(503, f"the engine stopped: {e}", "server_error", None, "engine_dead") from None
         finally:
@@ -345,6 +347,8 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
     def error_chunk(error: Exception) -> dict:
         if isinstance(error, EngineStepError):
             return P.error_body(str(error), "server_error", None, "engine_error")
+        if isinstance(error, RequestFailedError):
+            return P.error_body(str(error), "server_error", None, "request_failed")
         return P.error_body(f"the engine stopped: {error}", "server_error", None, "engine_dead")
 
     def streaming(gen, group) -> StreamingResponse:

@@ -60,6 +60,10 @@ class EngineStepError(RuntimeError):
     """A step failed while this request was in flight; the request was aborted."""
 
 
+class RequestFailedError(RuntimeError):
+    """This request's own work failed in the engine; it ended alone and the others went on."""
+
+
 class InvalidRequestError(ValueError):
     """The engine refused the request (add_request raised ValueError)."""
 
@@ -358,6 +362,10 @@ class AsyncEngine:
             choice = self._live.get(req.id)
             if choice is None:
                 continue
+            if req.finish_reason == "error":
+                self._fail_group(choice.group, RequestFailedError(
+                    f"the engine failed on this request ({req.error}); it was ended alone"))
+                continue
             d = req.take_delta()  # holds back text that may still become a stop string
             text = d.text
             if d.token_ids and metrics is not None:
@@ -376,6 +384,15 @@ class AsyncEngine:
                     metrics.observe_finish(req.finish_reason, now - choice.group.arrival)
             if d.token_ids or text or ev.finish_reason is not None:
                 self._post(choice.group.queue.put_nowait, ev)
+
+    def _fail_group(self, group: RequestGroup, error: Exception) -> None:
+        """Ends one HTTP request: its other choices are aborted, its stream gets the error."""
+        self._finish_counts["error"] += 1
+        for rid in group.request_ids:
+            if self._live.pop(rid, None) is not None and rid in self.engine.requests:
+                self.engine.abort(rid)
+                self._finish_counts["abort"] += 1
+        self._post(group.queue.put_nowait, GroupError(error))
 
     def _fail_all(self, error: Exception, abort: bool) -> None:
         groups = {}
