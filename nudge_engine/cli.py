@@ -22,6 +22,7 @@ from pathlib import Path
 NUDGE_COLOR = "\x1b[1;32m"   # bold green: tokens the nudger wrote
 RESET = "\x1b[0m"
 MARK_OPEN, MARK_CLOSE = "[[", "]]"
+DRAIN_GRACE_S = 5            # after --drain-timeout: time for the error chunks to reach the clients
 DEMO_PROMPT = "Question: Why is the sky blue?\nAnswer:"
 
 
@@ -45,10 +46,42 @@ def _engine_options(p: argparse.ArgumentParser, nudger_required: bool) -> None:
                    help="tokens per forward pass (default: 4096)")
     g.add_argument("--kv-cache-bytes", type=int, default=None, help="KV cache budget for both models together "
                    "(default: 256 MiB on CPU, most of the free memory on GPU)")
+    g.add_argument("--num-blocks", type=int, default=None,
+                   help="KV blocks per model, overriding the size --kv-cache-bytes gives (for tests and tuning)")
     g.add_argument("--base-template", default=None,
                    help=r"the base model's plain chat rendering (default: '{system}\n{user}\n')")
     g.add_argument("--response-prefix", default="", help="appended to the base model's chat prompt, e.g. 'Answer:'")
     g.add_argument("--seed", type=int, default=0, help="engine seed for requests without their own")
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in 1..65535, got {text}")
+    return value
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """Before the models load (which takes a while): the address must be free and ours to bind."""
+    import socket
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host!r} is not an address this machine can listen on ({e.strerror})") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
 def _make_engine(args):
@@ -57,6 +90,7 @@ def _make_engine(args):
     kw = dict(device=args.device, dtype=args.dtype, gamma=args.gamma, draft_tokens=args.draft_tokens,
               resume_on_agreement=not args.no_resume_on_agreement, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_bytes,
+              num_blocks=args.num_blocks,
               base_template=args.base_template or DEFAULT_BASE_TEMPLATE, response_prefix=args.response_prefix,
               seed=args.seed)
     return NudgeEngine(args.base, args.nudger, **kw)
@@ -116,11 +150,13 @@ def _summary(out, seconds: float) -> str:
 
 # ---------------------------------------------------------------------------- commands
 def cmd_generate(args) -> int:
+    from .prompts import check_text
     from .sampling_params import SamplingParams
-    engine = _make_engine(args)
+    check_text(args.prompt, "--prompt")   # argv that is not UTF-8 arrives with lone surrogates
     prompt = {"messages": [{"role": "user", "content": args.prompt}]} if args.chat else args.prompt
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed_request)
+    engine = _make_engine(args)
     t0 = time.perf_counter()
     out = engine.generate(prompt, params)[0]
     seconds = time.perf_counter() - t0
@@ -162,6 +198,8 @@ def cmd_demo(args) -> int:
 
 def cmd_make_tiny(args) -> int:
     from .testing import make_tiny_pair
+    if Path(args.dir).exists() and not Path(args.dir).is_dir():
+        raise ValueError(f"{args.dir} is a file, not a folder; give a folder to write the pair into")
     try:
         base, nudger = make_tiny_pair(args.dir, args.family, args.nudger_family or args.family, args.tokenizer,
                                       agreement=args.agreement, seed=args.seed)
@@ -177,6 +215,7 @@ def cmd_serve(args) -> int:
 
     from .server.app import ServerSettings, build_app
     from .server.async_engine import fault_steps_from_env
+    from .server.guard import header_timeout_protocol
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fault_steps = fault_steps_from_env()
     if fault_steps:
@@ -186,28 +225,49 @@ def cmd_serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         logging.getLogger("nudge_engine.server").warning(
             "listening on %s without --api-key: anyone who reaches this port can use the models", args.host)
+    _check_can_listen(args.host, args.port)
     engine = _make_engine(args)
     settings = ServerSettings(
         model_name=args.served_model_name or str(args.base), api_key=api_key, max_body_bytes=args.max_body_bytes,
         max_queue=args.max_queue, allow_request_chat_template=args.allow_request_chat_template,
-        default_chat_max_tokens=args.default_max_tokens)
+        default_chat_max_tokens=args.default_max_tokens, body_timeout=args.body_timeout)
     app = build_app(engine, settings, fault_steps=fault_steps)
+    # uvicorn cancels what is still running after its own time-out; ours runs out first and ends the
+    # requests in flight with an error, so that every stream still gets its error chunk and [DONE].
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.drain_timeout, access_log=args.access_log)
-    server = _draining_server_class()(config)
+                            timeout_graceful_shutdown=args.drain_timeout + DRAIN_GRACE_S, access_log=args.access_log,
+                            http=header_timeout_protocol(args.header_timeout))
+    ae = app.state.async_engine
+    server = _draining_server_class()(config, args.drain_timeout, lambda: ae.expire(
+        f"the server is shutting down and its drain time-out ({args.drain_timeout} s) ran out; retry elsewhere"))
     server.run()
     return 0
 
 
 def _draining_server_class():
+    import asyncio
+
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
-        """SIGTERM: stop accepting, let in-flight requests finish (up to --drain-timeout), exit with status 0.
+        """SIGTERM: stop accepting, let in-flight requests finish (up to --drain-timeout), then end the
+        rest with an error (streams get an error chunk and [DONE]), exit with status 0.
 
         Plain uvicorn re-raises the signal after its graceful shutdown, so the process would end
         "killed by SIGTERM" even after a clean drain.
         """
+
+        def __init__(self, config, drain_timeout: float, on_drain_timeout):
+            super().__init__(config)
+            self.drain_timeout = drain_timeout
+            self.on_drain_timeout = on_drain_timeout
+
+        async def shutdown(self, sockets=None):
+            timer = asyncio.get_running_loop().call_later(self.drain_timeout, self.on_drain_timeout)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
 
         def handle_exit(self, sig, frame):
             super().handle_exit(sig, frame)
@@ -312,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_options(p, nudger_required=False)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=_port, default=8000)
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health "
                    "(also read from $NUDGE_API_KEY)")
     g.add_argument("--served-model-name", default=None, help="the model id clients send (default: the --base path)")
@@ -322,8 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: 1 MiB)")
     g.add_argument("--default-max-tokens", type=int, default=1024,
                    help="chat requests without max_tokens get at most this many (default: 1024)")
-    g.add_argument("--drain-timeout", type=int, default=30,
+    g.add_argument("--drain-timeout", type=_positive_float, default=30.0,
                    help="on SIGTERM, seconds to let in-flight requests finish before exiting (default: 30)")
+    g.add_argument("--header-timeout", type=_positive_float, default=30.0,
+                   help="seconds a client may take to send a request's headers (default: 30)")
+    g.add_argument("--body-timeout", type=_positive_float, default=30.0,
+                   help="seconds a client may pause while sending a request body; then 408 (default: 30)")
     g.add_argument("--allow-request-chat-template", action="store_true",
                    help="accept a chat_template in chat requests (rendered in a jinja2 sandbox); refused otherwise")
     g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -360,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError) as e:  # bad model folders, bad settings: one clear line
+    except (ValueError, OSError) as e:  # bad model folders, bad settings, files, ports: one clear line
         print(f"nudge {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -70,6 +70,10 @@ def _rope_config(raw: dict) -> RopeConfig:
     return RopeConfig(theta, dict(scaling))
 
 
+DEFAULT_MAX_POSITIONS = 4096
+DEFAULT_NORM_EPS = 1e-5
+
+
 def load_config(folder: str | Path) -> ModelConfig:
     folder = Path(folder)
     path = folder / "config.json"
@@ -80,13 +84,24 @@ def load_config(folder: str | Path) -> ModelConfig:
     if not archs:
         raise ModelFolderError(f"{path}: field 'architectures' is missing or empty")
 
-    def need(key: str) -> Any:
-        if raw.get(key) is None:
-            raise ModelFolderError(f"{path}: required field {key!r} is missing")
-        return raw[key]
+    def number(key: str, kind: type, default: Any = None) -> Any:
+        """A positive int / float field, named with the file when it is missing or not a number."""
+        value = raw.get(key)
+        if value is None:
+            if default is None:
+                raise ModelFolderError(f"{path}: required field {key!r} is missing")
+            return default
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and (kind is float or float(value).is_integer()) and value > 0)
+        if not ok:
+            raise ModelFolderError(f"{path}: field {key!r} must be a positive {kind.__name__}, got {value!r}")
+        return kind(value)
 
-    num_heads = int(need("num_attention_heads"))
-    hidden = int(need("hidden_size"))
+    def need(key: str) -> int:
+        return number(key, int)
+
+    num_heads = need("num_attention_heads")
+    hidden = need("hidden_size")
     eos = raw.get("eos_token_id")
     gen_path = folder / "generation_config.json"
     if gen_path.is_file():
@@ -94,15 +109,16 @@ def load_config(folder: str | Path) -> ModelConfig:
         eos = gen.get("eos_token_id", eos)
     return ModelConfig(
         architecture=archs[0],
-        vocab_size=int(need("vocab_size")),
+        vocab_size=need("vocab_size"),
         hidden_size=hidden,
-        intermediate_size=int(need("intermediate_size")),
-        num_layers=int(need("num_hidden_layers")),
+        intermediate_size=need("intermediate_size"),
+        num_layers=need("num_hidden_layers"),
         num_heads=num_heads,
-        num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
-        head_dim=int(raw.get("head_dim") or hidden // num_heads),
-        max_position_embeddings=int(raw.get("max_position_embeddings") or 4096),
-        norm_eps=float(raw.get("rms_norm_eps") or raw.get("layer_norm_eps") or 1e-5),
+        num_kv_heads=number("num_key_value_heads", int, num_heads),
+        head_dim=number("head_dim", int, hidden // num_heads),
+        max_position_embeddings=number("max_position_embeddings", int, DEFAULT_MAX_POSITIONS),
+        norm_eps=number("rms_norm_eps", float) if raw.get("rms_norm_eps") is not None
+        else number("layer_norm_eps", float, DEFAULT_NORM_EPS),
         rope=_rope_config(raw),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         eos_token_ids=_as_id_tuple(eos),

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from . import _core
 from .draft_policy import DraftPolicy
 from .handoff import Handoff
-from .loader import resolve_dtype
+from .loader import resolve_device, resolve_dtype
 from .model_pair import LoadedModel, load_models
 from .model_runner import DEFAULT_BLOCK_SIZE
 from .prompts import DEFAULT_BASE_TEMPLATE, ChatFormat, Prompt, tokenize_prompt
@@ -75,7 +75,7 @@ class NudgeEngine:
     ):
         self.defaults = NudgeParams(gamma=gamma, draft_tokens=draft_tokens, resume_on_agreement=resume_on_agreement,
                                     adaptive_drafting=adaptive_drafting)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.chat_format = ChatFormat(base_template, response_prefix)
         paths = [Path(base)] + ([Path(nudger)] if nudger is not None else [])

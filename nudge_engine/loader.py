@@ -196,6 +196,23 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return names[dtype]
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The torch device, or a ValueError that says what is wrong with the name or this machine."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: this torch has no usable CUDA (torch.cuda.is_available() is "
+                             "False); use --device cpu or a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type not in ("cpu", "meta"):
+        raise ValueError(f"device {device!r}: only cpu and cuda devices are supported")
+    return dev
+
+
 def load_causal_lm(folder: str | Path, device: str | torch.device, dtype: torch.dtype,
                    progress: bool = True) -> tuple[CausalLM, ModelConfig]:
     folder = Path(folder)

@@ -17,9 +17,19 @@ class ChatFormat:
     response_prefix: str = ""                    # e.g. "Answer:" (the paper's base template)
 
 
+def check_text(value: str, what: str) -> str:
+    """ValueError for text no tokenizer can read: lone surrogates (from JSON escapes or undecodable argv)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode text: a lone surrogate (U+{ord(value[e.start]):04X}) at "
+                         f"character {e.start}") from None
+    return value
+
+
 def _ids_or_text(value: Any, tokenizer: Tokenizer, what: str) -> list[int]:
     if isinstance(value, str):
-        return tokenizer.encode(value)
+        return tokenizer.encode(check_text(value, what))
     if isinstance(value, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         bad = [t for t in value if not 0 <= t < tokenizer.vocab_size]
         if bad:
@@ -40,6 +50,8 @@ def _check_messages(messages: Any) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ValueError(f"messages[{i}] must be an object with string 'role' and 'content'")
+        check_text(m["role"], f"messages[{i}].role")
+        check_text(m["content"], f"messages[{i}].content")
     return messages
 
 
@@ -48,8 +60,8 @@ def tokenize_prompt(prompt: Prompt, base_tok: Tokenizer, nudger_tok: Tokenizer |
     """(base prompt ids, nudger prompt ids or None without a nudger)."""
     if isinstance(prompt, dict) and "messages" in prompt:
         messages = _check_messages(prompt["messages"])
-        fmt = ChatFormat(prompt.get("base_template", fmt.base_template),
-                         prompt.get("response_prefix", fmt.response_prefix))
+        fmt = ChatFormat(check_text(prompt.get("base_template", fmt.base_template), "base_template"),
+                         check_text(prompt.get("response_prefix", fmt.response_prefix), "response_prefix"))
         base = base_tok.encode(render_base_chat(messages, fmt))
         if nudger_tok is None:
             return base, None

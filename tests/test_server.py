@@ -470,7 +470,8 @@ def test_queue_full_gives_503(guarded):
     assert 200 in codes and 503 in codes and set(codes) <= {200, 503}, codes
     for r in resps:
         if r.status_code == 503:
-            assert_error(r, 503)["code"] == "server_overloaded"
+            assert assert_error(r, 503)["code"] == "server_overloaded"
+            assert r.headers["retry-after"] == "1"
     assert httpx.post(guarded.url + "/v1/completions", headers=AUTH,
                       json={"model": model, "prompt": "Next", "max_tokens": 2}).status_code == 200
     wait_pools_free(guarded, AUTH)
@@ -512,6 +513,7 @@ def test_engine_death_makes_health_503(pair):
             assert time.monotonic() < deadline, "the engine thread should have stopped"
             time.sleep(0.05)
         assert "in a row failed" in http.get("/health").json()["reason"]
+        assert http.get("/health").headers["retry-after"] == "1"
         assert assert_error(http.post("/v1/completions", json=body), 503)["code"] == "engine_dead"
         assert "nudge_engine_alive" in http.get("/metrics").text
     assert engine.pools_all_free()

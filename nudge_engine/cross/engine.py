@@ -34,7 +34,7 @@ import torch
 
 from .. import _core
 from ..engine import BASE_MODEL, DEFAULT_DRAFT_TOKENS, DEFAULT_GAMMA, NUDGER_MODEL, NudgeEngine
-from ..loader import resolve_dtype
+from ..loader import resolve_device, resolve_dtype
 from ..model_pair import load_models
 from ..model_runner import DEFAULT_BLOCK_SIZE
 from ..prompts import DEFAULT_BASE_TEMPLATE, ChatFormat, Prompt, tokenize_prompt
@@ -85,7 +85,7 @@ class CrossTokenizerEngine:
         seed: int = 0,
     ):
         self.defaults = NudgeParams(gamma=gamma, draft_tokens=draft_tokens, resume_on_agreement=resume_on_agreement)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.chat_format = ChatFormat(base_template, response_prefix)
         self.max_num_batched_tokens = max_num_batched_tokens

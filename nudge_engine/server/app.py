@@ -18,14 +18,13 @@ import contextlib
 import json
 import logging
 import math
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import NudgeEngine
@@ -34,14 +33,17 @@ from ..sampling_params import NudgeParams, SamplingParams
 from ..tokenizer import render_chat_template
 from . import protocol as P
 from .async_engine import (AsyncEngine, EngineDeadError, EngineStepError, GenerateItem, GroupError,
-                           InvalidRequestError, QueueFullError, RequestFailedError)
+                           InvalidRequestError, QueueFullError, RequestFailedError, ShuttingDownError)
+from .guard import DEFAULT_BODY_TIMEOUT_S, GuardMiddleware
 from .metrics import ServerMetrics
+from .openapi import ROUTE_RESPONSES, document_responses
 
 log = logging.getLogger("nudge_engine.server")
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 DEFAULT_COMPLETION_MAX_TOKENS = 16      # OpenAI's legacy completions default
 DEFAULT_CHAT_MAX_TOKENS = 1024          # chat: at most this many, and what the context leaves
+RETRY_AFTER_S = 1                       # a 503's Retry-After: the queue drains within seconds
 
 
 @dataclass
@@ -52,6 +54,7 @@ class ServerSettings:
     max_queue: int = 512
     allow_request_chat_template: bool = False
     default_chat_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS
+    body_timeout: float = DEFAULT_BODY_TIMEOUT_S
 
 
 class APIError(Exception):
@@ -61,7 +64,9 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
     def response(self) -> JSONResponse:
-        return JSONResponse(P.error_body(self.message, self.type, self.param, self.code), status_code=self.status)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.status == 503 else None
+        return JSONResponse(P.error_body(self.message, self.type, self.param, self.code), status_code=self.status,
+                            headers=headers)
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:
@@ -73,76 +78,6 @@ def bad_request(message: str, param: str | None = None) -> APIError:
 
 
 _PARAM_NAMES = set(P.CompletionRequest.model_fields) | set(P.ChatCompletionRequest.model_fields)
-
-
-# ---------------------------------------------------------------------------- ASGI guard
-class GuardMiddleware:
-    """API key (every route but /health) and the body size limit, before anything parses the body."""
-
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app = app
-        self.api_key = api_key.encode() if api_key else None
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        if self.api_key is not None and scope.get("path") != "/health":
-            auth = headers.get(b"authorization", b"")
-            scheme, _, token = auth.partition(b" ")
-            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.api_key):
-                return await _send_error(send, 401, P.error_body(
-                    "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error",
-                    None, "invalid_api_key"), [(b"www-authenticate", b"Bearer")])
-        if scope.get("method") not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        limit = self.max_body_bytes
-        too_big = P.error_body(f"the request body is larger than the limit of {limit} bytes", "invalid_request_error",
-                               None, "request_too_large")
-        length = headers.get(b"content-length")
-        if length is not None:
-            try:
-                declared = int(length)
-            except ValueError:
-                return await _send_error(send, 400, P.error_body("malformed Content-Length header"))
-            if declared > limit:
-                return await _send_error(send, 413, too_big)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                return await _send_error(send, 413, too_big)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
-        # Every POST body here is JSON: read it as JSON whatever Content-Type says (curl -d sends a form type).
-        scope = dict(scope)
-        scope["headers"] = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"] + [
-            (b"content-type", b"application/json")]
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()   # after the body: waits for the client to disconnect
-
-        return await self.app(scope, replay, send)
-
-
-async def _send_error(send, status: int, body: dict, extra_headers=()) -> None:
-    data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-                            *extra_headers]})
-    await send({"type": "http.response.body", "body": data})
 
 
 class _AbortingStreamingResponse(StreamingResponse):
@@ -187,6 +122,23 @@ async def _wait_unless_disconnected(coro, request: Request):
             await asyncio.gather(work, watch, return_exceptions=True)
 
 
+@dataclass
+class Echo:
+    """`echo: true`: the prompt goes before the completion, with the base model's logprobs of its tokens
+    (the first has none: nothing predicts it), as vLLM and OpenAI's legacy completions return them."""
+
+    text: str
+    token_ids: list[int]   # the base model's prompt
+
+    def logprobs(self, tokenizer, prompt_logprobs, n: int) -> tuple[dict, int]:
+        entries = _clean_logprobs([e or {} for e in (prompt_logprobs or [])])
+        out, offset = P.completion_logprobs(tokenizer, self.token_ids, entries, n, 0)
+        if out["token_logprobs"]:
+            out["token_logprobs"][0] = None
+            out["top_logprobs"][0] = None
+        return out, offset
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, allow_nan=False)}\n\n"
 
@@ -227,7 +179,8 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
     app = FastAPI(title="nudge_engine", version="0.1.0", lifespan=lifespan)
     app.state.async_engine = ae
     app.state.settings = settings
-    app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
+                       body_timeout=settings.body_timeout)
 
     # ------------------------------------------------------------ error handlers
     @app.exception_handler(APIError)
@@ -241,7 +194,10 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = loc[0] if loc else None
         kind = first.get("type", "")
-        if kind == "json_invalid":
+        if kind == P.UNICODE_ERROR:
+            message = first.get("msg", "a string is not valid Unicode text")
+            param = str((first.get("ctx") or {}).get("where", "")).split(".")[0].split("[")[0] or None
+        elif kind == "json_invalid":
             param = None
             message = f"the body is not valid JSON ({(first.get('ctx') or {}).get('error', 'parse error')})"
         elif param == "prompt" and len(loc) > 1 and not loc[1].isdigit():
@@ -283,13 +239,15 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
         if found:
             raise bad_request(found[1], found[0])
 
-    def make_params(body, max_tokens: int, logprobs: int | None) -> tuple[list[SamplingParams], NudgeParams]:
+    def make_params(body, max_tokens: int, logprobs: int | None,
+                    prompt_logprobs: int | None = None) -> tuple[list[SamplingParams], NudgeParams]:
         try:
             stops = body.stop_list()
         except ValueError as e:
             raise bad_request(str(e), "stop") from None
         kw: dict[str, Any] = dict(max_tokens=max_tokens, stop=stops, ignore_eos=body.ignore_eos,
                                   stop_token_ids=body.stop_token_ids or [], logprobs=logprobs,
+                                  prompt_logprobs=prompt_logprobs,
                                   include_stop_str_in_output=body.include_stop_str_in_output)
         for name in ("temperature", "top_p", "top_k", "min_p"):
             value = getattr(body, name)
@@ -339,6 +297,8 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
             raise APIError(500, str(e), "server_error", None, "engine_error") from None
         except RequestFailedError as e:
             raise APIError(500, str(e), "server_error", None, "request_failed") from None
+        except ShuttingDownError as e:
+            raise APIError(503, str(e), "server_error", None, "server_shutting_down") from None
         except EngineDeadError as e:
             raise APIError(503, f"the engine stopped: {e}", "server_error", None, "engine_dead") from None
         finally:
@@ -349,6 +309,8 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
             return P.error_body(str(error), "server_error", None, "engine_error")
         if isinstance(error, RequestFailedError):
             return P.error_body(str(error), "server_error", None, "request_failed")
+        if isinstance(error, ShuttingDownError):
+            return P.error_body(str(error), "server_error", None, "server_shutting_down")
         return P.error_body(f"the engine stopped: {error}", "server_error", None, "engine_dead")
 
     def streaming(gen, group) -> StreamingResponse:
@@ -382,28 +344,35 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
         yield "data: [DONE]\n\n"
 
     async def final_response(group, request: Request, header: dict, make_choice, prompt_tokens: int):
-        """The non-streamed body: make_choice(index, output) -> the choice dict."""
+        """The non-streamed body: make_choice(index, output) -> the choice dict. Built and serialized in a
+        worker thread: with n choices of many tokens and top logprobs it is megabytes, which on the event
+        loop would stall every other client (and /health) for seconds."""
         outputs = await run_group(group, request)
         if outputs is None:
             return Response(status_code=499)
-        choices = [with_nudge_fields(make_choice(i, out), out.sources, out) for i, out in enumerate(outputs)]
-        return {**header, "choices": choices,
-                "usage": P.usage(prompt_tokens, sum(len(o.token_ids) for o in outputs))}
+
+        def build() -> bytes:
+            choices = [with_nudge_fields(make_choice(i, out), out.sources, out) for i, out in enumerate(outputs)]
+            body = {**header, "choices": choices,
+                    "usage": P.usage(prompt_tokens, sum(len(o.token_ids) for o in outputs))}
+            return json.dumps(body, ensure_ascii=False, allow_nan=False).encode()
+
+        return Response(await asyncio.to_thread(build), media_type="application/json")
 
     # ------------------------------------------------------------ routes
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"], responses=ROUTE_RESPONSES["/health"])
     async def health():
         if ae.alive:
             return {"status": "ok"}
         return JSONResponse({"status": "unavailable", "reason": ae.dead_reason or "the engine is not running"},
-                            status_code=503)
+                            status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=ROUTE_RESPONSES["/metrics"])
     async def metrics_route():
         data, content_type = metrics.render()
         return Response(data, media_type=content_type)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=ROUTE_RESPONSES["/v1/models"])
     async def models():
         return {"object": "list", "data": [{
             "id": settings.model_name, "object": "model", "created": P.now(), "owned_by": "nudge_engine",
@@ -414,16 +383,10 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
             "resume_on_agreement": engine.defaults.resume_on_agreement,
         }]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=ROUTE_RESPONSES["/v1/completions"])
     async def completions(body: P.CompletionRequest, request: Request):
         check_model(body.model)
         check_supported(body)
-        if body.echo:
-            raise bad_request("echo is not supported by this server", "echo")
-        if body.suffix:
-            raise bad_request("suffix is not supported by this server", "suffix")
-        if body.best_of not in (None, 1, body.n):
-            raise bad_request("best_of is not supported by this server (use n)", "best_of")
         p = body.prompt
         single = isinstance(p, str) or not p or isinstance(p[0], int)
         raw_prompts = [p] if single else list(p)
@@ -436,43 +399,60 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
         if len(raw_prompts) * body.n > P.MAX_N:
             raise bad_request(f"n x prompts must be at most {P.MAX_N}, got {body.n} x {len(raw_prompts)}", "n")
         max_tokens = body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
-        params, nudge = make_params(body, max_tokens, body.logprobs)
-        prompts, prompt_tokens = [], 0
+        n_logprobs = body.logprobs
+        params, nudge = make_params(body, max_tokens, n_logprobs,
+                                    prompt_logprobs=n_logprobs if body.echo else None)
+        prompts, base_prompts, prompt_tokens = [], [], 0
         for raw in raw_prompts:
             try:
                 base_ids, nudger_ids = tokenize_prompt(raw, base_tok, nudger_tok, engine.chat_format)
             except ValueError as e:
                 raise bad_request(str(e), "prompt") from None
             prompts.append(engine_prompt(base_ids, nudger_ids, "prompt")[0])
+            base_prompts.append(base_ids)
             prompt_tokens += len(base_ids)
         items = [GenerateItem(pr, sp, nudge) for pr in prompts for sp in params]
+        echoes = [Echo(raw if isinstance(raw, str) else base_tok.decode(ids, skip_special_tokens=False), ids)
+                  if body.echo else None for raw, ids in zip(raw_prompts, base_prompts) for _ in params]
         group = await submit(items)
         header = {"id": P.new_id("cmpl"), "object": "text_completion", "created": P.now(),
                   "model": settings.model_name}
-        n_logprobs = body.logprobs
 
         if body.stream:
             offsets = [0] * len(items)
+            echoed = [not body.echo] * len(items)
 
             def chunk_choice(ev) -> dict:
-                lp = None
+                text, lp, i = ev.text, None, ev.index
+                if not echoed[i] and (ev.token_ids or ev.finish_reason is not None):
+                    echoed[i] = True
+                    text = echoes[i].text + text
+                    if n_logprobs is not None:
+                        lp, offsets[i] = echoes[i].logprobs(base_tok, ev.prompt_logprobs, n_logprobs)
                 if n_logprobs is not None:
-                    lp, offsets[ev.index] = P.completion_logprobs(
-                        base_tok, ev.token_ids, _clean_logprobs(ev.logprobs), n_logprobs, offsets[ev.index])
-                return {"index": ev.index, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}
+                    more, offsets[i] = P.completion_logprobs(
+                        base_tok, ev.token_ids, _clean_logprobs(ev.logprobs), n_logprobs, offsets[i])
+                    lp = more if lp is None else P.join_completion_logprobs(lp, more)
+                return {"index": i, "text": text, "logprobs": lp, "finish_reason": ev.finish_reason}
 
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return streaming(sse_events(group, header, chunk_choice, include_usage, prompt_tokens), group)
 
         def final_choice(index: int, out) -> dict:
-            lp = None
+            lp, offset, text = None, 0, out.text
+            if echoes[index] is not None:
+                text = echoes[index].text + text
+                if n_logprobs is not None:
+                    lp, offset = echoes[index].logprobs(base_tok, out.prompt_logprobs, n_logprobs)
             if n_logprobs is not None:
-                lp, _ = P.completion_logprobs(base_tok, out.token_ids, _clean_logprobs(out.logprobs), n_logprobs, 0)
-            return {"index": index, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
+                more, _ = P.completion_logprobs(base_tok, out.token_ids, _clean_logprobs(out.logprobs), n_logprobs,
+                                                offset)
+                lp = more if lp is None else P.join_completion_logprobs(lp, more)
+            return {"index": index, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
 
         return await final_response(group, request, header, final_choice, prompt_tokens)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=ROUTE_RESPONSES["/v1/chat/completions"])
     async def chat_completions(body: P.ChatCompletionRequest, request: Request):
         check_model(body.model)
         check_supported(body)
@@ -533,4 +513,12 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
         return await final_response(group, request, {**header, "object": "chat.completion"}, final_choice,
                                     prompt_tokens)
 
+    default_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_responses(default_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

@@ -52,6 +52,10 @@ class EngineDeadError(RuntimeError):
     """The engine thread is not running (stopped after an unrecoverable failure, or shutting down)."""
 
 
+class ShuttingDownError(EngineDeadError):
+    """The server's drain time-out ran out while this request was in flight."""
+
+
 class QueueFullError(RuntimeError):
     """The waiting queue is full; the client should retry later."""
 
@@ -100,6 +104,7 @@ class ChoiceDelta:
     finish_reason: str | None
     stop_reason: str | int | None
     output: RequestOutput | None = None  # set on the choice's last delta
+    prompt_logprobs: list | None = None  # set on the choice's first delta, when the request asked for them
 
 
 @dataclass
@@ -245,6 +250,10 @@ class AsyncEngine:
         self._inbox.append(message)
         self._wake.set()
 
+    def expire(self, reason: str) -> None:
+        """Ends every request in flight with a ShuttingDownError (the drain time-out ran out); thread-safe."""
+        self._send(("expire", reason))
+
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()
@@ -291,20 +300,22 @@ class AsyncEngine:
             self._fail_all(EngineDeadError(reason), abort=True)
             # Requests that arrived after the loop ended are refused too.
             while self._inbox:
-                kind, group = self._inbox.popleft()
+                kind, what = self._inbox.popleft()
                 if kind == "add":
-                    self._post(_set_exception, group.accepted, EngineDeadError(reason))
+                    self._post(_set_exception, what.accepted, EngineDeadError(reason))
             self._stop.set()
             self._publish_snapshot()
             self._flush()
 
     def _drain_inbox(self) -> None:
         while self._inbox:
-            kind, group = self._inbox.popleft()
+            kind, what = self._inbox.popleft()
             if kind == "add":
-                self._add_group(group)
+                self._add_group(what)
+            elif kind == "abort":
+                self._abort_group(what)
             else:
-                self._abort_group(group)
+                self._fail_all(ShuttingDownError(what), abort=True)
 
     def _add_group(self, group: RequestGroup) -> None:
         engine = self.engine
@@ -373,9 +384,13 @@ class AsyncEngine:
                     metrics.observe_ttft(now - choice.group.arrival)
                 else:
                     metrics.observe_itl((now - choice.last_token_time) / len(d.token_ids), len(d.token_ids))
+            first = choice.last_token_time is None and (d.token_ids or req.finished)
             if d.token_ids:
                 choice.last_token_time = now
             ev = ChoiceDelta(choice.index, d.token_ids, text, d.sources, d.logprobs, d.finish_reason, d.stop_reason)
+            prompt_logprobs = getattr(req, "prompt_logprobs", None)   # the text path has none
+            if first and prompt_logprobs is not None:
+                ev.prompt_logprobs = list(prompt_logprobs)
             if req.finished:
                 ev.output = req.result()
                 del self._live[req.id]
