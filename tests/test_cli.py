@@ -108,3 +108,76 @@ def test_mark_nudged_spans():
     sources = ["base", "nudger", "nudger", "base", "nudger", "base"]
     assert cli.mark_nudged(Tok(), [], ids, sources, "abcdef", color=False) == "a[[bc]]d[[e]]f"
     assert cli.mark_nudged(Tok(), [], ids, sources, "abcd", color=False) == "a[[bc]]d"   # stop string cut
+
+
+# ---------------------------------------------------------------------------- user errors: one line, exit 2
+def _one_line_error(out: subprocess.CompletedProcess, *needles: str) -> str:
+    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in out.stderr, out.stderr
+    message = lines[-1]
+    for needle in needles:
+        assert needle in message, message
+    return message
+
+
+@pytest.fixture(scope="module")
+def pair_dirs(tiny_pair):
+    return [str(p) for p in tiny_pair("llama", "llama", "bytelevel", 0.5)]
+
+
+@pytest.mark.parametrize("device,needle", [("banana", "not a torch device"), ("cuda", "no usable CUDA"),
+                                           ("cuda:7", "CUDA")])
+def test_bad_device_is_one_line(pair_dirs, device, needle):
+    if device.startswith("cuda") and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = run_cli("generate", "--base", pair_dirs[0], "--nudger", pair_dirs[1], "--prompt", "hi", "--device", device)
+    _one_line_error(out, device, needle)
+
+
+def test_tiny_temperature_is_greedy(pair_dirs):
+    args = ("generate", "--base", pair_dirs[0], "--nudger", pair_dirs[1], "--prompt", "hi", "--max-tokens", "6",
+            "--color", "never")
+    tiny = run_cli(*args, "--temperature", "1e-40")
+    greedy = run_cli(*args)
+    assert tiny.returncode == 0, tiny.stderr
+    assert tiny.stdout.splitlines()[0] == greedy.stdout.splitlines()[0]
+
+
+def test_prompt_that_is_not_utf8(pair_dirs):
+    out = subprocess.run([sys.executable, "-m", "nudge_engine", "generate", "--base", pair_dirs[0], "--nudger",
+                          pair_dirs[1], "--prompt", b"caf\xe9 \xff"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    _one_line_error(out, "--prompt is not valid Unicode text")
+
+
+def test_make_tiny_onto_a_file(tmp_path):
+    target = tmp_path / "afile"
+    target.write_text("x")
+    _one_line_error(run_cli("make-tiny", str(target)), "is a file")
+
+
+def test_serve_bad_port_fails_before_loading(pair_dirs):
+    out = run_cli("serve", "--base", pair_dirs[0], "--port", "99999")
+    assert out.returncode == 2 and "must be a TCP port in 1..65535" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_serve_port_in_use_is_one_line(pair_dirs):
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        out = run_cli("serve", "--base", pair_dirs[0], "--port", str(busy.getsockname()[1]))
+    _one_line_error(out, "cannot listen on 127.0.0.1")
+
+
+def test_config_field_of_the_wrong_type_is_named(tmp_path, pair_dirs):
+    import json
+    import shutil
+    folder = tmp_path / "base"
+    shutil.copytree(pair_dirs[0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["hidden_size"] = "sixty-four"
+    (folder / "config.json").write_text(json.dumps(config))
+    out = run_cli("generate", "--base", str(folder), "--nudger", pair_dirs[1], "--prompt", "hi")
+    _one_line_error(out, "config.json", "'hidden_size'", "sixty-four")

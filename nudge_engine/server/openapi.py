@@ -138,8 +138,15 @@ def _errors(*codes: str) -> dict:
     return {int(c): _json(ErrorResponse, ERROR_STATUSES[c]) for c in codes}
 
 
+# One server-sent event, as OpenAPI documents text/event-stream (on 3.0 / 3.1 `schema` is the per-event
+# schema): each `data` is a JSON chunk, an error object, or the closing "[DONE]".
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+    "retry": {"type": "integer"}}}
+
+
 def _sse() -> dict:
-    return {"text/event-stream": {"schema": {"type": "string"}}}
+    return {"text/event-stream": {"schema": SSE_EVENT}}
 
 
 GENERATION_ERRORS = ("400", "401", "404", "408", "413", "500", "503")
