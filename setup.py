@@ -56,6 +56,8 @@ test = [
     "openai>=1.30",
     "httpx>=0.27",
     "scipy>=1.10",
+    "schemathesis>=4.0",
+    "lm-eval[api]>=0.4.8",
 ]
 
 setup(

@@ -39,8 +39,8 @@ class ServerProcess:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "nudge_engine", "serve", "--base", str(base), "--nudger", str(nudger),
-               "--port", str(self.port), "--kv-cache-bytes", str(64 << 20), "--log-level", "warning", *extra]
+        cmd = [sys.executable, "-m", "nudge_engine", "serve", "--base", str(base),
+               *(["--nudger", str(nudger)] if nudger is not None else []), "--port", str(self.port), "--kv-cache-bytes", str(64 << 20), "--log-level", "warning", *extra]
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
