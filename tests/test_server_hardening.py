@@ -88,6 +88,13 @@ def test_sampled_nudging_to_the_last_position(server):
     assert choice["finish_reason"] == "length" and len(choice["sources"]) == CONTEXT - 2
 
 
+def test_no_step_failed_and_the_engine_lives(server):
+    """The cases above used to fail engine steps (and three in a row stopped the engine): none may now."""
+    from test_server import metrics
+    m = metrics(server)
+    assert m["nudge_engine_step_failures_total"] == 0 and httpx.get(server.url + "/health").status_code == 200
+
+
 # ---------------------------------------------------------------------------- bad input is a 4xx
 SURROGATES = [
     ("/v1/completions", b'{"prompt": "a\\ud800b", "max_tokens": 2}', "prompt"),
