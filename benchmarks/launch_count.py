@@ -11,7 +11,9 @@ What counts as a kernel:
     arithmetic or copies data. Views, allocations and shape queries are not kernels.
 On a GPU, torch may fuse some composite ops that the CPU runs as several leaves (F.rms_norm is one
 kernel on CUDA): the torch backend's counts here are an upper bound; Triton launches count exactly.
-Per layer = the ops inside the first decoder layer's forward (the last layer is the same).
+Per layer = the ops inside the last decoder layer's forward: a layer also does the previous
+layer's residual add (fused into its first norm), so the first layer can be one kernel short
+(OLMo-2's has no norm before attention), and Gemma-2's last layer is a full-attention one.
 Per step = everything in ModelRunner.forward: plan, embeddings, layers, final norm, LM head.
 
     python -m benchmarks.launch_count [--backend triton|torch] [--verbose] [--out FILE.md]
@@ -125,9 +127,10 @@ def count_family(family: str, backend: str, dtype: str, tmp: str) -> dict:
     runner.forward = profiled
     model.score([list(range(5, 5 + PREFILL + 1))], prefill=PREFILL, chunk=1)
     kernels = captured["kernels"]
-    first_layer = [k for k, layer in kernels if layer == f"{LAYER_RANGE}0"]
-    return {"per_layer": len(first_layer), "per_step": len(kernels), "layer_ops": first_layer,
-            "num_layers": len(runner.model.model.layers), "all": kernels}
+    num_layers = len(runner.model.model.layers)
+    last_layer = [k for k, layer in kernels if layer == f"{LAYER_RANGE}{num_layers - 1}"]
+    return {"per_layer": len(last_layer), "per_step": len(kernels), "layer_ops": last_layer,
+            "num_layers": num_layers, "all": kernels}
 
 
 def main() -> int:
@@ -135,7 +138,7 @@ def main() -> int:
     ap.add_argument("--backend", default="triton", choices=("triton", "torch"))
     ap.add_argument("--dtype", default="bfloat16", help="model dtype (bfloat16: the casts a GPU run makes)")
     ap.add_argument("--families", nargs="*", default=list(FAMILIES))
-    ap.add_argument("--verbose", action="store_true", help="list the first layer's kernels")
+    ap.add_argument("--verbose", action="store_true", help="list the last layer's kernels")
     ap.add_argument("--out", help="also write the lines as a markdown table to this file")
     args = ap.parse_args()
     if args.backend == "triton":
