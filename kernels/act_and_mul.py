@@ -23,8 +23,17 @@ _MAX_BLOCK = 1024
 
 @triton.jit
 def _tanh(x):
-    # 1 - 2 / (exp(2x) + 1): exact at both infinities, no libdevice needed.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    # From exp(-2|x|) <= 1: never overflows, exact at both tails, no libdevice needed.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
+def _silu(x):
+    # x * sigmoid(x), sigmoid from exp(-|x|) <= 1 so that it never overflows.
+    e = tl.exp(-tl.abs(x))
+    return x * tl.where(x < 0.0, e, 1.0) / (1.0 + e)
 
 
 @triton.jit
@@ -43,7 +52,7 @@ def _act_and_mul_kernel(
     g = tl.load(row + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(row + inter + cols, mask=mask, other=0.0).to(tl.float32)
     if ACT == _ACT_SILU:
-        a = g / (1.0 + tl.exp(-g))
+        a = _silu(g)
     else:
         a = 0.5 * g * (1.0 + _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))  # sqrt(2 / pi)
     dtype = out_ptr.dtype.element_ty
