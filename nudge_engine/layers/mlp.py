@@ -4,6 +4,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .forward_context import ForwardContext
 from .linear import FusedLinear, Linear
 
 ACTIVATIONS = {
@@ -24,7 +25,7 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden)
         self.activation = activation
 
-    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:  # x: [num_tokens, hidden]; ctx: ForwardContext
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # x: [num_tokens, hidden]
         return self.down_proj(ctx.backend.act_and_mul(self.gate_up_proj(x), self.activation))
 
 
