@@ -1,4 +1,6 @@
-"""Paged attention in plain torch: the CPU backend and the reference for the Triton kernels.
+"""Paged attention in plain torch: the CPU backend and the reference for the Triton kernels
+(with the other per-layer steps: rotary_store_torch here, add_norm_torch in norm.py,
+act_and_mul_torch in mlp.py).
 
 KV cache layout (one tensor per model, see model_runner.py):
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
@@ -8,7 +10,6 @@ The queries of sequence i are its last qlen_i context positions (causal among th
 from __future__ import annotations
 
 import torch
-
 from torch import nn
 
 from .attention_metadata import NO_BLOCK, AttentionMetadata
