@@ -18,7 +18,7 @@ def main() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for family in ("llama", "gemma2", "olmo2", "qwen2"):
+        for family in ("llama", "llama3", "gemma2", "olmo", "olmo2", "qwen2"):
             base, nudger = make_tiny_pair(f"{tmp}/{family}", family, family, "bytelevel", agreement=0.6,
                                           hidden_size=128, num_heads=2, num_kv_heads=1)
             prompts = [[5 + i for i in range(n)] for n in (1, 17, 40, 3)]

@@ -81,5 +81,6 @@ class ModelRunner:
         meta = AttentionMetadata(step.slot_mapping, step.block_tables, step.query_start_loc, step.seq_lens,
                                  step.max_query_len, step.max_seq_len, self.block_size)
         self.backend.plan(meta)
-        hidden = self.model(step.input_ids, step.positions, ForwardContext(meta, self.backend, self.kv_cache))
-        return self.model.compute_logits(hidden[logits_indices])
+        ctx = ForwardContext(meta, self.backend, self.kv_cache)
+        hidden = self.model(step.input_ids, step.positions, ctx, rows=logits_indices)
+        return self.model.compute_logits(hidden)

@@ -15,10 +15,16 @@ Tolerances (error = max |engine - reference| / max |reference| over all position
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
 import zlib
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Before anything imports triton: its standard library is decorated at import, interpreted or not.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import nudge_engine
 from nudge_engine.testing import FAMILIES
@@ -74,14 +80,15 @@ def hf_model(tiny_model):
 
 @pytest.fixture(scope="module")
 def engine_model(tiny_model):
-    """engine_model(family, run_dtype="float32", block_size=16, **folder_kw) -> nudge_engine ScoringModel, cached."""
+    """engine_model(family, run_dtype="float32", block_size=16, backend="auto", **folder_kw) -> nudge_engine
+    ScoringModel, cached."""
     cache = {}
 
-    def get(family: str, run_dtype: str = "float32", block_size: int = 16, **kw):
-        key = (family, run_dtype, block_size, tuple(sorted(kw.items())))
+    def get(family: str, run_dtype: str = "float32", block_size: int = 16, backend: str = "auto", **kw):
+        key = (family, run_dtype, block_size, backend, tuple(sorted(kw.items())))
         if key not in cache:
             cache[key] = nudge_engine.load_model(tiny_model(family, **kw), dtype=run_dtype, num_blocks=NUM_BLOCKS,
-                                                 block_size=block_size)
+                                                 block_size=block_size, attention_backend=backend)
         return cache[key]
 
     return get
@@ -196,6 +203,35 @@ def test_half_precision_checkpoint_runs_in_float32(family, checkpoint_dtype, hf_
     sequences = random_sequences(rng, [29, 11], model.config.vocab_size)
     outputs = score(model, sequences, prefill=6, chunk=3)
     assert relative_error(outputs, reference_logits(hf_model(family, dtype=checkpoint_dtype), sequences)) <= FP32_TOL
+
+
+# ---- the Triton backend (fused per-layer kernels + paged attention; interpreted on the CPU) ----------
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize(("prefill", "chunk"), [(9, 1), (4, 3)])
+def test_triton_backend_equals_transformers(family, prefill, chunk, hf_model, engine_model, rng):
+    """Short sequences (the interpreter is slow) that still cross a KV block (size 5) and Gemma-2's window:
+    (9, 1) runs the decode kernels, (4, 3) the general attention kernel on k-token chunks."""
+    model = engine_model(family, block_size=5, backend="triton")
+    assert model.runner.backend.name == "triton"
+    sequences = random_sequences(rng, [14, 3, 11], model.config.vocab_size)
+    with fragmented(model.pool, rng):
+        outputs = model.score(sequences, prefill=prefill, chunk=chunk)
+    assert model.pool.all_free()
+    assert relative_error(outputs, reference_logits(hf_model(family), sequences)) <= FP32_TOL
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_triton_backend_in_bfloat16(family, hf_model, engine_model, rng):
+    """The fused kernels' roundings in bfloat16: within the bfloat16 tolerance of transformers (float32)."""
+    model = engine_model(family, run_dtype="bfloat16", backend="triton")
+    sequences = random_sequences(rng, [12, 7], model.config.vocab_size)
+    outputs = model.score(sequences, prefill=8, chunk=2)
+    assert model.pool.all_free()
+    assert relative_error(outputs, reference_logits(hf_model(family), sequences)) <= BF16_TOL
 
 
 # ---- bfloat16 and float16 ----------------------------------------------------------------------------

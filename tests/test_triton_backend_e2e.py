@@ -17,7 +17,7 @@ from nudge_engine.sampling_params import NudgeParams, SamplingParams  # noqa: E4
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "olmo", "olmo2"])
 def test_triton_backend_equals_torch_backend(family, tiny_pair, check_pools):
     base, nudger = tiny_pair(family, family, "bytelevel", agreement=0.6)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -46,17 +46,10 @@ class Attention(nn.Module):
         ctx: ForwardContext,
     ) -> torch.Tensor:            # [num_tokens, hidden]
         s = self.spec
-        qkv = self.qkv_proj(x)
-        if s.clip_qkv is not None:
-            qkv = qkv.clamp(-s.clip_qkv, s.clip_qkv)
-        q, k, v = self.qkv_proj.split(qkv)
-        if s.qk_norm_eps is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        n = x.shape[0]
-        q = q.reshape(n, s.num_heads, s.head_dim)
-        k = k.reshape(n, s.num_kv_heads, s.head_dim)
-        v = v.reshape(n, s.num_kv_heads, s.head_dim)
-        q, k = self.rotary(positions, q, k)
         k_cache, v_cache = ctx.kv_cache[self.layer_index]
-        out = ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.meta, s.scale, s.sliding_window, s.softcap)
-        return self.o_proj(out.reshape(n, s.num_heads * s.head_dim))
+        qk_norms = (self.q_norm, self.k_norm) if s.qk_norm_eps is not None else (None, None)
+        # One step from the QKV GEMM to attention: clip, QK-norm, rotary, K/V into the cache.
+        q = ctx.backend.rotary_store(self.qkv_proj(x), positions, s, self.rotary, *qk_norms,
+                                     k_cache, v_cache, ctx.meta)
+        out = ctx.backend.attend(q, k_cache, v_cache, ctx.meta, s.scale, s.sliding_window, s.softcap)
+        return self.o_proj(out.reshape(x.shape[0], s.num_heads * s.head_dim))

@@ -1,4 +1,6 @@
-"""Paged attention in plain torch: the CPU backend and the reference for the Triton kernels.
+"""Paged attention in plain torch: the CPU backend and the reference for the Triton kernels
+(with the other per-layer steps: rotary_store_torch here, add_norm_torch in norm.py,
+act_and_mul_torch in mlp.py).
 
 KV cache layout (one tensor per model, see model_runner.py):
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
@@ -8,8 +10,11 @@ The queries of sequence i are its last qlen_i context positions (causal among th
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .attention_metadata import NO_BLOCK, AttentionMetadata
+from .mlp import act_and_mul_torch
+from .norm import add_norm_torch
 
 NO_WINDOW = 0   # sliding_window value meaning "attend to the whole context"
 NO_SOFTCAP = 0.0
@@ -28,6 +33,34 @@ def store_kv_torch(
         slots, key, value = slots[keep], key[keep], value[keep]
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value.to(v_cache.dtype))
+
+
+def rotary_store_torch(
+    qkv: torch.Tensor,           # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]: q | k | v
+    positions: torch.Tensor,     # [num_tokens] int64
+    spec,                        # AttentionSpec: head counts, head_dim, clip_qkv
+    rotary: nn.Module,           # RotaryEmbedding (its cos / sin tables)
+    q_norm: nn.Module | None,    # OLMo-2 QK-norm over the whole q (and k) projection, or None
+    k_norm: nn.Module | None,
+    k_cache: torch.Tensor,       # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,       # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int, < 0 = skip
+) -> torch.Tensor:               # [num_tokens, num_heads, head_dim] rotated queries
+    """Everything between the QKV GEMM and attention: clip (OLMo), QK-norm (OLMo-2), rotary on q
+    and k, K/V into the paged cache. The torch backend runs this; kernels/rotary_store.py fuses it."""
+    n = qkv.shape[0]
+    if spec.clip_qkv is not None:
+        qkv = qkv.clamp(-spec.clip_qkv, spec.clip_qkv)
+    q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    q = q.reshape(n, spec.num_heads, spec.head_dim)
+    k = k.reshape(n, spec.num_kv_heads, spec.head_dim)
+    v = v.reshape(n, spec.num_kv_heads, spec.head_dim)
+    q, k = rotary(positions, q, k)
+    store_kv_torch(k, v, k_cache, v_cache, slot_mapping)
+    return q
 
 
 def plan_torch(meta: AttentionMetadata) -> None:
@@ -126,12 +159,35 @@ def paged_attention_sdpa(
 
 
 class TorchAttentionBackend:
-    """Gather pages, then dense masked attention. Chosen at start-up on the CPU."""
+    """Gather pages, then dense masked attention; the other per-layer steps as plain torch ops.
+    Chosen at start-up on the CPU, and the reference for the Triton backend (kernels/backend.py),
+    which has the same methods."""
 
     name = "torch"
 
+    add_norm = staticmethod(add_norm_torch)
+    act_and_mul = staticmethod(act_and_mul_torch)
+
     def plan(self, meta: AttentionMetadata) -> None:
         plan_torch(meta)
+
+    def rotary_store(self, qkv, positions, spec, rotary, q_norm, k_norm, k_cache, v_cache,
+                     meta: AttentionMetadata) -> torch.Tensor:
+        return rotary_store_torch(qkv, positions, spec, rotary, q_norm, k_norm, k_cache, v_cache, meta.slot_mapping)
+
+    def attend(
+        self,
+        query: torch.Tensor,    # [num_tokens, num_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int = NO_WINDOW,
+        softcap: float = NO_SOFTCAP,
+    ) -> torch.Tensor:          # [num_tokens, num_heads, head_dim]
+        if softcap == NO_SOFTCAP:
+            return paged_attention_sdpa(query, k_cache, v_cache, meta, scale, sliding_window)
+        return paged_attention_torch(query, k_cache, v_cache, meta, scale, sliding_window, softcap)
 
     def forward(
         self,
@@ -146,6 +202,4 @@ class TorchAttentionBackend:
         softcap: float = NO_SOFTCAP,
     ) -> torch.Tensor:          # [num_tokens, num_heads, head_dim]
         store_kv_torch(key, value, k_cache, v_cache, meta.slot_mapping)
-        if softcap == NO_SOFTCAP:
-            return paged_attention_sdpa(query, k_cache, v_cache, meta, scale, sliding_window)
-        return paged_attention_torch(query, k_cache, v_cache, meta, scale, sliding_window, softcap)
+        return self.attend(query, k_cache, v_cache, meta, scale, sliding_window, softcap)

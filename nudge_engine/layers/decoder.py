@@ -38,17 +38,22 @@ class DecoderLayer(nn.Module):
             setattr(self, name, make_norm())
             self._norm_by_role[role] = name
 
-    def _norm(self, role: str, x: torch.Tensor) -> torch.Tensor:
+    def norm(self, role: str) -> nn.Module | None:
         name = self._norm_by_role.get(role)
-        return x if name is None else getattr(self, name)(x)
+        return None if name is None else getattr(self, name)
 
     def forward(
         self,
-        positions: torch.Tensor,  # [num_tokens]
-        x: torch.Tensor,          # [num_tokens, hidden]
+        positions: torch.Tensor,       # [num_tokens]
+        x: torch.Tensor,               # [num_tokens, hidden] previous sublayer's output, not yet added
+        residual: torch.Tensor | None,  # [num_tokens, hidden] residual stream; None at the first layer
+        pending_post: nn.Module | None,  # previous layer's post_mlp norm, still to apply to x
         ctx: ForwardContext,
-    ) -> torch.Tensor:            # [num_tokens, hidden]
-        h = self._norm("post_attn", self.self_attn(positions, self._norm("pre_attn", x), ctx))
-        x = x + h
-        h = self._norm("post_mlp", self.mlp(self._norm("pre_mlp", x)))
-        return x + h
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (MLP output not yet post-normed and added, residual)
+        # The residual add sits between two norms (the previous sublayer's post-norm and the next
+        # one's pre-norm), so each add is one backend step with both norms: the MLP's add is done
+        # by the next layer (or the final norm).
+        h, residual = ctx.backend.add_norm(x, residual, pending_post, self.norm("pre_attn"))
+        h = self.self_attn(positions, h, ctx)
+        h, residual = ctx.backend.add_norm(h, residual, self.norm("post_attn"), self.norm("pre_mlp"))
+        return self.mlp(h, ctx), residual

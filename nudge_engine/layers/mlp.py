@@ -4,6 +4,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .forward_context import ForwardContext
 from .linear import FusedLinear, Linear
 
 ACTIVATIONS = {
@@ -22,8 +23,16 @@ class GatedMLP(nn.Module):
             raise ValueError(f"config.json: activation {activation!r} is not supported ({sorted(ACTIVATIONS)})")
         self.gate_up_proj = FusedLinear(hidden, {"gate": intermediate, "up": intermediate})
         self.down_proj = Linear(intermediate, hidden)
-        self.act = ACTIVATIONS[activation]
+        self.activation = activation
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [num_tokens, hidden]
-        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
-        return self.down_proj(self.act(gate) * up)
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # x: [num_tokens, hidden]
+        return self.down_proj(ctx.backend.act_and_mul(self.gate_up_proj(x), self.activation))
+
+
+def act_and_mul_torch(
+    gate_up: torch.Tensor,  # [num_tokens, 2 * intermediate]: gate | up
+    activation: str,        # a key of ACTIVATIONS
+) -> torch.Tensor:          # [num_tokens, intermediate]
+    """act(gate) * up: the torch backend's (and kernels/act_and_mul.py's reference)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return ACTIVATIONS[activation](gate) * up

@@ -73,13 +73,17 @@ class CausalLM(nn.Module):
         input_ids: torch.Tensor,  # [num_tokens]
         positions: torch.Tensor,  # [num_tokens]
         ctx: ForwardContext,
-    ) -> torch.Tensor:            # [num_tokens, hidden]
+        rows: torch.Tensor | None = None,  # [num_rows] int64: the rows whose hidden state is wanted
+    ) -> torch.Tensor:            # [num_rows (default num_tokens), hidden] after the final norm
         x = self.model.embed_tokens(input_ids)
         if self.arch.embed_scale is not None:
             x = x * torch.tensor(self.arch.embed_scale, dtype=x.dtype)
+        residual = pending_post = None
         for layer in self.model.layers:
-            x = layer(positions, x, ctx)
-        return self.model.norm(x)
+            x, residual = layer(positions, x, residual, pending_post, ctx)
+            pending_post = layer.norm("post_mlp")
+        # The last add and the final norm, for the logits rows only.
+        return ctx.backend.add_norm(x, residual, pending_post, self.model.norm, rows)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab] float32
         weight = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
