@@ -53,11 +53,10 @@ def _engine_options(p: argparse.ArgumentParser, nudger_required: bool) -> None:
 
 def _make_engine(args):
     from .engine import NudgeEngine
-    from .prompts import DEFAULT_BASE_TEMPLATE
     kw = dict(device=args.device, dtype=args.dtype, gamma=args.gamma, draft_tokens=args.draft_tokens,
               resume_on_agreement=not args.no_resume_on_agreement, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_bytes,
-              base_template=args.base_template or DEFAULT_BASE_TEMPLATE, response_prefix=args.response_prefix,
+              base_template=args.base_template, response_prefix=args.response_prefix,
               seed=args.seed)
     return NudgeEngine(args.base, args.nudger, **kw)
 
