@@ -49,6 +49,7 @@ runtime = [
     "uvicorn>=0.29",
     "pydantic>=2.5",
     "prometheus_client>=0.19",
+    "gguf>=0.10",          # .gguf checkpoints (imported only when a .gguf path is given)
 ]
 test = [
     "pytest>=7",
@@ -56,6 +57,7 @@ test = [
     "openai>=1.30",
     "httpx>=0.27",
     "scipy>=1.10",
+    "accelerate>=0.26",    # transformers needs it to read a GGUF (the real-model reference)
 ]
 
 setup(
