@@ -211,3 +211,12 @@ def test_unsupported_tokenizer_is_named(gguf_of, tmp_path, monkeypatch):
     monkeypatch.delitem(gguf_tokenizer.PRE_SPLITS, "default")
     with pytest.raises(ModelFolderError, match="pre-tokenizer 'default' is not supported"):
         Tokenizer(path)
+
+
+def test_cli_reports_a_bad_gguf_in_one_line(gguf_of, tmp_path, capsys):
+    from nudge_engine import cli
+    target, data = _copy(gguf_of, tmp_path)
+    target.write_bytes(data[:len(data) // 2])
+    assert cli.main(["generate", "--base", str(target), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "truncated" in err and str(target) in err and len(err.splitlines()) == 1
