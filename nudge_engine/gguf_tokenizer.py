@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from .cross.wordpieces import bytes_to_unicode
 from .errors import ModelFolderError
 from .gguf_checkpoint import field, open_gguf
 
@@ -39,12 +40,16 @@ PRE_SPLITS = {
 }
 
 
-def _byte_level(tokens: list[str], merges: list[str], pre: str | None, path: Path) -> Tokenizer:
+def _byte_level(tokens: list[str], types: list[int], merges: list[str], pre: str | None, path: Path) -> Tokenizer:
     if pre not in PRE_SPLITS and pre is not None:
         raise ModelFolderError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported "
                                f"(supported: {', '.join(sorted(PRE_SPLITS))})")
     splits, ignore_merges = PRE_SPLITS[pre or "default"]
-    vocab = {t: i for i, t in enumerate(tokens)}
+    # A few files spell a plain token in UTF-8 rather than in the byte alphabet: respell it (as transformers does).
+    spelling = bytes_to_unicode()
+    alphabet = set(spelling.values())
+    vocab = {t if kind == TOKEN_CONTROL or set(t) <= alphabet else "".join(spelling[b] for b in t.encode()): i
+             for i, (t, kind) in enumerate(zip(tokens, types))}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     tok = Tokenizer(models.BPE(vocab, pairs, ignore_merges=ignore_merges))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -69,7 +74,12 @@ def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[st
 
 
 def _sentencepiece(tokens: list[str], scores: list[float], merges: list[str] | None, unk: str | None,
-                   add_space_prefix: bool) -> Tokenizer:
+                   add_space_prefix: bool, gemma: bool) -> Tokenizer:
+    if gemma:
+        # Gemma files store a token of several spaces as spaces, and its scores do not follow the merge
+        # order while the token order does (as transformers' GGUF gemma_tokenizer reads them).
+        tokens = [SPIECE_SPACE * len(t) if len(t) > 1 and not t.strip(" ") else t for t in tokens]
+        scores = [-float(i) for i in range(len(tokens))]
     vocab = {t: i for i, t in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges] if merges else _merges_from_scores(tokens, scores)
     tok = Tokenizer(models.BPE(vocab, pairs, unk_token=unk, fuse_unk=True, byte_fallback=True))
@@ -99,12 +109,13 @@ def load_gguf_tokenizer(path: str | Path) -> tuple[Tokenizer, dict]:
     if kind == "gpt2":
         if not merges:
             raise ModelFolderError(f"{path}: byte-level GGUF tokenizer without tokenizer.ggml.merges")
-        tok = _byte_level(tokens, merges, field(reader, "tokenizer.ggml.pre"), path)
+        tok = _byte_level(tokens, types, merges, field(reader, "tokenizer.ggml.pre"), path)
         add_bos_default = False
     elif kind == "llama":
         scores = field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
         tok = _sentencepiece(tokens, scores, merges, token_of("unknown"),
-                             bool(field(reader, "tokenizer.ggml.add_space_prefix", True)))
+                             bool(field(reader, "tokenizer.ggml.add_space_prefix", True)),
+                             str(field(reader, "general.architecture", "")).startswith("gemma"))
         add_bos_default = True   # llama.cpp adds BOS to a sentencepiece vocabulary that does not say otherwise
     else:
         raise ModelFolderError(f"{path}: GGUF tokenizer model {kind!r} is not supported (supported: gpt2, llama)")

@@ -80,7 +80,7 @@ def write_gguf(folder: Path, out: Path, types: dict[str, str] | None = None, tok
         w.add_float32("gemma2.final_logit_softcapping", cfg["final_logit_softcapping"])
     if arch == "llama":
         w.add_rope_dimension_count(head_dim)
-    _add_tokenizer(w, folder, tokenizer, cfg)
+    _add_tokenizer(w, folder, tokenizer, cfg, arch)
     for name, t in _tensors(folder).items():
         t = t.astype(np.float32)
         if arch in PERMUTED and name.endswith(("q_proj.weight", "q_proj.bias")):
@@ -120,7 +120,7 @@ def random_k_blocks(qtype, shape: tuple[int, ...], seed: int) -> np.ndarray:
     return data.reshape(*shape[:-1], cols // block * size)
 
 
-def _add_tokenizer(w, folder: Path, kind: str, cfg: dict) -> None:
+def _add_tokenizer(w, folder: Path, kind: str, cfg: dict, arch: str) -> None:
     spec = json.loads((folder / "tokenizer.json").read_text())
     vocab = spec["model"]["vocab"]
     special = {t["content"]: t["id"] for t in spec["added_tokens"]}
@@ -136,7 +136,7 @@ def _add_tokenizer(w, folder: Path, kind: str, cfg: dict) -> None:
     else:  # sentencepiece: scores, no merges; later (rarer) merges score lower
         types = [gguf.TokenType.BYTE if t.startswith("<0x") and t.endswith(">") else k for t, k in zip(tokens, types)]
         w.add_token_scores([-float(i) for i in range(len(tokens))])
-        w.add_add_space_prefix(True)
+        w.add_add_space_prefix(arch != "gemma2")   # Gemma's sentencepiece adds no dummy prefix
     w.add_token_types(types)
     w.add_bos_token_id(cfg["bos_token_id"])
     eos = cfg["eos_token_id"]
