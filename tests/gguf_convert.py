@@ -95,7 +95,7 @@ def write_gguf(folder: Path, out: Path, types: dict[str, str] | None = None, tok
         qtype = gguf.GGMLQuantizationType[(types or {}).get(gname, "F32")]
         if qtype == gguf.GGMLQuantizationType.F32:
             w.add_tensor(gname, t)
-        elif qtype in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q5_K, gguf.GGMLQuantizationType.Q6_K):
+        elif qtype.name in K_SCALES:
             w.add_tensor(gname, random_k_blocks(qtype, t.shape, seed=len(gname)), raw_dtype=qtype)
         else:
             w.add_tensor(gname, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
@@ -106,17 +106,20 @@ def write_gguf(folder: Path, out: Path, types: dict[str, str] | None = None, tok
     return out
 
 
+# Where a K block keeps its float16 super-scales: (byte offset, count) of d (and dmin).
+K_SCALES = {"Q2_K": (-4, 2), "Q3_K": (-2, 1), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (-2, 1)}
+
+
 def random_k_blocks(qtype, shape: tuple[int, ...], seed: int) -> np.ndarray:
-    """gguf-py cannot quantize K types: random block bytes with sane float16 scales instead."""
+    """gguf-py cannot quantize K types: random block bytes with sane float16 super-scales instead."""
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     rows, cols = int(np.prod(shape[:-1])), shape[-1]
     rng = np.random.default_rng(seed)
     data = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
-    scale = rng.uniform(1e-3, 2e-2, size=(rows, cols // block, 2)).astype(np.float16).view(np.uint8)  # 2 halves
-    if qtype == gguf.GGMLQuantizationType.Q6_K:
-        data[..., size - 2:] = scale[..., :2]         # d is the block's last float16
-    else:
-        data[..., :4] = scale                         # d and dmin are its first two
+    at, count = K_SCALES[qtype.name]
+    at %= size
+    scale = rng.uniform(1e-3, 2e-2, size=(rows, cols // block, count)).astype(np.float16).view(np.uint8)
+    data[..., at:at + 2 * count] = scale
     return data.reshape(*shape[:-1], cols // block * size)
 
 

@@ -28,7 +28,8 @@ PROMPT = list(range(5, 45))   # 40 tokens: crosses KV blocks and Gemma-2's windo
 MIXED_TYPES = {"token_embd.weight": "F16", "output.weight": "BF16", "blk.0.attn_q.weight": "Q4_K",
                "blk.0.attn_k.weight": "Q5_K", "blk.0.attn_v.weight": "Q6_K", "blk.0.attn_output.weight": "Q8_0",
                "blk.0.ffn_gate.weight": "Q4_0", "blk.0.ffn_up.weight": "Q4_1", "blk.0.ffn_down.weight": "Q5_0",
-               "blk.1.attn_q.weight": "Q5_1", "blk.1.attn_k.weight": "Q4_K", "blk.1.ffn_down.weight": "Q6_K"}
+               "blk.1.attn_q.weight": "Q5_1", "blk.1.attn_k.weight": "Q2_K", "blk.1.attn_v.weight": "Q3_K",
+               "blk.1.ffn_down.weight": "Q6_K"}
 FAMILY_KW = {"llama": {}, "qwen2": {}, "olmo": {}, "olmo2": {},
              # llama.cpp scales Gemma-2 queries by head_dim (hidden/heads only for the 27B)
              "gemma2": {"query_pre_attn_scalar": 32}}
