@@ -121,10 +121,14 @@ def load_gguf_tokenizer(path: str | Path) -> tuple[Tokenizer, dict]:
         raise ModelFolderError(f"{path}: GGUF tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
 
     # Control tokens stay whole and are special; user-defined ones stay whole (llama.cpp matches both).
+    # Only under their own id: one the model spells differently (respelled above) would get a new id.
+    own = tok.get_vocab()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, kind_ in zip(tokens, types) if kind_ == TOKEN_CONTROL])
+                            for i, (t, kind_) in enumerate(zip(tokens, types))
+                            if kind_ == TOKEN_CONTROL and own.get(t) == i])
     tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, kind_ in zip(tokens, types) if kind_ == TOKEN_USER_DEFINED])
+                    for i, (t, kind_) in enumerate(zip(tokens, types))
+                    if kind_ == TOKEN_USER_DEFINED and own.get(t) == i])
     bos = token_of("bos")
     if bool(field(reader, "tokenizer.ggml.add_bos_token", add_bos_default)) and bos is not None:
         bos_id = int(field(reader, "tokenizer.ggml.bos_token_id"))
