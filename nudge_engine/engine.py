@@ -69,7 +69,7 @@ class NudgeEngine:
         num_blocks: int | None = None,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 4096,
-        base_template: str = DEFAULT_BASE_TEMPLATE,
+        base_template: str | None = None,      # None: the base model's chat template when alone
         response_prefix: str = "",
         seed: int = 0,
     ):
@@ -77,7 +77,7 @@ class NudgeEngine:
                                     adaptive_drafting=adaptive_drafting)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
-        self.chat_format = ChatFormat(base_template, response_prefix)
+        self.chat_format = ChatFormat(base_template or DEFAULT_BASE_TEMPLATE, response_prefix, base_template is None)
         paths = [Path(base)] + ([Path(nudger)] if nudger is not None else [])
         self.models = load_models(paths, self.device, self.dtype, attention_backend=attention_backend,
                                   block_size=block_size, kv_cache_bytes=kv_cache_bytes, num_blocks=num_blocks,

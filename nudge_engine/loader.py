@@ -1,4 +1,5 @@
-"""Loads safetensors weights from a local Hugging Face folder, tensor by tensor, into a CausalLM.
+"""Loads safetensors weights from a local Hugging Face folder (or a .gguf file, see gguf_checkpoint.py),
+tensor by tensor, into a CausalLM.
 
 Every check that can fail runs on the files' headers and a meta-device model before any real
 allocation: pickle weights, git-lfs pointers, truncated or corrupt files, missing, unexpected and
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from .config import ModelConfig, load_config
 from .errors import ModelFolderError
+from .gguf_checkpoint import is_gguf
 from .models import CausalLM, build_model
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -134,14 +136,24 @@ def _expected_params(model: CausalLM) -> dict[tuple[str, str | None], tuple[int,
     return expected
 
 
-def _plan_loading(model: CausalLM, folder: Path) -> dict[str, tuple[str, str | None]]:
-    """Checks names and shapes of every checkpoint tensor; returns checkpoint name -> (param, shard)."""
+def _folder_tensors(folder: Path) -> dict[str, TensorInfo]:
     infos: dict[str, TensorInfo] = {}
     for path in weight_files(folder):
         for name, info in _read_header(path).items():
             if name in infos:
                 raise ModelFolderError(f"tensor {name!r} appears in both {infos[name].file.name} and {path.name}")
             infos[name] = info
+    return infos
+
+
+def _gguf_tensors(path: Path) -> dict[str, TensorInfo]:
+    from .gguf_checkpoint import tensor_shapes
+    return {name: TensorInfo(path, shape) for name, (shape, _) in tensor_shapes(path).items()}
+
+
+def _plan_loading(model: CausalLM, folder: Path) -> dict[str, tuple[str, str | None]]:
+    """Checks names and shapes of every checkpoint tensor; returns checkpoint name -> (param, shard)."""
+    infos = _gguf_tensors(folder) if is_gguf(folder) else _folder_tensors(folder)
     expected = _expected_params(model)
     plan, errors = {}, []
     for name, info in sorted(infos.items()):
@@ -166,8 +178,24 @@ def _plan_loading(model: CausalLM, folder: Path) -> dict[str, tuple[str, str | N
     return plan
 
 
+def _copy_into(param: torch.nn.Parameter, tensor: torch.Tensor, shard: str | None) -> None:
+    tensor = tensor.to(device=param.device, dtype=param.dtype)
+    loader = getattr(param, "weight_loader", None)
+    if loader is None:
+        param.data.copy_(tensor)
+    else:
+        loader(param, tensor, shard)
+
+
 def load_weights(model: CausalLM, folder: Path, plan: dict[str, tuple[str, str | None]], progress: bool) -> None:
     params = dict(model.named_parameters())
+    if is_gguf(folder):
+        from .gguf_checkpoint import iter_tensors
+        for name, tensor in iter_tensors(folder, model.config):   # one dequantized float32 tensor at a time
+            if name in plan:
+                param_name, shard = plan[name]
+                _copy_into(params[param_name], tensor, shard)
+        return
     files = weight_files(folder)
     device = next(model.parameters()).device
     for path in tqdm(files, desc=f"loading {folder.name}", disable=not progress or len(files) < 2):
@@ -177,13 +205,7 @@ def load_weights(model: CausalLM, folder: Path, plan: dict[str, tuple[str, str |
                 if name not in plan:
                     continue
                 param_name, shard = plan[name]
-                param = params[param_name]
-                tensor = f.get_tensor(name).to(param.dtype)
-                loader = getattr(param, "weight_loader", None)
-                if loader is None:
-                    param.data.copy_(tensor)
-                else:
-                    loader(param, tensor, shard)
+                _copy_into(params[param_name], f.get_tensor(name), shard)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -216,8 +238,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def load_causal_lm(folder: str | Path, device: str | torch.device, dtype: torch.dtype,
                    progress: bool = True) -> tuple[CausalLM, ModelConfig]:
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelFolderError(f"{folder}: not a folder")
+    if not folder.is_dir() and not is_gguf(folder):
+        raise ModelFolderError(f"{folder}: not a folder (a model is a Hugging Face folder or a .gguf file)")
     config = load_config(folder)
     with torch.device("meta"):
         plan = _plan_loading(build_model(config), folder)

@@ -15,6 +15,9 @@ Prompt = Union[str, list[int], dict[str, Any]]
 class ChatFormat:
     base_template: str = DEFAULT_BASE_TEMPLATE   # the base model's plain rendering of a chat
     response_prefix: str = ""                    # e.g. "Answer:" (the paper's base template)
+    # Without a nudger, a chat goes through the base model's own chat template when it has one (as
+    # vLLM serves an instruct model); False (an explicit base template) forces the plain rendering.
+    base_chat_template: bool = True
 
 
 def check_text(value: str, what: str) -> str:
@@ -57,16 +60,24 @@ def _check_messages(messages: Any) -> list[dict]:
 
 def tokenize_prompt(prompt: Prompt, base_tok: Tokenizer, nudger_tok: Tokenizer | None,
                     fmt: ChatFormat) -> tuple[list[int], list[int] | None]:
-    """(base prompt ids, nudger prompt ids or None without a nudger)."""
+    """(base prompt ids, nudger prompt ids or None without a nudger).
+
+    A chat prompt may carry "chat_template" (a request's own template, for the nudger, or for the
+    base model when it serves alone), "base_template" and "response_prefix"."""
     if isinstance(prompt, dict) and "messages" in prompt:
         messages = _check_messages(prompt["messages"])
+        template = prompt.get("chat_template")
         fmt = ChatFormat(check_text(prompt.get("base_template", fmt.base_template), "base_template"),
-                         check_text(prompt.get("response_prefix", fmt.response_prefix), "response_prefix"))
+                         check_text(prompt.get("response_prefix", fmt.response_prefix), "response_prefix"),
+                         fmt.base_chat_template and "base_template" not in prompt)
+        if nudger_tok is None and fmt.base_chat_template and (template or base_tok.chat_template):
+            # The rendered template carries its own special tokens (bos and markers).
+            text = base_tok.render_chat(messages, template=template) + fmt.response_prefix
+            return base_tok.encode(text, add_special_tokens=False), None
         base = base_tok.encode(render_base_chat(messages, fmt))
         if nudger_tok is None:
             return base, None
-        # The rendered template carries its own special tokens (bos and markers).
-        return base, nudger_tok.encode(nudger_tok.render_chat(messages), add_special_tokens=False)
+        return base, nudger_tok.encode(nudger_tok.render_chat(messages, template=template), add_special_tokens=False)
     if isinstance(prompt, dict):
         unknown = set(prompt) - {"base", "nudger"}
         if unknown or "base" not in prompt:

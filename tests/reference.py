@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -11,7 +12,13 @@ BASE, NUDGE = "base", "nudger"
 
 @lru_cache(maxsize=16)
 def hf_model(folder) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager")
+    """A model folder, or a .gguf file (read by transformers' own GGUF loader)."""
+    folder = Path(folder)
+    if folder.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(str(folder.parent), gguf_file=folder.name, dtype=torch.float32,
+                                                     attn_implementation="eager")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager")
     return model.eval()
 
 

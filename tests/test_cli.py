@@ -79,14 +79,15 @@ def test_generate_marks_nudged_tokens(tiny_pair, capsys):
 
 def test_demo_end_to_end(tmp_path, capsys):
     folder = tmp_path / "tiny"
-    out = run_cli("demo", "--dir", str(folder), "--max-tokens", "16", cwd=tmp_path)
+    # The real-model part of the demo is checked in test_real_model.py.
+    out = run_cli("demo", "--dir", str(folder), "--max-tokens", "16", "--tiny-only", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert (folder / "base" / "config.json").is_file() and (folder / "nudger" / "config.json").is_file()
     assert "building a tiny model pair" in out.stdout
     assert "RANDOM weights" in out.stdout and "tokens/s" in out.stdout
     assert re.search(r"nudged fraction: [0-9.]+ \(\d+ of 16 tokens\)", out.stdout)
     # A second run reuses the pair.
-    assert cli.main(["demo", "--dir", str(folder), "--max-tokens", "8"]) == 0
+    assert cli.main(["demo", "--dir", str(folder), "--max-tokens", "8", "--tiny-only"]) == 0
     assert "building" not in capsys.readouterr().out
 
 

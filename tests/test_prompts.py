@@ -51,3 +51,30 @@ def test_chat_request_runs_end_to_end(tiny_pair, check_pools):
                           NudgeParams(gamma=0.6))[0]
     assert out.prompt_token_ids == engine.tokenizer.encode("Be brief.\nWhat is 2+2?\nAnswer:")
     assert len(out.token_ids) >= 1 and len(out.sources) == len(out.token_ids)
+
+
+def test_a_base_model_alone_gets_its_own_chat_template_unless_a_base_template_is_given(tiny_model, monkeypatch):
+    tok = Tokenizer(tiny_model("llama", "metaspace"))
+    chat = {"messages": MESSAGES, "response_prefix": "Sure:"}
+    templated = tok.encode(tok.render_chat(MESSAGES) + "Sure:", add_special_tokens=False)
+    plain = tok.encode("Be brief.\nWhat is 2+2?\nSure:")
+    assert tokenize_prompt(chat, tok, None, ChatFormat()) == (templated, None)
+    assert tokenize_prompt(chat, tok, None, ChatFormat(base_chat_template=False)) == (plain, None)
+    assert tokenize_prompt({**chat, "base_template": "{system}\n{user}\n"}, tok, None, ChatFormat()) == (plain, None)
+    # A request's own template: the base model's when it is alone, the nudger's otherwise.
+    own = "{% for m in messages %}[{{ m.content }}]{% endfor %}"
+    assert tokenize_prompt({**chat, "chat_template": own}, tok, None, ChatFormat())[0] == \
+        tok.encode("[Be brief.][What is 2+2?]Sure:", add_special_tokens=False)
+    assert tokenize_prompt({**chat, "chat_template": own}, tok, tok, ChatFormat()) == \
+        (plain, tok.encode("[Be brief.][What is 2+2?]", add_special_tokens=False))
+    monkeypatch.setattr(tok, "chat_template", None)     # no template: the plain rendering
+    assert tokenize_prompt(chat, tok, None, ChatFormat()) == (plain, None)
+
+
+def test_engine_base_template_argument_forces_the_plain_rendering(tiny_model):
+    folder = tiny_model("llama")
+    assert NudgeEngine(folder).chat_format.base_chat_template
+    forced = NudgeEngine(folder, base_template="{user}\n")
+    assert not forced.chat_format.base_chat_template
+    out = forced.generate({"messages": MESSAGES}, SamplingParams(max_tokens=1))[0]
+    assert out.prompt_token_ids == forced.tokenizer.encode("What is 2+2?\n")

@@ -80,14 +80,14 @@ class CrossTokenizerEngine:
         num_blocks: int | None = None,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 4096,
-        base_template: str = DEFAULT_BASE_TEMPLATE,
+        base_template: str | None = None,      # None: the base model's chat template when alone
         response_prefix: str = "",
         seed: int = 0,
     ):
         self.defaults = NudgeParams(gamma=gamma, draft_tokens=draft_tokens, resume_on_agreement=resume_on_agreement)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
-        self.chat_format = ChatFormat(base_template, response_prefix)
+        self.chat_format = ChatFormat(base_template or DEFAULT_BASE_TEMPLATE, response_prefix, base_template is None)
         self.max_num_batched_tokens = max_num_batched_tokens
         paths = [Path(base), Path(nudger)]
         self.models = load_models(paths, self.device, self.dtype, attention_backend=attention_backend,

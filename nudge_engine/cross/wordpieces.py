@@ -23,6 +23,7 @@ SPACE_PIECE = "▁"                                   # U+2581: Metaspace / Sent
 BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # byte fallback piece
 ESCAPED_BYTES = re.compile(r"[\udc80-\udcff]+")     # invalid UTF-8 bytes under "surrogateescape"
 ESCAPE_BASE = 0xDC00
+REPLACEMENT_CHAR = "\ufffd"                       # what a byte the vocabulary cannot spell reads as
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -86,7 +87,7 @@ class WordPieces:
         self._piece_tok = HFTokenizer.from_str(json.dumps(piece_spec))
         self.special = frozenset(tok.special_ids)
         self.token_bytes = self._token_bytes_table(tok)              # [vocab] bytes
-        self.byte_token = self._byte_tokens(tok)                     # [256] token id
+        self.byte_token = self._byte_tokens(tok)                     # [256] token ids (one, as a rule)
         # Longest token that can be a word's prefix (no whitespace after its first byte): the
         # agreement test never needs more of the other model's word than this.
         self.max_word_token_bytes = max(
@@ -108,12 +109,15 @@ class WordPieces:
 
     def _byte_tokens(self, tok: Tokenizer) -> list[int]:
         if self.byte_level:
-            return [tok.vocab[c] for _, c in sorted(bytes_to_unicode().items())]
+            # Real byte-level vocabularies may lack bytes that never occur in UTF-8 (0xC0, 0xC1, 0xF5-0xFF,
+            # SmolLM2's for one); such a byte, written by the other model, reads as U+FFFD here.
+            replacement = self._piece_tok.encode(REPLACEMENT_CHAR, add_special_tokens=False).ids
+            return [[tok.vocab[c]] if c in tok.vocab else replacement for _, c in sorted(bytes_to_unicode().items())]
         missing = [b for b in range(256) if f"<0x{b:02X}>" not in tok.vocab]
         if missing:
             raise ValueError("the cross-tokenizer path needs a byte-level or byte-fallback tokenizer "
                              f"(no piece for byte 0x{missing[0]:02X})")
-        return [tok.vocab[f"<0x{b:02X}>"] for b in range(256)]
+        return [[tok.vocab[f"<0x{b:02X}>"]] for b in range(256)]
 
     def bytes_of(self, ids) -> bytes:
         return b"".join(self.token_bytes[t] for t in ids)
@@ -126,7 +130,7 @@ class WordPieces:
         for m in ESCAPED_BYTES.finditer(text):
             if m.start() > pos:
                 ids += self._piece_tok.encode(text[pos:m.start()], add_special_tokens=False).ids
-            ids += [self.byte_token[ord(c) - ESCAPE_BASE] for c in m.group()]
+            ids += [t for c in m.group() for t in self.byte_token[ord(c) - ESCAPE_BASE]]
             pos = m.end()
         if pos < len(text):
             ids += self._piece_tok.encode(text[pos:], add_special_tokens=False).ids

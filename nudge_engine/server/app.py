@@ -28,9 +28,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import NudgeEngine
-from ..prompts import ChatFormat, render_base_chat, tokenize_prompt
+from ..prompts import ChatFormat, tokenize_prompt
 from ..sampling_params import NudgeParams, SamplingParams
-from ..tokenizer import render_chat_template
 from . import protocol as P
 from .async_engine import (AsyncEngine, EngineDeadError, EngineStepError, GenerateItem, GroupError,
                            InvalidRequestError, QueueFullError, RequestFailedError, ShuttingDownError)
@@ -463,20 +462,13 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
         fmt = ChatFormat(engine.chat_format.base_template,
                          engine.chat_format.response_prefix if body.response_prefix is None else body.response_prefix)
         try:
-            if body.chat_template is not None:
-                if not settings.allow_request_chat_template:
-                    raise bad_request("chat_template in a request is refused by this server (the operator can allow "
-                                      "it with --allow-request-chat-template)", "chat_template")
-                base_ids = base_tok.encode(render_base_chat(messages, fmt))
-                nudger_ids = None
-                if nudger_tok is not None:
-                    text = render_chat_template(body.chat_template, messages, True,
-                                                bos_token=nudger_tok.bos_token or "",
-                                                eos_token=nudger_tok.eos_token or "")
-                    nudger_ids = nudger_tok.encode(text, add_special_tokens=False)
-            else:
-                base_ids, nudger_ids = tokenize_prompt({"messages": messages, "response_prefix": fmt.response_prefix},
-                                                       base_tok, nudger_tok, engine.chat_format)
+            if body.chat_template is not None and not settings.allow_request_chat_template:
+                raise bad_request("chat_template in a request is refused by this server (the operator can allow "
+                                  "it with --allow-request-chat-template)", "chat_template")
+            # prompts.py picks the renderings: the nudger's template, or the base model's own when it serves alone.
+            base_ids, nudger_ids = tokenize_prompt({"messages": messages, "response_prefix": fmt.response_prefix,
+                                                    "chat_template": body.chat_template},
+                                                   base_tok, nudger_tok, engine.chat_format)
         except APIError:
             raise
         except Exception as e:  # noqa: BLE001 - a template error is the request's fault

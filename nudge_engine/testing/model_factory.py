@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import save_file
 
-from nudge_engine.testing.tokenizer_factory import make_tokenizer
+from nudge_engine.testing.tokenizer_factory import STYLES, copy_tokenizer, make_tokenizer
 
 DEFAULT_PEAKINESS = 4.5
 NORM_GAIN_JITTER = 0.1  # relative noise on norm gains, so a loader that ignores them gets caught
@@ -90,7 +90,8 @@ def make_tiny_model(
 ) -> Path:
     """Write a random `family` model with a `tokenizer`-style tokenizer into `out_dir`; return the folder.
 
-    tokenizer: "bytelevel" or "metaspace" (see tokenizer_factory). transformers 5 always loads a
+    tokenizer: "bytelevel" or "metaspace" (see tokenizer_factory), or the path of a real model (folder or
+        .gguf) whose tokenizer the random model uses. transformers 5 always loads a
         Qwen2 folder's tokenizer as Qwen2's byte-level one, so qwen2 + "metaspace" only suits
         loaders that read tokenizer.json themselves.
 
@@ -112,7 +113,14 @@ def make_tiny_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    make_tokenizer(out, tokenizer, tokenizer_vocab_size, model_max_length=max_position_embeddings)
+    if tokenizer in STYLES:
+        make_tokenizer(out, tokenizer, tokenizer_vocab_size, model_max_length=max_position_embeddings)
+        bos, eos, pad = "<s>", "</s>", "<pad>"
+    elif not Path(tokenizer).exists():
+        raise ValueError(f"tokenizer {tokenizer!r} is neither a style {STYLES} nor a model folder or .gguf file")
+    else:  # a real model's tokenizer (folder or .gguf), e.g. to nudge a random base with a real model
+        bos, eos = copy_tokenizer(out, tokenizer)
+        pad = eos
     special_ids, tokenizer_size = _read_tokenizer(out / "tokenizer.json")
     if vocab_size is not None and vocab_size < tokenizer_size:
         raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer ({tokenizer_size} tokens)")
@@ -130,9 +138,9 @@ def make_tiny_model(
         tie_word_embeddings=FAMILIES[family].tie_word_embeddings if tie_word_embeddings is None else tie_word_embeddings,
         dtype=dtype,
         sliding_window=sliding_window,
-        bos_token_id=special_ids["<s>"],
-        eos_token_id=special_ids["</s>"] if eos_token_id is None else eos_token_id,
-        pad_token_id=special_ids["<pad>"],
+        bos_token_id=special_ids[bos],
+        eos_token_id=special_ids[eos] if eos_token_id is None else eos_token_id,
+        pad_token_id=special_ids[pad],
     )
     config.update(overrides)
 

@@ -198,3 +198,21 @@ def _added(content: str) -> AddedToken:
 def _check_style(style: str) -> None:
     if style not in STYLES:
         raise ValueError(f"unknown tokenizer style {style!r}; expected one of {STYLES}")
+
+
+def copy_tokenizer(out_dir: str | Path, source: str | Path) -> tuple[str, str]:
+    """Write the tokenizer of a real model (a folder or a .gguf file) into `out_dir` as tokenizer.json
+    and tokenizer_config.json, so a random model can be built on it; returns (bos, eos) contents."""
+    from nudge_engine.tokenizer import Tokenizer as ModelTokenizer
+    tok = ModelTokenizer(source)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.hf.save(str(out / "tokenizer.json"))
+    bos, eos = tok.bos_token or tok.eos_token, tok.eos_token or tok.bos_token
+    if bos is None:
+        raise ValueError(f"{source}: the tokenizer names neither a bos nor an eos token")
+    config = {"add_bos_token": False, "add_eos_token": False, "bos_token": bos, "eos_token": eos, "pad_token": eos,
+              "chat_template": tok.chat_template, "clean_up_tokenization_spaces": False,
+              "tokenizer_class": "PreTrainedTokenizerFast"}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return bos, eos
