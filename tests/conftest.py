@@ -2,10 +2,21 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from nudge_engine.testing import make_tiny_model, make_tiny_pair
 
 FAMILIES = ("llama", "llama3", "qwen2", "gemma2", "olmo", "olmo2")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny matrices on a shared 2-core machine: two torch threads spin more than they compute
+    (measured: test_nudging.py 285 s with two threads, 35 s with one). Tests that need more set it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,7 @@ from nudge_engine.sampling_walk import sampling_walk
 
 from reference import hf_model, word_start_table
 
-NUM_SAMPLES = 6000
+NUM_SAMPLES = 10000
 CONTROL_SAMPLES = 3000
 SIGNIFICANCE = 1e-3
 CONTROL_SIGNIFICANCE = 1e-6    # a control must fail by far, not by luck
@@ -135,15 +135,6 @@ def chi_square_pvalue(outs, exact: torch.Tensor) -> float:
         obs = torch.cat([obs, observed[~big].sum()[None]])
         exp = torch.cat([exp, expected[~big].sum()[None]])
     return float(chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices on two shared cores: one thread is ~15x faster than two that spin."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
