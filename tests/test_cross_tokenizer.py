@@ -14,8 +14,8 @@ from nudge_engine.engine import NudgeEngine
 from nudge_engine.sampling_params import NudgeParams, SamplingParams
 from nudge_engine.tokenizer import Tokenizer
 
-from reference import hf_greedy
-from reference_cross import BASE, NUDGER, cross_nudging
+from reference import eos_ids, hf_greedy
+from reference_cross import BASE, NUDGER, TokenizerBytes, cross_nudging
 
 MAX_TOKENS = 10
 GAMMAS = (0.0, 0.2, 0.4, 1.5)
@@ -34,8 +34,10 @@ def pair(request, tiny_model):
 
 
 def reference(engine, folders, prompt: str, gamma: float, roa: bool = True, max_tokens: int = MAX_TOKENS):
+    """The slow reference with its own byte tables, word splitting and end tokens (from the folders)."""
     ids = (engine.base.tokenizer.encode(prompt), engine.nudger.tokenizer.encode(prompt))
-    return cross_nudging(folders, tuple(engine.wp), ids, gamma, roa, max_tokens, tuple(engine.eos),
+    wps = tuple(TokenizerBytes(f) for f in folders)
+    return cross_nudging(folders, wps, ids, gamma, roa, max_tokens, tuple(eos_ids(f) for f in folders),
                          engine.nudger_context_limit)
 
 
@@ -56,6 +58,12 @@ def test_word_pieces_are_byte_exact_with_no_prefix_space_and_no_specials(tiny_mo
     # No added prefix space: "foo" stays "foo", " foo" keeps its one space.
     assert wp.bytes_of(wp.encode(b"foo")) == b"foo" and wp.bytes_of(wp.encode(b" foo")) == b" foo"
     assert split_pieces(b"a  b\n\nc") == [b"a", b" ", b" b", b"\n", b"\nc"]
+    # The engine's conversion equals the reference's, written from NUDGING.md with `tokenizers`.
+    ref = TokenizerBytes(tiny_model("llama", style))
+    assert ref.token_bytes == wp.token_bytes
+    for _ in range(300):
+        data = b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 10)))
+        assert wp.encode(data) == ref.encode(data), data
     # The token -> bytes table agrees with the tokenizer's own encode and decode on ordinary text.
     for text in ["Hello world", "héllo 日本語\nok", " two  spaces"]:
         ids = tok.encode(text, add_special_tokens=False)
