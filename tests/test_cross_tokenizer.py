@@ -99,8 +99,10 @@ def test_engine_equals_reference_for_every_gamma_and_k_in_one_mixed_batch(pair, 
         assert len(out.token_ids) <= MAX_TOKENS
         names = [name for _, name in out.spans]
         handoffs.update(zip(names, names[1:]))
-    # The comparison proves little unless both handoff directions happen.
+    # The comparison proves little unless both handoff directions happen and drafts are checked.
     assert handoffs == {("base", "nudger"), ("nudger", "base")}
+    drafting = [o for c, o in zip(cases, outs) if c[2] > 0]
+    assert sum(o.drafted_tokens for o in drafting) >= 20 and sum(o.accepted_tokens for o in drafting) >= 5
 
 
 def test_gamma_zero_is_the_base_greedy_text_and_above_one_the_nudgers(pair, check_pools):

@@ -81,11 +81,13 @@ def test_gamma_zero_is_base_greedy_and_above_one_is_nudger_greedy(pair, check_po
     prompts = random_prompts(engine.base.config.vocab_size, 4, seed=2)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
     for k in (0, 4):
-        zero = engine.generate(prompts, params, NudgeParams(gamma=0.0, draft_tokens=k))
-        above = engine.generate(prompts, params, NudgeParams(gamma=1.5, draft_tokens=k))
+        zero = engine.generate(prompts, params, NudgeParams(gamma=0.0, draft_tokens=k, adaptive_drafting=False))
+        above = engine.generate(prompts, params, NudgeParams(gamma=1.5, draft_tokens=k, adaptive_drafting=False))
         # Without the agreement rule no token is even labelled as the base's.
-        above_strict = engine.generate(prompts, params,
-                                       NudgeParams(gamma=1.5, draft_tokens=k, resume_on_agreement=False))
+        above_strict = engine.generate(prompts, params, NudgeParams(gamma=1.5, draft_tokens=k, adaptive_drafting=False,
+                                                                    resume_on_agreement=False))
+        if k > 0:   # gamma 0 is speculative decoding with the nudger as drafter: drafts really ran
+            assert sum(o.drafted_tokens for o in zero) >= len(prompts) * 4 and sum(o.accepted_tokens for o in zero) > 0
         for p, z, a, s in zip(prompts, zero, above, above_strict):
             assert z.token_ids == hf_greedy(base, p, MAX_TOKENS, engine.eos_ids)
             assert set(z.sources) == {"base"}
