@@ -102,7 +102,8 @@ def test_engine_equals_reference_for_every_gamma_and_k_in_one_mixed_batch(pair, 
     # The comparison proves little unless both handoff directions happen and drafts are checked.
     assert handoffs == {("base", "nudger"), ("nudger", "base")}
     drafting = [o for c, o in zip(cases, outs) if c[2] > 0]
-    assert sum(o.drafted_tokens for o in drafting) >= 20 and sum(o.accepted_tokens for o in drafting) >= 5
+    # (Unrelated random models almost never agree across tokenizers: acceptance is proven by the twin test.)
+    assert sum(o.drafted_tokens for o in drafting) >= 20
 
 
 def test_gamma_zero_is_the_base_greedy_text_and_above_one_the_nudgers(pair, check_pools):
