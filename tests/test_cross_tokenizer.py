@@ -233,3 +233,21 @@ def test_pairing_is_picked_logged_and_limits_are_clear(tiny_model, caplog):
     with pytest.raises(ValueError, match="token ids"):
         cross.add_request([5, 6, 7], SamplingParams(temperature=0))
     assert not cross.has_unfinished()
+
+
+def test_agreement_reads_the_nudgers_next_word_over_up_to_8_tokens(tiny_model):
+    """NUDGING.md section 7: the base token's text is compared with the nudger's next word read over at
+    most 8 nudger tokens. A nudger spelling the word byte by byte needs len(word) tokens."""
+    from types import SimpleNamespace
+    base, nudger = tiny_model("llama", "bytelevel"), tiny_model("llama3", "metaspace")
+    engine = NudgeEngine(base, nudger)
+    ref_base, ref_nudger = TokenizerBytes(base), TokenizerBytes(nudger)
+    words = {len(b): t for t, b in enumerate(ref_base.token_bytes)
+             if b[:1] == b" " and b[1:].isalpha() and 3 <= len(b) <= 8}
+    a = words[max(words)]
+    word = ref_base.token_bytes[a]
+    spelled = [ref_nudger.byte_token[c] for c in word]           # one `<0xNN>` token per byte
+    assert len(spelled) >= 3 and ref_nudger.bytes_of(spelled) == word
+    assert engine._agrees(SimpleNamespace(queue=spelled + [ref_nudger.byte_token[32]]), a, 0) is True
+    wrong = spelled[:-1] + [ref_nudger.byte_token[ord("#")]]
+    assert engine._agrees(SimpleNamespace(queue=wrong + [ref_nudger.byte_token[32]]), a, 0) is False

@@ -44,9 +44,6 @@ K = "tests/test_kernel_handoff.py::"
 X = "tests/test_cross_tokenizer.py::"
 M = "tests/test_models.py"
 
-# Known gap (found by this script, not yet closed): AGREE_LOOKAHEAD = 8 -> 2 in cross/engine.py survives,
-# because no test prompt makes the agreement test read a nudger word of more than 2 tokens against a
-# longer base token. A test for it needs a pair built for that case.
 MUTATIONS = [
     # ---- rejection sampling and the sampling walk (nudge_engine/sampling_walk.py)
     Mutation("sampling: acceptance ratio inverted, min(1, q/p)", "nudge_engine/sampling_walk.py",
@@ -110,6 +107,10 @@ MUTATIONS = [
     Mutation("cross: split only before spaces, not every whitespace byte", "nudge_engine/cross/wordpieces.py",
              "        if data[i] in WHITESPACE:\n            pieces.append", "        if data[i] == 32:\n            pieces.append",
              (X + "test_word_pieces_are_byte_exact_with_no_prefix_space_and_no_specials",)),
+    Mutation("cross: agreement reads at most 2 nudger tokens, not 8", "nudge_engine/cross/engine.py",
+             "AGREE_LOOKAHEAD = 8", "AGREE_LOOKAHEAD = 2",
+             (X + "test_agreement_reads_the_nudgers_next_word_over_up_to_8_tokens",
+              X + "test_engine_equals_reference_for_every_gamma_and_k_in_one_mixed_batch")),
     Mutation("cross: the agreement rule never agrees once the word is long enough", "nudge_engine/cross/engine.py",
              "n >= AGREE_LOOKAHEAD or len(word) >= len(ab):\n                return word.startswith(ab)",
              "n >= AGREE_LOOKAHEAD or len(word) >= len(ab):\n                return False",
