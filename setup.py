@@ -7,7 +7,7 @@ import glob
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 
 
@@ -66,8 +66,9 @@ setup(
     name="nudge_engine",
     version="0.1.0",
     description="Fast exact nudging: a base model writes, a small aligned model writes where the base is unsure",
-    packages=["nudge_engine", "nudge_engine.layers", "nudge_engine.models",
-              "nudge_engine.testing", "nudge_engine.kernels"],
+    # Every subpackage (cross/, server/, ... found, not listed: a hand-kept list once left two out
+    # of the wheel); `.ci/wheel_check.sh` installs the wheel and runs it.
+    packages=find_packages(include=["nudge_engine", "nudge_engine.*"]) + ["nudge_engine.kernels"],
     package_dir={"nudge_engine.kernels": "kernels"},
     package_data={"nudge_engine.testing": ["*.txt"]},
     ext_modules=ext_modules,

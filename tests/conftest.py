@@ -4,10 +4,21 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from nudge_engine.testing import make_tiny_model, make_tiny_pair
 
 FAMILIES = ("llama", "llama3", "qwen2", "gemma2", "olmo", "olmo2")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny matrices on a shared 2-core machine: two torch threads spin more than they compute
+    (measured: test_nudging.py 285 s with two threads, 35 s with one). Tests that need more set it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +73,55 @@ def smollm2():
         if os.environ.get("CI"):
             pytest.fail(f"CI must reach the package registry for the real-model tests: {e}")
         pytest.skip(f"real model unavailable: {e}")
+
+
+class DraftTally:
+    """What the draft walk really did, counted from the engine's own decisions (a spy: it changes
+    nothing). Only rounds that began in BASE mode with drafts, at their first position: the draft
+    was accepted as the base's, rejected (a correction or residual sample was emitted there), or
+    the position switched to nudging (the draft was taken as the nudger's)."""
+
+    def __init__(self):
+        self.base_rounds_with_drafts = self.drafted = 0
+        self.accepted = self.rejected = self.nudged = 0
+        self.accepted_total = 0         # drafts accepted as the base's anywhere in a BASE round
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / max(self.accepted + self.rejected, 1)
+
+    def record(self, reqs, drafts, decisions) -> None:
+        for req, d, dec in zip(reqs, drafts, decisions):
+            if isinstance(dec, Exception) or int(req.mode) != 0 or not d:     # Mode.BASE == 0
+                continue
+            self.base_rounds_with_drafts += 1
+            self.drafted += len(d)
+            self.accepted_total += sum(1 for s in dec.accepted_sources if int(s) == 0)
+            if dec.num_accepted == 0:
+                self.rejected += dec.emit_token is not None
+            elif int(dec.accepted_sources[0]) == 0:
+                self.accepted += 1
+            else:
+                self.nudged += 1
+
+
+@pytest.fixture
+def draft_tally():
+    """draft_tally(engine) -> DraftTally fed by every round of that engine until the test ends."""
+    patched = []
+
+    def attach(engine) -> DraftTally:
+        tally, decide = DraftTally(), engine.handoff.decide
+
+        def spy(reqs, drafts, *args, **kwargs):
+            decisions = decide(reqs, drafts, *args, **kwargs)
+            tally.record(reqs, drafts, decisions)
+            return decisions
+
+        engine.handoff.decide = spy
+        patched.append(engine.handoff)
+        return tally
+
+    yield attach
+    for handoff in patched:
+        del handoff.decide          # back to the class's method

@@ -1,13 +1,43 @@
 """Slow obvious references: transformers models, no KV cache, one full forward per token."""
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer as HFTokenizer
 from transformers import AutoModelForCausalLM
 
 BASE, NUDGE = "base", "nudger"
+
+
+WORD_START_CHARS = ("\u0120", "\u010a", "\u0109", "\u2581")      # Ġ Ċ ĉ ▁
+WHITESPACE_BYTE_PIECES = ("<0x09>", "<0x0A>", "<0x0D>", "<0x20>")
+
+
+@lru_cache(maxsize=16)
+def word_start_table(folder) -> list[bool]:
+    """NUDGING.md section 3, read from the folder's tokenizer.json with `tokenizers` (not the engine's
+    code): a special token, a piece that begins with one of the four markers or a whitespace
+    character, or the byte-fallback piece of a whitespace byte. Padded to the model's vocab_size."""
+    tok = HFTokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    vocab_size = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
+    special = {t["id"] for t in json.loads(tok.to_str())["added_tokens"] if t["special"]}
+    table = [False] * max(vocab_size, tok.get_vocab_size())
+    for piece, tid in tok.get_vocab(with_added_tokens=True).items():
+        table[tid] = (tid in special or piece.startswith(WORD_START_CHARS) or piece in WHITESPACE_BYTE_PIECES
+                      or piece[:1].isspace())
+    return table
+
+
+def eos_ids(folder) -> frozenset[int]:
+    """The model's end tokens from generation_config.json, else config.json (an id or a list)."""
+    for name in ("generation_config.json", "config.json"):
+        path = Path(folder) / name
+        if path.is_file() and (eos := json.loads(path.read_text()).get("eos_token_id")) is not None:
+            return frozenset(eos if isinstance(eos, list) else [eos])
+    return frozenset()
 
 
 @lru_cache(maxsize=16)

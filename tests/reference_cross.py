@@ -6,17 +6,105 @@ and run through a full transformers forward.
 """
 from __future__ import annotations
 
+import codecs
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-
-from nudge_engine.cross.engine import AGREE_LOOKAHEAD
-from nudge_engine.cross.spans import decode_spans
-from nudge_engine.cross.wordpieces import WHITESPACE, WordPieces, starts_word
+from tokenizers import Tokenizer as HFTokenizer
 
 from reference import hf_model, next_logits
 
 BASE, NUDGER = 0, 1
+NAMES = ("base", "nudger")
+# NUDGING.md section 7, in its own words (nothing here is imported from the engine):
+WHITESPACE = b" \t\n\r\x0b\x0c"   # "ASCII whitespace"
+AGREE_LOOKAHEAD = 8                  # "read over at most 8 nudger tokens"
+SPACE_PIECE = "\u2581"
+
+
+def starts_word(data: bytes) -> bool:
+    """A nudger token starts a word iff its bytes begin with ASCII whitespace."""
+    return data[:1] != b"" and data[0] in WHITESPACE
+
+
+def gpt2_byte_chars() -> dict[int, str]:
+    """The byte-level BPE alphabet: printable bytes stand for themselves, the rest map to 256+."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    extra = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
+
+
+def _no_prefix_space(node):
+    """The tokenizer spec with every step that adds a leading space removed."""
+    if isinstance(node, list):
+        return [n for n in (_no_prefix_space(x) for x in node) if n is not None]
+    if not isinstance(node, dict):
+        return node
+    if node.get("type") == "Prepend":
+        return None
+    node = {k: _no_prefix_space(v) for k, v in node.items()}
+    if "add_prefix_space" in node:
+        node["add_prefix_space"] = False
+    if "prepend_scheme" in node:
+        node["prepend_scheme"] = "never"
+    return node
+
+
+class TokenizerBytes:
+    """One model's tokenizer read from its folder with `tokenizers`: token -> bytes, and text ->
+    tokens word by word (split before each whitespace byte, each piece alone, no special tokens,
+    no added prefix space). Bytes that are not valid UTF-8 (a character cut by a span boundary)
+    become the tokenizer's own byte tokens."""
+
+    def __init__(self, folder):
+        spec = json.loads((Path(folder) / "tokenizer.json").read_text())
+        byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
+        special = {t["id"] for t in spec["added_tokens"] if t["special"]}
+        vocab = dict(spec["model"]["vocab"])
+        size = max(vocab.values()) + 1
+        chars = gpt2_byte_chars()
+        unchar = {c: b for b, c in chars.items()}
+        self.token_bytes = [b""] * size
+        for piece, tid in vocab.items():
+            if tid in special:
+                continue
+            if byte_level:
+                self.token_bytes[tid] = bytes(unchar[c] for c in piece)
+            elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                self.token_bytes[tid] = bytes([int(piece[3:5], 16)])
+            else:
+                self.token_bytes[tid] = piece.replace(SPACE_PIECE, " ").encode()
+        self.byte_token = [vocab[chars[b]] if byte_level else vocab[f"<0x{b:02X}>"] for b in range(256)]
+        plain = {**_no_prefix_space(spec), "added_tokens": [], "post_processor": None}
+        self.tok = HFTokenizer.from_str(json.dumps(plain))
+
+    def bytes_of(self, ids) -> bytes:
+        return b"".join(self.token_bytes[t] for t in ids)
+
+    def _encode_piece(self, piece: bytes) -> list[int]:
+        ids, run = [], ""
+        for ch in piece.decode("utf-8", "surrogateescape"):      # invalid bytes -> U+DC80..U+DCFF
+            if "\udc80" <= ch <= "\udcff":
+                ids += self.tok.encode(run, add_special_tokens=False).ids if run else []
+                ids.append(self.byte_token[ord(ch) - 0xDC00])
+                run = ""
+            else:
+                run += ch
+        return ids + (self.tok.encode(run, add_special_tokens=False).ids if run else [])
+
+    def encode(self, data: bytes) -> list[int]:
+        cuts = [0] + [i for i in range(1, len(data)) if data[i] in WHITESPACE] + [len(data)]
+        return [t for a, b in zip(cuts, cuts[1:]) if b > a for t in self._encode_piece(data[a:b])]
+
+
+def decode_spans(spans: list[tuple[int, bytes]]) -> list[tuple[str, str]]:
+    """Span texts that join to the text: a character cut by a boundary goes to the span that completes it."""
+    dec = codecs.getincrementaldecoder("utf-8")("replace")
+    out = [[dec.decode(data), NAMES[w]] for w, data in spans]
+    out[-1][0] += dec.decode(b"", final=True)
+    return [tuple(x) for x in out]
 
 
 @dataclass
@@ -29,7 +117,7 @@ class CrossResult:
 
 
 @torch.no_grad()
-def cross_nudging(folders, wps: tuple[WordPieces, WordPieces], prompts, gamma: float, resume_on_agreement: bool,
+def cross_nudging(folders, wps: tuple[TokenizerBytes, TokenizerBytes], prompts, gamma: float, resume_on_agreement: bool,
                   max_tokens: int, eos: tuple[frozenset, frozenset], nudger_limit: int) -> CrossResult:
     """nudger_limit: the request ends ("length") once the nudger's context holds this many tokens."""
     models = [hf_model(f) for f in folders]

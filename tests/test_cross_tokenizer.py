@@ -14,8 +14,8 @@ from nudge_engine.engine import NudgeEngine
 from nudge_engine.sampling_params import NudgeParams, SamplingParams
 from nudge_engine.tokenizer import Tokenizer
 
-from reference import hf_greedy
-from reference_cross import BASE, NUDGER, cross_nudging
+from reference import eos_ids, hf_greedy
+from reference_cross import BASE, NUDGER, TokenizerBytes, cross_nudging
 
 MAX_TOKENS = 10
 GAMMAS = (0.0, 0.2, 0.4, 1.5)
@@ -34,8 +34,10 @@ def pair(request, tiny_model):
 
 
 def reference(engine, folders, prompt: str, gamma: float, roa: bool = True, max_tokens: int = MAX_TOKENS):
+    """The slow reference with its own byte tables, word splitting and end tokens (from the folders)."""
     ids = (engine.base.tokenizer.encode(prompt), engine.nudger.tokenizer.encode(prompt))
-    return cross_nudging(folders, tuple(engine.wp), ids, gamma, roa, max_tokens, tuple(engine.eos),
+    wps = tuple(TokenizerBytes(f) for f in folders)
+    return cross_nudging(folders, wps, ids, gamma, roa, max_tokens, tuple(eos_ids(f) for f in folders),
                          engine.nudger_context_limit)
 
 
@@ -56,6 +58,12 @@ def test_word_pieces_are_byte_exact_with_no_prefix_space_and_no_specials(tiny_mo
     # No added prefix space: "foo" stays "foo", " foo" keeps its one space.
     assert wp.bytes_of(wp.encode(b"foo")) == b"foo" and wp.bytes_of(wp.encode(b" foo")) == b" foo"
     assert split_pieces(b"a  b\n\nc") == [b"a", b" ", b" b", b"\n", b"\nc"]
+    # The engine's conversion equals the reference's, written from NUDGING.md with `tokenizers`.
+    ref = TokenizerBytes(tiny_model("llama", style))
+    assert ref.token_bytes == wp.token_bytes
+    for _ in range(300):
+        data = b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 10)))
+        assert wp.encode(data) == ref.encode(data), data
     # The token -> bytes table agrees with the tokenizer's own encode and decode on ordinary text.
     for text in ["Hello world", "héllo 日本語\nok", " two  spaces"]:
         ids = tok.encode(text, add_special_tokens=False)
@@ -91,8 +99,11 @@ def test_engine_equals_reference_for_every_gamma_and_k_in_one_mixed_batch(pair, 
         assert len(out.token_ids) <= MAX_TOKENS
         names = [name for _, name in out.spans]
         handoffs.update(zip(names, names[1:]))
-    # The comparison proves little unless both handoff directions happen.
+    # The comparison proves little unless both handoff directions happen and drafts are checked.
     assert handoffs == {("base", "nudger"), ("nudger", "base")}
+    drafting = [o for c, o in zip(cases, outs) if c[2] > 0]
+    # (Unrelated random models almost never agree across tokenizers: acceptance is proven by the twin test.)
+    assert sum(o.drafted_tokens for o in drafting) >= 20
 
 
 def test_gamma_zero_is_the_base_greedy_text_and_above_one_the_nudgers(pair, check_pools):
@@ -222,3 +233,21 @@ def test_pairing_is_picked_logged_and_limits_are_clear(tiny_model, caplog):
     with pytest.raises(ValueError, match="token ids"):
         cross.add_request([5, 6, 7], SamplingParams(temperature=0))
     assert not cross.has_unfinished()
+
+
+def test_agreement_reads_the_nudgers_next_word_over_up_to_8_tokens(tiny_model):
+    """NUDGING.md section 7: the base token's text is compared with the nudger's next word read over at
+    most 8 nudger tokens. A nudger spelling the word byte by byte needs len(word) tokens."""
+    from types import SimpleNamespace
+    base, nudger = tiny_model("llama", "bytelevel"), tiny_model("llama3", "metaspace")
+    engine = NudgeEngine(base, nudger)
+    ref_base, ref_nudger = TokenizerBytes(base), TokenizerBytes(nudger)
+    words = {len(b): t for t, b in enumerate(ref_base.token_bytes)
+             if b[:1] == b" " and b[1:].isalpha() and 3 <= len(b) <= 8}
+    a = words[max(words)]
+    word = ref_base.token_bytes[a]
+    spelled = [ref_nudger.byte_token[c] for c in word]           # one `<0xNN>` token per byte
+    assert len(spelled) >= 3 and ref_nudger.bytes_of(spelled) == word
+    assert engine._agrees(SimpleNamespace(queue=spelled + [ref_nudger.byte_token[32]]), a, 0) is True
+    wrong = spelled[:-1] + [ref_nudger.byte_token[ord("#")]]
+    assert engine._agrees(SimpleNamespace(queue=wrong + [ref_nudger.byte_token[32]]), a, 0) is False

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import zlib
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ def test_greedy_equals_transformers_whatever_the_batch(family, tiny_model, check
     folder = tiny_model(family)
     engine = NudgeEngine(folder)
     check_pools(engine)
-    prompts = random_prompts(engine.base.config.vocab_size, 16, seed=hash(family) % 1000)
+    prompts = random_prompts(engine.base.config.vocab_size, 16, seed=zlib.crc32(family.encode()) % 1000)  # the same every run
     batch = engine.generate(prompts, GREEDY)
     for prompt, out in zip(prompts, batch):
         assert out.token_ids == hf_greedy(folder, prompt, GREEDY.max_tokens, engine.eos_ids)
@@ -107,15 +108,14 @@ def test_eos_list_from_generation_config_ends_request(tiny_model, tmp_path, chec
 
 def test_tiny_pool_preempts_and_keeps_outputs(tiny_model, check_pools):
     folder = tiny_model("qwen2")
-    big, small = NudgeEngine(folder), NudgeEngine(folder, num_blocks=8, max_num_batched_tokens=48)
-    check_pools(big)
+    small = NudgeEngine(folder, num_blocks=8, max_num_batched_tokens=48)
     check_pools(small)
-    prompts = random_prompts(big.base.config.vocab_size, 16, seed=11)
+    prompts = random_prompts(small.base.config.vocab_size, 16, seed=11)
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
-    want = big.generate(prompts, params)
     got = small.generate(prompts, params)
     assert small.stats.preemptions > 0
-    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    # Against the obvious reference, not another engine: preemption must not change a token.
+    assert [o.token_ids for o in got] == [hf_greedy(folder, p, 20) for p in prompts]
 
 
 def test_aborting_a_stream_frees_blocks_at_once(tiny_model, check_pools):

@@ -224,12 +224,21 @@ def test_handoff_step_matches_torch(seed, num_req, vocab, num_splits, dtype):
     assert_walk_equal((got2.num_accepted, got2.emit_token, got2.new_mode, got2.new_run, got2.accepted_source), want2)
 
 
-def test_top1_stats_torch_is_what_the_step_uses():
-    logits = torch.randn(5, 11)
-    m, a, lse, _ = top1_stats_torch(logits)
-    ref = handoff_step_torch(logits, torch.tensor([1, 2, NO_TOKEN, 4, NO_TOKEN]), torch.tensor([0, 3, 5], dtype=torch.int32),
-                             torch.tensor([BASE, NUDGE], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32),
-                             torch.tensor([0.3, 0.3]), torch.tensor([True, False]), torch.ones(11, dtype=torch.bool))
-    host = ref.to_host()
-    assert torch.equal(host.base_argmax, a)
-    assert torch.equal(host.base_top1, torch.exp(m - lse))
+@pytest.mark.parametrize("seed,num_req,vocab", [(0, 40, 7), (1, 12, 300)])
+def test_handoff_step_torch_equals_softmax_and_the_python_walk(seed, num_req, vocab):
+    """The CPU engine's step against quantities computed here: float64 softmax, Python argmax."""
+    logits, drafts, pos_start, mode, run, gamma, roa, ws = make_step_case(num_req, vocab, seed, torch.float32)
+    logits[0, 1] = logits[0, 0] = logits[0].max() + 1            # a tie: the lowest index wins
+    got = handoff_step_torch(logits, drafts, pos_start, mode, run, gamma, roa, ws).to_host()
+    rows = logits.double().tolist()
+    argmax = torch.tensor([max(range(vocab), key=lambda t: (row[t], -t)) for row in rows])
+    top1 = torch.softmax(logits.double(), -1).max(-1).values
+    assert torch.equal(got.base_argmax, argmax) and int(argmax[0]) == 0
+    torch.testing.assert_close(got.base_top1.double(), top1, atol=0, rtol=1e-6)
+    want = python_walk_all(argmax, top1, drafts, pos_start, mode, run, gamma, roa, ws)
+    assert_walk_equal((got.num_accepted, got.emit_token, got.new_mode, got.new_run, got.accepted_source), want)
+    stats = top1_stats_torch(logits, torch.where(drafts == NO_TOKEN, NO_TOKEN, drafts))
+    lp = torch.log_softmax(logits.double(), -1)
+    has = drafts != NO_TOKEN
+    torch.testing.assert_close(stats[3][has].double(), lp[has, drafts[has]], atol=1e-5, rtol=0)
+    assert bool((stats[3][~has] == float("-inf")).all())

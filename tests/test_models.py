@@ -6,7 +6,10 @@ of several sizes in a fragmented pool, and past Gemma-2's sliding window. Token 
 fresh per test from a generator seeded by the test's id.
 
 Tolerances (error = max |engine - reference| / max |reference| over all positions of a call):
-  float32:  error <= 1e-4                          (measured <= 1.5e-6 on every family)
+  float32:  error <= 1e-5, every family             (measured 2026-11-28, max over this file's float32
+            cases: llama 4.9e-7, llama3 5.5e-7, qwen2 5.4e-7, gemma2 8.9e-7, olmo 1.25e-6, olmo2 8.0e-7;
+            8x headroom over the worst. An RMSNorm epsilon 10x off or the interleaved RoPE layout
+            fails it: tests/mutation/run_mutations.py plants both)
   bfloat16: error <= 3e-2 against transformers in float32 and in bfloat16; argmax agrees on
             >= 90 % of all positions and on >= 98 % of the positions whose reference top-2 margin
             exceeds SURE_MARGIN logits                (measured: error <= 2e-2, agreement >= 0.96 / 1.0)
@@ -34,7 +37,7 @@ transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
 FAMILY_NAMES = tuple(FAMILIES)
-FP32_TOL = 1e-4
+FP32_TOL = 1e-5
 BF16_TOL = 3e-2
 FP16_TOL = 1e-2
 BF16_AGREE_ALL = 0.90

@@ -4,12 +4,13 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from nudge_engine.engine import NudgeEngine
 from nudge_engine.sampling_params import NudgeParams, SamplingParams
 from nudge_engine.tokenizer import Tokenizer
 
-from reference import hf_greedy, sequential_nudging
+from reference import eos_ids, hf_greedy, hf_model, next_logits, sequential_nudging, word_start_table
 
 GAMMAS = (0.0, 0.2, 0.4, 0.7, 1.5)
 DRAFTS = (0, 1, 3, 8)
@@ -36,15 +37,17 @@ def pair(request, tiny_pair):
     return base, nudger, engine
 
 
-def expected(base, nudger, engine, prompt, gamma, roa):
-    ws = engine.word_start.tolist()
-    return sequential_nudging(base, nudger, prompt, prompt, gamma, roa, ws, MAX_TOKENS, engine.eos_ids)
+def expected(base, nudger, prompt, gamma, roa, max_tokens=MAX_TOKENS):
+    """The reference reads word starts and end tokens from the model folders, not from the engine."""
+    return sequential_nudging(base, nudger, prompt, prompt, gamma, roa, word_start_table(nudger), max_tokens,
+                              eos_ids(base) | eos_ids(nudger))
 
 
-def test_engine_equals_sequential_for_every_gamma_k_and_rule(pair, check_pools):
+def test_engine_equals_sequential_for_every_gamma_k_and_rule(pair, check_pools, draft_tally):
     """One mixed batch: every request has its own gamma, k and agreement rule."""
     base, nudger, engine = pair
     check_pools(engine)
+    tally = draft_tally(engine)
     prompts = random_prompts(engine.base.config.vocab_size, 6, seed=1)
     # Fixed draft lengths, plus adaptive drafting (k is then the most a round drafts).
     cases = [(p, g, k, roa, False) for p in prompts[:3] for g in GAMMAS for k in DRAFTS for roa in (True, False)
@@ -60,14 +63,16 @@ def test_engine_equals_sequential_for_every_gamma_k_and_rule(pair, check_pools):
     for (prompt, gamma, k, roa, _), out in zip(cases, outs):
         key = (tuple(prompt), gamma, roa)
         if key not in refs:
-            refs[key] = expected(base, nudger, engine, prompt, gamma, roa)
+            refs[key] = expected(base, nudger, prompt, gamma, roa)
         tokens, sources = refs[key]
         assert out.token_ids == tokens, f"gamma={gamma} k={k} roa={roa}"
         assert out.sources == sources, f"gamma={gamma} k={k} roa={roa}"
         nudged_somewhere += "nudger" in sources and "base" in sources
         handed_back += any(a == "nudger" and b == "base" for a, b in zip(sources, sources[1:]))
-    # The cases must exercise handoffs both ways, or the comparison proves little.
+    # The cases must exercise handoffs both ways and BASE-mode drafts both accepted and corrected,
+    # or the comparison proves little.
     assert nudged_somewhere >= 5 and handed_back >= 5
+    assert tally.accepted >= 20 and tally.rejected >= 20 and tally.nudged >= 5, vars(tally)
 
 
 def test_gamma_zero_is_base_greedy_and_above_one_is_nudger_greedy(pair, check_pools):
@@ -76,11 +81,13 @@ def test_gamma_zero_is_base_greedy_and_above_one_is_nudger_greedy(pair, check_po
     prompts = random_prompts(engine.base.config.vocab_size, 4, seed=2)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
     for k in (0, 4):
-        zero = engine.generate(prompts, params, NudgeParams(gamma=0.0, draft_tokens=k))
-        above = engine.generate(prompts, params, NudgeParams(gamma=1.5, draft_tokens=k))
+        zero = engine.generate(prompts, params, NudgeParams(gamma=0.0, draft_tokens=k, adaptive_drafting=False))
+        above = engine.generate(prompts, params, NudgeParams(gamma=1.5, draft_tokens=k, adaptive_drafting=False))
         # Without the agreement rule no token is even labelled as the base's.
-        above_strict = engine.generate(prompts, params,
-                                       NudgeParams(gamma=1.5, draft_tokens=k, resume_on_agreement=False))
+        above_strict = engine.generate(prompts, params, NudgeParams(gamma=1.5, draft_tokens=k, adaptive_drafting=False,
+                                                                    resume_on_agreement=False))
+        if k > 0:   # gamma 0 is speculative decoding with the nudger as drafter: drafts really ran
+            assert sum(o.drafted_tokens for o in zero) >= len(prompts) * 4 and sum(o.accepted_tokens for o in zero) > 0
         for p, z, a, s in zip(prompts, zero, above, above_strict):
             assert z.token_ids == hf_greedy(base, p, MAX_TOKENS, engine.eos_ids)
             assert set(z.sources) == {"base"}
@@ -89,33 +96,39 @@ def test_gamma_zero_is_base_greedy_and_above_one_is_nudger_greedy(pair, check_po
 
 
 def test_small_pools_force_preemption_and_keep_outputs(tiny_pair, check_pools):
+    """Preempted and recomputed requests still give exactly sequential nudging's output."""
     base, nudger = tiny_pair("llama", "llama", "bytelevel", agreement=0.6)
-    big = NudgeEngine(base, nudger)
     small = NudgeEngine(base, nudger, num_blocks=12, max_num_batched_tokens=64)
-    check_pools(big)
     check_pools(small)
-    prompts = random_prompts(big.base.config.vocab_size, 16, seed=3)
+    prompts = random_prompts(small.base.config.vocab_size, 16, seed=3)
     params = SamplingParams(max_tokens=24, temperature=0)
-    nudge = [NudgeParams(draft_tokens=k, adaptive_drafting=k != 8) for k in (0, 2, 4, 8)] * 4
-    want = big.generate(prompts, params, nudge)
+    nudge = [NudgeParams(gamma=0.4, draft_tokens=k, adaptive_drafting=False) for k in (0, 2, 4, 8)] * 4
     got = small.generate(prompts, params, nudge)
     assert small.stats.preemptions > 0
-    assert [o.token_ids for o in got] == [o.token_ids for o in want]
-    assert [o.sources for o in got] == [o.sources for o in want]
+    for prompt, out in zip(prompts, got):
+        assert (out.token_ids, out.sources) == expected(base, nudger, prompt, 0.4, True, max_tokens=24)
 
 
-def test_abort_mid_round_frees_both_models_blocks(tiny_pair, check_pools):
+def test_abort_mid_round_frees_both_models_blocks_and_spares_the_others(tiny_pair, check_pools):
     base, nudger = tiny_pair("llama", "llama", "bytelevel", agreement=0.6)
     engine = NudgeEngine(base, nudger)
     check_pools(engine)
-    ids = [engine.add_request(p, SamplingParams(max_tokens=50, temperature=0), NudgeParams(gamma=0.7, draft_tokens=4))
-           for p in random_prompts(engine.base.config.vocab_size, 4, seed=4)]
+    prompts = random_prompts(engine.base.config.vocab_size, 6, seed=4)
+    params = SamplingParams(max_tokens=20, temperature=0)
+    ids = [engine.add_request(p, params, NudgeParams(gamma=0.7, draft_tokens=4, adaptive_drafting=False))
+           for p in prompts]
+    results = {}
     for _ in range(3):
-        engine.step()
+        results.update({r.id: r.result() for r in engine.step() if r.finished})
     assert engine.models[1].pool.num_free < engine.models[1].pool.num_blocks  # the nudger holds blocks
-    for rid in ids:
+    for rid in ids[::2]:
         engine.abort(rid)
+    while engine.has_unfinished():
+        results.update({r.id: r.result() for r in engine.step() if r.finished})
     assert engine.pools_all_free()
+    for rid, prompt in zip(ids[1::2], prompts[1::2]):
+        out = results[rid]
+        assert (out.token_ids, out.sources) == expected(base, nudger, prompt, 0.7, True, max_tokens=20)
 
 
 def test_stream_closed_early_aborts(tiny_pair, check_pools):
@@ -134,12 +147,38 @@ def test_different_tokenizers_take_the_cross_tokenizer_path(tiny_model):
     assert NudgeEngine(a, b).pairing == "cross-tokenizer"   # tests/test_cross_tokenizer.py covers it
 
 
-def test_word_start_table_follows_section_3(tiny_model):
+def test_word_start_table_follows_section_3(tiny_model, tiny_pair):
+    """The engine's tables equal the reference's, which reads tokenizer.json with `tokenizers`."""
     for style in ("bytelevel", "metaspace"):
-        tok = Tokenizer(tiny_model("llama", style))
-        table = tok.word_start_table()
-        for piece, tid in tok.vocab.items():
-            expect = (tid in tok.special_ids or piece[:1] in ("Ġ", "Ċ", "ĉ", "▁")
-                      or piece in ("<0x09>", "<0x0A>", "<0x0D>", "<0x20>") or piece[:1].isspace())
-            assert table[tid] == expect, piece
-        assert any(table) and not all(table)
+        folder = tiny_model("llama", style)
+        want = word_start_table(folder)
+        assert Tokenizer(folder).word_start_table() == want[:len(Tokenizer(folder).vocab)]
+        assert any(want) and not all(want)
+        engine = NudgeEngine(*tiny_pair("llama", "llama", style, agreement=0.6))
+        assert engine.word_start.tolist() == want[:engine.word_start.shape[0]]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_logprobs_of_both_models_tokens_equal_transformers_on_the_writers_context(temperature, pair, check_pools):
+    """Each token's logprob is the writer's: the base model's on base_prompt + y, the nudger's on
+    nudger_prompt + y (raw logits, temperature 1), with the top-n of that same distribution."""
+    base, nudger, engine = pair
+    check_pools(engine)
+    prompts = random_prompts(engine.base.config.vocab_size, 4, seed=5)
+    params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=temperature, seed=i, logprobs=2, ignore_eos=True)
+              for i in range(len(prompts))]
+    nudge = [NudgeParams(gamma=g, draft_tokens=k, adaptive_drafting=False) for g, k in ((0.5, 0), (0.5, 3), (0.2, 1),
+                                                                                         (0.2, 3))]
+    outs = engine.generate(prompts, params, nudge)
+    models = {"base": hf_model(base), "nudger": hf_model(nudger)}
+    written = {"base": 0, "nudger": 0}
+    for prompt, out in zip(prompts, outs):
+        assert len(out.logprobs) == len(out.token_ids)
+        for i, (tok, src, entry) in enumerate(zip(out.token_ids, out.sources, out.logprobs)):
+            ref = torch.log_softmax(next_logits(models[src], prompt + out.token_ids[:i]).double(), -1)
+            assert list(entry)[0] == tok
+            for t, lp in entry.items():
+                assert abs(lp - float(ref[t])) <= 1e-4 * max(1.0, abs(float(ref[t]))), (src, i, t)
+            assert set(ref.topk(2).indices.tolist()) <= set(entry)
+            written[src] += 1
+    assert written["base"] >= 8 and written["nudger"] >= 8, written
