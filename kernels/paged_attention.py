@@ -189,11 +189,11 @@ def _paged_attention_kernel(
              mask=row_ok[:, None] & d_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _paged_decode_kernel(
-    out_ptr,              # [num_tokens, num_heads, head_dim]  (written only when NUM_SPLITS == 1)
-    part_out_ptr,         # [num_seqs, num_heads, NUM_SPLITS, head_dim] f32, normalized per split
-    part_lse_ptr,         # [num_seqs, num_heads, NUM_SPLITS] f32, log2 units, -inf = empty split
+    out_ptr,              # [num_tokens, num_heads, head_dim]  (written only without SPLIT)
+    part_out_ptr,         # [num_seqs, num_heads, num_splits, head_dim] f32, normalized per split
+    part_lse_ptr,         # [num_seqs, num_heads, num_splits] f32, log2 units, -inf = empty split
     q_ptr,                # [num_tokens, num_heads, head_dim]
     k_cache_ptr,          # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache_ptr,          # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -202,6 +202,7 @@ def _paged_decode_kernel(
     seq_lens_ptr,         # [num_seqs] int32
     qk_scale, softcap, sliding_window,
     keys_per_split,       # a multiple of BLOCK_N
+    num_splits,           # a runtime value: one binary serves every split count
     num_heads, head_dim,
     stride_qt, stride_qh,
     stride_ot, stride_oh,
@@ -213,7 +214,7 @@ def _paged_decode_kernel(
     BLOCK_M: tl.constexpr,     # GROUP padded up to a power of two >= 16 (tl.dot minimum)
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,       # num_splits > 1: write partials for _decode_combine_kernel
     USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -261,27 +262,27 @@ def _paged_decode_kernel(
             USE_WINDOW, USE_SOFTCAP, BLOCK_N, DOT_PRECISION, DOT_UPCAST)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         tl.store(out_ptr + token * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
     else:
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
-        part_row = (seq.to(tl.int64) * num_heads + head) * NUM_SPLITS + split
+        part_row = (seq.to(tl.int64) * num_heads + head) * num_splits + split
         tl.store(part_lse_ptr + part_row, lse, mask=row_ok)
         tl.store(part_out_ptr + part_row[:, None] * head_dim + offs_d[None, :], out,
                  mask=row_ok[:, None] & d_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_combine_kernel(
     out_ptr,              # [num_tokens, num_heads, head_dim]
-    part_out_ptr,         # [num_seqs, num_heads, NUM_SPLITS, head_dim] f32
-    part_lse_ptr,         # [num_seqs, num_heads, NUM_SPLITS] f32, log2 units
+    part_out_ptr,         # [num_seqs, num_heads, num_splits, head_dim] f32
+    part_lse_ptr,         # [num_seqs, num_heads, num_splits] f32, log2 units
     query_start_loc_ptr,  # [num_seqs + 1] int32
+    num_splits,
     num_heads, head_dim,
     stride_ot, stride_oh,
-    NUM_SPLITS: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,  # num_splits rounded up to a power of two
     BLOCK_D: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -291,8 +292,8 @@ def _decode_combine_kernel(
         return
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < NUM_SPLITS
-    part_row = (seq.to(tl.int64) * num_heads + head) * NUM_SPLITS + offs_s
+    s_ok = offs_s < num_splits
+    part_row = (seq.to(tl.int64) * num_heads + head) * num_splits + offs_s
     lse = tl.load(part_lse_ptr + part_row, mask=s_ok, other=float("-inf"))
     lse_max = tl.max(lse, axis=0)
     # Every split empty (no visible key): weights 0 and the output is 0, as in the reference.
@@ -384,18 +385,18 @@ def paged_attention(
         _paged_decode_kernel[(meta.num_seqs, num_kv_heads, splits)](
             out, part_out, part_lse, query, k_cache, v_cache,
             meta.block_tables, meta.query_start_loc, meta.seq_lens,
-            qk_scale, float(softcap), int(sliding_window), keys_per_split,
+            qk_scale, float(softcap), int(sliding_window), keys_per_split, splits,
             num_heads, head_dim, *common_strides,
             BLOCK_SIZE=block_size, GROUP=group, BLOCK_M=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-            NUM_SPLITS=splits, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap,
+            SPLIT=splits > 1, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap,
             DOT_PRECISION=_dot_precision(query.dtype), DOT_UPCAST=interp,
             num_warps=4, num_stages=3 if head_dim * query.element_size() <= 256 else 2,
         )
         if splits > 1:
             _decode_combine_kernel[(meta.num_seqs, num_heads)](
-                out, part_out, part_lse, meta.query_start_loc,
+                out, part_out, part_lse, meta.query_start_loc, splits,
                 num_heads, head_dim, out.stride(0), out.stride(1),
-                NUM_SPLITS=splits, SPLITS_PAD=next_pow2(splits), BLOCK_D=block_d,
+                SPLITS_PAD=next_pow2(splits), BLOCK_D=block_d,
                 num_warps=1 if block_d <= 128 else 2,
             )
         return out
