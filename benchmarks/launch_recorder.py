@@ -66,14 +66,19 @@ class LaunchRecorder:
         self.records: dict[str, dict] = {}
         self._saved = []
 
-    def record(self, fn, args, kwargs) -> None:
+    def record(self, fn, args, kwargs, do_not_specialize=()) -> None:
         sig = inspect.signature(fn)
         params = list(sig.parameters.values())
         names = {p.name for p in params}
         options = {k: v for k, v in kwargs.items() if k not in names}
         bound = sig.bind_partial(*args, **{k: v for k, v in kwargs.items() if k in names})
         bound.apply_defaults()
-        enc = [encode_arg(bound.arguments[p.name], _is_constexpr(p)) for p in params]
+        enc = []
+        for i, p in enumerate(params):
+            value = bound.arguments[p.name]
+            if (i in do_not_specialize or p.name in do_not_specialize) and isinstance(value, int):
+                value = 3  # Triton compiles one binary for every value: so does the gate
+            enc.append(encode_arg(value, _is_constexpr(p)))
         rec = {
             "module": fn.__module__, "name": fn.__qualname__, "file": inspect.getsourcefile(fn),
             "args": enc, "options": {k: encode_arg(v, True)["value"] for k, v in sorted(options.items())},
@@ -95,7 +100,10 @@ class LaunchRecorder:
 
             def run(kernel, *args, grid, warmup, _original=original, **kwargs):
                 if not warmup:
-                    recorder.record(kernel.fn, args, kwargs)
+                    dns = getattr(kernel, "do_not_specialize", None)
+                    if dns is None:  # InterpretedFunction keeps the jit() arguments
+                        dns = getattr(kernel, "kwargs", {}).get("do_not_specialize") or ()
+                    recorder.record(kernel.fn, args, kwargs, tuple(dns))
                     if not recorder.execute:
                         return None
                 return _original(kernel, *args, grid=grid, warmup=warmup, **kwargs)
