@@ -147,7 +147,7 @@ def compile_record(record: dict, arch: int) -> dict:
 
     out = {"module": record["module"], "name": record["name"], "arch": arch, "tags": record["tags"],
            "options": record["options"]}
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     try:
         kernel = _kernel(record)
         target = GPUTarget("cuda", arch, 32)
@@ -171,7 +171,15 @@ def compile_record(record: dict, arch: int) -> dict:
     except Exception as e:  # noqa: BLE001  (the gate reports every failure, it must not stop at one)
         out["error"] = f"{type(e).__name__}: {str(e).strip()[:2000]}"
     out["seconds"] = round(time.perf_counter() - t0, 3)
+    out["cpu_seconds"] = round(_cpu_seconds() - cpu0, 3)  # this process + ptxas / cuobjdump children
     return out
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _compile_one(job):
@@ -235,8 +243,8 @@ def write_table(path: Path, results: list[dict], meta: dict, problems: list[str]
     rows = summarize(results)
     lines = [
         f"# Compile gate: Triton {meta['triton']}", "",
-        f"{meta['date']}, commit {meta['commit']}, {meta['compiles']} compiles in {meta['seconds']:.0f} s "
-        f"(`python -m benchmarks.compile_gate`). Specializations: every distinct launch of the kernel tests "
+        f"{meta['date']}, commit {meta['commit']}, {meta['compiles']} compiles in {meta['seconds']:.0f} s wall, "
+        f"{meta['cpu_seconds']:.0f} CPU-s on {meta['jobs']} jobs (`python -m benchmarks.compile_gate`). Specializations: every distinct launch of the kernel tests "
         f"(interpreter launch plans) and of benchmarks/compile_gate_shapes.py (production shapes, GPU launch "
         f"plans); each compiled for its target with the launch's own num_warps / num_stages. Registers and "
         f"local (spill) memory from cuobjdump --dump-resource-usage, shared memory from the compiled "
@@ -349,7 +357,8 @@ def main(argv=None) -> int:
             results = got["results"]
             problems = [p for r in results for p in check(r)]
             meta = dict(triton=got["triton"], commit=_git_commit(), date=time.strftime("%Y-%m-%d"),
-                        compiles=len(results), seconds=got["seconds"], archs=args.arch)
+                        compiles=len(results), seconds=got["seconds"], archs=args.arch, jobs=args.jobs,
+                        cpu_seconds=sum(r.get("cpu_seconds", 0.0) for r in results))
             args.results_dir.mkdir(parents=True, exist_ok=True)
             table = args.results_dir / f"compile_gate_triton-{got['triton']}.md"
             write_table(table, results, meta, problems)
