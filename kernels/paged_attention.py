@@ -337,11 +337,12 @@ def _tiles(head_dim: int, elem_size: int, interp: bool) -> _Tiles:
     if interp:
         return _Tiles(16, 16, 1, 4)
     row_bytes = head_dim * elem_size
+    # 32 / 16 rows also fit verify chunks: (k + 1) x GQA group rows, 36 at most for k = 8, group 4.
     if row_bytes <= 256:      # bf16 up to head dim 128, fp32 up to 64
-        return _Tiles(64, 32, 2, 8)
+        return _Tiles(32, 32, 2, 8)
     if row_bytes <= 512:      # bf16 256, fp32 128
-        return _Tiles(32, 16, 2, 8)
-    return _Tiles(32, 16, 2, 8)  # fp32 256
+        return _Tiles(16, 32, 2, 8)
+    return _Tiles(16, 16, 2, 8)  # fp32 256
 
 
 def _decode_tiles(head_dim: int, elem_size: int, interp: bool) -> _Tiles:
