@@ -244,7 +244,8 @@ def write_table(path: Path, results: list[dict], meta: dict, problems: list[str]
     lines = [
         f"# Compile gate: Triton {meta['triton']}", "",
         f"{meta['date']}, commit {meta['commit']}, {meta['compiles']} compiles in {meta['seconds']:.0f} s wall, "
-        f"{meta['cpu_seconds']:.0f} CPU-s on {meta['jobs']} jobs (`python -m benchmarks.compile_gate`). Specializations: every distinct launch of the kernel tests "
+        f"{meta['cpu_seconds']:.0f} CPU-s on {meta['jobs']} jobs (`python -m benchmarks.compile_gate`; "
+        f"kernels found in Triton's on-disk cache are not compiled again, so a cold run takes longer). Specializations: every distinct launch of the kernel tests "
         f"(interpreter launch plans) and of benchmarks/compile_gate_shapes.py (production shapes, GPU launch "
         f"plans); each compiled for its target with the launch's own num_warps / num_stages. Registers and "
         f"local (spill) memory from cuobjdump --dump-resource-usage, shared memory from the compiled "
@@ -345,17 +346,28 @@ def main(argv=None) -> int:
         records = args.records
         if not records:
             records = [Path(tmp) / "launches.jsonl"]
-            record_launches(records[0], log)
+            try:
+                record_launches(records[0], log)
+            except subprocess.CalledProcessError as e:
+                log(f"FAILED while recording launches: {' '.join(map(str, e.cmd[:6]))}... exit {e.returncode}")
+                return 1
         failed = False
         for version in args.tritons:
             python, extra_path = [sys.executable], None
             if version != "local":
-                extra_path = str(triton_env(version, log))
+                try:
+                    extra_path = str(triton_env(version, log))
+                except subprocess.CalledProcessError as e:
+                    log(f"FAILED: could not install triton=={version} into {e.cmd[-2]} (pip exit {e.returncode})")
+                    failed = True
+                    continue
             out = Path(tmp) / f"results-{version}.json"
             log(f"compiling for {args.arch} under triton {version} ({args.jobs} jobs)")
             got = run_gate_process(python, extra_path, records, args.arch, args.jobs, out)
             results = got["results"]
             problems = [p for r in results for p in check(r)]
+            if version != "local" and got["triton"] != version:  # the cached triton did not shadow the venv's
+                problems.append(f"asked for triton {version}, the gate process imported {got['triton']}")
             meta = dict(triton=got["triton"], commit=_git_commit(), date=time.strftime("%Y-%m-%d"),
                         compiles=len(results), seconds=got["seconds"], archs=args.arch, jobs=args.jobs,
                         cpu_seconds=sum(r.get("cpu_seconds", 0.0) for r in results))
