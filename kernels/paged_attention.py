@@ -14,8 +14,15 @@ Two kernels:
 
 Keys are gathered through the block table one key at a time (not one page at a time), so any
 block size works, including ones smaller than the key tile.
+
+Registers: at the production shapes (head dim 64 / 128 / 256, bf16 / fp16, GQA groups 1-4, block
+sizes 16 / 32) every kernel here compiles to at most 128 registers per thread with no spills on
+sm_80 and sm_90 (benchmarks/compile_gate.py checks it; tables in benchmarks/results/). The split
+count of flash-decoding is a runtime argument, so one binary serves every batch and context length.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -189,11 +196,11 @@ def _paged_attention_kernel(
              mask=row_ok[:, None] & d_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _paged_decode_kernel(
-    out_ptr,              # [num_tokens, num_heads, head_dim]  (written only when NUM_SPLITS == 1)
-    part_out_ptr,         # [num_seqs, num_heads, NUM_SPLITS, head_dim] f32, normalized per split
-    part_lse_ptr,         # [num_seqs, num_heads, NUM_SPLITS] f32, log2 units, -inf = empty split
+    out_ptr,              # [num_tokens, num_heads, head_dim]  (written only without SPLIT)
+    part_out_ptr,         # [num_seqs, num_heads, num_splits, head_dim] f32, normalized per split
+    part_lse_ptr,         # [num_seqs, num_heads, num_splits] f32, log2 units, -inf = empty split
     q_ptr,                # [num_tokens, num_heads, head_dim]
     k_cache_ptr,          # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache_ptr,          # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -202,6 +209,7 @@ def _paged_decode_kernel(
     seq_lens_ptr,         # [num_seqs] int32
     qk_scale, softcap, sliding_window,
     keys_per_split,       # a multiple of BLOCK_N
+    num_splits,           # a runtime value: one binary serves every split count
     num_heads, head_dim,
     stride_qt, stride_qh,
     stride_ot, stride_oh,
@@ -213,7 +221,7 @@ def _paged_decode_kernel(
     BLOCK_M: tl.constexpr,     # GROUP padded up to a power of two >= 16 (tl.dot minimum)
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,       # num_splits > 1: write partials for _decode_combine_kernel
     USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -261,27 +269,27 @@ def _paged_decode_kernel(
             USE_WINDOW, USE_SOFTCAP, BLOCK_N, DOT_PRECISION, DOT_UPCAST)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         tl.store(out_ptr + token * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
     else:
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
-        part_row = (seq.to(tl.int64) * num_heads + head) * NUM_SPLITS + split
+        part_row = (seq.to(tl.int64) * num_heads + head) * num_splits + split
         tl.store(part_lse_ptr + part_row, lse, mask=row_ok)
         tl.store(part_out_ptr + part_row[:, None] * head_dim + offs_d[None, :], out,
                  mask=row_ok[:, None] & d_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_combine_kernel(
     out_ptr,              # [num_tokens, num_heads, head_dim]
-    part_out_ptr,         # [num_seqs, num_heads, NUM_SPLITS, head_dim] f32
-    part_lse_ptr,         # [num_seqs, num_heads, NUM_SPLITS] f32, log2 units
+    part_out_ptr,         # [num_seqs, num_heads, num_splits, head_dim] f32
+    part_lse_ptr,         # [num_seqs, num_heads, num_splits] f32, log2 units
     query_start_loc_ptr,  # [num_seqs + 1] int32
+    num_splits,
     num_heads, head_dim,
     stride_ot, stride_oh,
-    NUM_SPLITS: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,  # num_splits rounded up to a power of two
     BLOCK_D: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -291,8 +299,8 @@ def _decode_combine_kernel(
         return
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < NUM_SPLITS
-    part_row = (seq.to(tl.int64) * num_heads + head) * NUM_SPLITS + offs_s
+    s_ok = offs_s < num_splits
+    part_row = (seq.to(tl.int64) * num_heads + head) * num_splits + offs_s
     lse = tl.load(part_lse_ptr + part_row, mask=s_ok, other=float("-inf"))
     lse_max = tl.max(lse, axis=0)
     # Every split empty (no visible key): weights 0 and the output is 0, as in the reference.
@@ -310,17 +318,49 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _tiles(head_dim: int, elem_size: int, interp: bool) -> tuple[int, int, int]:
-    """(rows per tile of the general kernel, keys per tile, pipeline stages), sized so the
-    Q tile plus the double-buffered K and V tiles stay well inside shared memory."""
+class _Tiles(NamedTuple):
+    block_m: int     # rows (query, head) per tile of the general kernel
+    block_n: int     # keys per tile
+    num_stages: int  # software pipeline depth of the key loop
+    num_warps: int
+
+
+# Register budget: 128 per thread (so two 4-warp or one 8-warp program fit beside another per
+# SM quarter, and no spills). What fills the registers is the fp32 accumulator (BLOCK_M x BLOCK_D),
+# the score tile (BLOCK_M x BLOCK_N) and the 64-bit address of every K/V element of a tile
+# (BLOCK_N x BLOCK_D: keys are gathered through the block table one by one, so the addresses are
+# not affine). Each is divided by the threads of a program, so the tiles below keep
+# tile elements / (32 * num_warps) small; benchmarks/compile_gate.py measures the result.
+def _tiles(head_dim: int, elem_size: int, interp: bool) -> _Tiles:
+    """Tiles of the general kernel, sized so the Q tile plus the double-buffered K and V tiles
+    stay well inside shared memory and the registers within budget (see above)."""
     if interp:
-        return 16, 16, 1
+        return _Tiles(16, 16, 1, 4)
     row_bytes = head_dim * elem_size
+    # 32 / 16 rows also fit verify chunks: (k + 1) x GQA group rows, 36 at most for k = 8, group 4.
     if row_bytes <= 256:      # bf16 up to head dim 128, fp32 up to 64
-        return 64, 64, 2
+        return _Tiles(32, 32, 2, 8)
     if row_bytes <= 512:      # bf16 256, fp32 128
-        return 64, 32, 2
-    return 32, 16, 2          # fp32 256
+        return _Tiles(16, 32, 2, 8)
+    return _Tiles(16, 16, 2, 8)  # fp32 256
+
+
+def _decode_tiles(head_dim: int, elem_size: int, interp: bool) -> _Tiles:
+    """Tiles of the decode kernel (block_m unused: one padded GQA group). Memory-bound: 8 warps
+    keep many loads in flight and halve the per-thread share of the K/V address tile."""
+    if interp:
+        return _Tiles(16, 16, 1, 4)
+    row_bytes = head_dim * elem_size
+    if row_bytes <= 256:
+        return _Tiles(16, 64, 3, 8)
+    if row_bytes <= 512:
+        return _Tiles(16, 32, 2, 8)
+    return _Tiles(16, 16, 2, 8)
+
+
+def _combine_warps(splits_pad: int, block_d: int) -> int:
+    # The combine kernel holds the whole [SPLITS_PAD, BLOCK_D] partial tile in registers.
+    return max(1, min(8, splits_pad * block_d // 1024))
 
 
 def decode_num_splits(meta: AttentionMetadata, num_kv_heads: int, sliding_window: int, device) -> int:
@@ -373,7 +413,8 @@ def paged_attention(
 
     if decode:
         splits = num_splits or decode_num_splits(meta, num_kv_heads, sliding_window, query.device)
-        _, block_n, _ = _tiles(block_d, query.element_size(), interp)
+        tiles = _decode_tiles(block_d, query.element_size(), interp)
+        block_n = tiles.block_n
         span = meta.max_seq_len if not use_window else min(meta.max_seq_len, sliding_window)
         keys_per_split = triton.cdiv(triton.cdiv(max(span, 1), splits), block_n) * block_n
         if splits > 1:
@@ -384,25 +425,25 @@ def paged_attention(
         _paged_decode_kernel[(meta.num_seqs, num_kv_heads, splits)](
             out, part_out, part_lse, query, k_cache, v_cache,
             meta.block_tables, meta.query_start_loc, meta.seq_lens,
-            qk_scale, float(softcap), int(sliding_window), keys_per_split,
+            qk_scale, float(softcap), int(sliding_window), keys_per_split, splits,
             num_heads, head_dim, *common_strides,
             BLOCK_SIZE=block_size, GROUP=group, BLOCK_M=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-            NUM_SPLITS=splits, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap,
+            SPLIT=splits > 1, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap,
             DOT_PRECISION=_dot_precision(query.dtype), DOT_UPCAST=interp,
-            num_warps=4, num_stages=3 if head_dim * query.element_size() <= 256 else 2,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )
         if splits > 1:
             _decode_combine_kernel[(meta.num_seqs, num_heads)](
-                out, part_out, part_lse, meta.query_start_loc,
+                out, part_out, part_lse, meta.query_start_loc, splits,
                 num_heads, head_dim, out.stride(0), out.stride(1),
-                NUM_SPLITS=splits, SPLITS_PAD=next_pow2(splits), BLOCK_D=block_d,
-                num_warps=1 if block_d <= 128 else 2,
+                SPLITS_PAD=next_pow2(splits), BLOCK_D=block_d,
+                num_warps=_combine_warps(next_pow2(splits), block_d),
             )
         return out
 
     group_pad = next_pow2(group)
     # A tile holds at least one full GQA group (so K/V are read once per group).
-    block_m, block_n, stages = _tiles(block_d, query.element_size(), interp)
+    block_m, block_n, stages, warps = _tiles(block_d, query.element_size(), interp)
     block_m = max(block_m, group_pad)
     block_q = block_m // group_pad
     grid = (meta.num_seqs, triton.cdiv(meta.max_query_len, block_q), num_kv_heads)
@@ -414,7 +455,7 @@ def paged_attention(
         BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
         USE_WINDOW=use_window, USE_SOFTCAP=use_softcap,
         DOT_PRECISION=_dot_precision(query.dtype), DOT_UPCAST=interp,
-        num_warps=8 if head_dim > 128 else 4,
+        num_warps=warps,
         num_stages=stages,
     )
     return out

@@ -24,11 +24,15 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# Streaming multiprocessors assumed off the GPU: small, so the CPU tests exercise the
+# multi-program (split) paths; the compile gate sets a real GPU's count to plan production launches.
+PRETEND_SMS = 4
+
+
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors to fill; a small pretend count on the CPU so the tests
-    exercise the multi-program (split) paths."""
+    """Streaming multiprocessors to fill (PRETEND_SMS off the GPU)."""
     if device.type != "cuda":
-        return 4
+        return PRETEND_SMS
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 

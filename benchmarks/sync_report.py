@@ -1,0 +1,75 @@
+"""Host syncs per engine round on the GPU (Triton backend), counted by torch.cuda.set_sync_debug_mode.
+
+A round should make one small device-to-host copy (the handoff result); every other sync stalls
+the CPU behind the GPU. Runs a tiny pair (greedy and nudged, drafts k = 0 / 4), counts the
+"synchronizing operation" warnings each engine.step() raises, and writes a JSON report.
+
+    python -m benchmarks.sync_report [--out FILE.json]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import tempfile
+import warnings
+
+import torch
+
+from nudge_engine.engine import NudgeEngine
+from nudge_engine.sampling_params import NudgeParams, SamplingParams
+from nudge_engine.testing import make_tiny_pair
+
+
+def count_round_syncs(engine: NudgeEngine, rounds: int) -> tuple[list[int], collections.Counter]:
+    per_round, where = [], collections.Counter()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        for _ in range(rounds):
+            if not engine.has_unfinished():
+                break
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                engine.step()
+            syncs = [w for w in caught if "synchroniz" in str(w.message)]
+            per_round.append(len(syncs))
+            for w in syncs:
+                where[f"{w.filename.rsplit('/', 1)[-1]}:{w.lineno}"] += 1
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return per_round, where
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--rounds", type=int, default=12)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("sync report: no CUDA device, nothing to count")
+        return 0
+    report = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        base, nudger = make_tiny_pair(f"{tmp}/pair", "llama", "llama", "bytelevel", agreement=0.6,
+                                      hidden_size=128, num_heads=2, num_kv_heads=1)
+        engine = NudgeEngine(base, nudger, device="cuda", attention_backend="triton", kv_cache_bytes=256 << 20)
+        for k in (0, 4):
+            params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+            for n in range(4):
+                engine.add_request([5 + i for i in range(8 + n)], params, NudgeParams(gamma=0.5, draft_tokens=k))
+            engine.step()  # the first round compiles kernels and prefills: not a steady round
+            per_round, where = count_round_syncs(engine, args.rounds)
+            while engine.has_unfinished():
+                engine.step()
+            report[f"draft_tokens={k}"] = {"syncs_per_round": per_round, "where": dict(where.most_common(10))}
+            print(f"draft_tokens={k}: host syncs per round {per_round}; top sites {where.most_common(5)}")
+        assert engine.pools_all_free()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
