@@ -216,10 +216,10 @@ def test_slow_body_gets_408(server):
 
 
 def test_drain_timeout_ends_streams_with_an_error_and_done(pair, tmp_path):
-    srv = ServerProcess(*pair, tmp_path / "drain.log", "--drain-timeout", "1")
+    srv = ServerProcess(*pair, tmp_path / "drain.log", "--drain-timeout", "0.2")
     lines = []
-    try:
-        body = {"prompt": "Hi", "n": 16, "max_tokens": 120, "ignore_eos": True, "temperature": 1, "seed": 4,
+    try:   # 64 streams x 120 tokens: far more than 0.2 s of work after the first chunk
+        body = {"prompt": "Hi", "n": 64, "max_tokens": 120, "ignore_eos": True, "temperature": 1, "seed": 4,
                 "stream": True}
         with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as resp:
             for line in resp.iter_lines():
