@@ -61,13 +61,16 @@ class CompletionChoice(_NudgeFields):
     finish_reason: Union[Literal["stop", "length"], None]
 
 
-class CompletionResponse(BaseModel):
+class _Response(BaseModel):
     id: str
-    object: Literal["text_completion"]
     created: int
     model: str
-    choices: list[CompletionChoice]
     usage: Usage
+
+
+class CompletionResponse(_Response):
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
 
 
 class TopLogprob(BaseModel):
@@ -97,13 +100,9 @@ class ChatChoice(_NudgeFields):
     finish_reason: Union[Literal["stop", "length"], None]
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"]
-    created: int
-    model: str
     choices: list[ChatChoice]
-    usage: Usage
 
 
 class ModelCard(BaseModel):
