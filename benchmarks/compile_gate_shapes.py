@@ -2,7 +2,9 @@
 
 Drives the engine's own launchers the way a GPU round does: TritonAttentionBackend (store_kv +
 paged attention) for decode at batch 1 / 64 / 256, verify chunks of k + 1 tokens and a prefill
-chunk; the fused handoff step and top1 stats on float32 base logits of real vocabulary sizes.
+chunk; the backend's fused per-layer steps (add_norm in each family's norm form and as the final
+norm of the logits rows, act_and_mul, rotary_store) as a decoder layer calls them; the fused
+handoff step and top1 stats on float32 base logits of real vocabulary sizes.
 The interpreter is off (so the launchers plan GPU tiles) and PRETEND_SMS is the target GPU's SM
 count (so split counts match it); launches are recorded and skipped, so the tensors are only
 allocated, never touched (large logits stay virtual memory).
@@ -88,6 +90,81 @@ def attention_launches(model: dict, dtype: torch.dtype, block_size: int) -> None
         launch([PREFILL_CHUNK], PREFILL_CHUNK, window)                # a prefill chunk
 
 
+# Per-layer shapes of the bases / nudgers for the fused steps: hidden, MLP width, heads, norm form,
+# activation, QK-norm (OLMo-2), clip_qkv (OLMo-1) and the RoPE table (Llama-3 frequency scaling).
+# OLMo-1B-0724 is the one family with a weightless LayerNorm.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+LAYER_MODELS = {
+    "olmo2-7b": dict(hidden=4096, inter=11008, heads=32, kv=32, head_dim=128, norm="olmo2", act="silu",
+                     theta=500000.0, qk_norm=True),
+    "llama3-8b": dict(hidden=4096, inter=14336, heads=32, kv=8, head_dim=128, norm="llama", act="silu",
+                      theta=500000.0, scaling=LLAMA3_ROPE),
+    "gemma2-9b": dict(hidden=3584, inter=14336, heads=16, kv=8, head_dim=256, norm="gemma2",
+                      act="gelu_pytorch_tanh", theta=10000.0),
+    "olmo-1b": dict(hidden=2048, inter=8192, heads=16, kv=16, head_dim=128, norm="olmo", act="silu",
+                    theta=10000.0, clip=8.0),
+}
+LAYER_DTYPES = (torch.bfloat16, torch.float16)
+MAX_POSITIONS = 8192
+
+
+def _layer_norms(kind: str, hidden: int, dtype: torch.dtype):
+    """(first layer's pre_attn, post_attn, pre_mlp, post_mlp, final) norm modules, or None, as
+    layers/decoder.py places them for the family (models/llama.py, olmo.py, gemma2.py)."""
+    from nudge_engine.layers.norm import NonParametricLayerNorm, RMSNorm
+
+    def rms(unit_offset=False):
+        return RMSNorm(hidden, 1e-6, unit_offset=unit_offset).to(dtype)
+
+    if kind == "llama":
+        return rms(), None, rms(), None, rms()
+    if kind == "olmo2":
+        return None, rms(), None, rms(), rms()
+    if kind == "gemma2":
+        return rms(True), rms(True), rms(True), rms(True), rms(True)
+    return NonParametricLayerNorm(hidden), None, NonParametricLayerNorm(hidden), None, NonParametricLayerNorm(hidden)
+
+
+def fused_layer_launches(model: dict, dtype: torch.dtype) -> None:
+    """One decoder layer's fused steps and the final norm, in the order CausalLM.forward calls them."""
+    from nudge_engine.config import RopeConfig
+    from nudge_engine.kernels.backend import TritonAttentionBackend
+    from nudge_engine.layers.attention import AttentionSpec
+    from nudge_engine.layers.norm import RMSNorm
+    from nudge_engine.layers.rotary import RotaryEmbedding
+
+    backend = TritonAttentionBackend()
+    hidden, inter, hd, heads, kv = (model[k] for k in ("hidden", "inter", "head_dim", "heads", "kv"))
+    pre_attn, post_attn, pre_mlp, post_mlp, final = _layer_norms(model["norm"], hidden, dtype)
+    spec = AttentionSpec(heads, kv, hd, hd ** -0.5, qk_norm_eps=1e-6 if model.get("qk_norm") else None,
+                         clip_qkv=model.get("clip"))
+    qk_norms = ((RMSNorm(heads * hd, 1e-6).to(dtype), RMSNorm(kv * hd, 1e-6).to(dtype))
+                if model.get("qk_norm") else (None, None))
+    rotary = RotaryEmbedding(hd, MAX_POSITIONS, RopeConfig(model["theta"], model.get("scaling")))
+    k_cache = torch.empty(NUM_BLOCKS, 16, kv, hd, dtype=dtype)
+    v_cache = torch.empty_like(k_cache)
+
+    def launch(qlens, num_rows):
+        meta = _meta(qlens, CONTEXTS[0], 16)
+        n = meta.slot_mapping.shape[0]
+        x = torch.empty(n, hidden, dtype=dtype)
+        h, residual = backend.add_norm(x, None, None, pre_attn)               # first layer (no residual)
+        h, residual = backend.add_norm(x, residual, post_mlp, pre_attn)       # later layers
+        backend.rotary_store(torch.empty(n, (heads + 2 * kv) * hd, dtype=dtype), torch.empty(n, dtype=torch.int64),
+                             spec, rotary, *qk_norms, k_cache, v_cache, meta)
+        h, residual = backend.add_norm(x, residual, post_attn, pre_mlp)       # after attention
+        backend.act_and_mul(torch.empty(n, 2 * inter, dtype=dtype), model["act"])
+        rows = torch.empty(num_rows, dtype=torch.int64)
+        backend.add_norm(x, residual, post_mlp, final, rows)                  # final norm of the logits rows
+
+    for batch in BATCHES:
+        launch([1] * batch, batch)                                            # decode
+        k = DRAFTS[1]
+        launch([k + 1] * batch, (k + 1) * batch)                              # verify a k-token draft
+    launch([PREFILL_CHUNK], 1)                                                # a prefill chunk: its last row
+
+
 def handoff_launches(vocab: int) -> None:
     from nudge_engine.kernels.handoff_step import handoff_step
     from nudge_engine.kernels.top1_stats import top1_stats
@@ -117,6 +194,9 @@ def record(path: str) -> int:
             for model in MODELS.values():
                 for dtype, block_size in CACHE_LAYOUTS:
                     attention_launches(model, dtype, block_size)
+            for model in LAYER_MODELS.values():
+                for dtype in LAYER_DTYPES:
+                    fused_layer_launches(model, dtype)
             for vocab in VOCABS:
                 handoff_launches(vocab)
         rec.save(path)

@@ -5,7 +5,8 @@
 #
 #   stage 1 (< 2 min): environment, build, kernel tests on CUDA, Triton backend == torch backend end
 #                      to end, host syncs per engine round (torch.cuda.set_sync_debug_mode)
-#   stage 2:           kernel benchmarks against copy bandwidth
+#   stage 2:           kernel benchmarks against copy bandwidth (bench_kernels.py: attention, handoff,
+#                      top-1; bench_fused.py: the fused per-layer steps beside the torch steps)
 #   stage 3:           latency and throughput suites (OLMo-2-7B + 1B shapes, random weights)
 #
 #   bash benchmarks/gpu_check.sh [--quick] [--stages 1,2,3] [--dry-run]
@@ -17,7 +18,8 @@
 # Uses the machine's own python3 (torch, triton, pybind11, setuptools, transformers installed
 # there); installs nothing. Every part runs even when an earlier one fails; the exit status is
 # non-zero if any part failed. $OUT gets at most 8 files: summary.json, stage1.log, stage2.log,
-# stage3.log, kernels.md, latency.md, throughput.md, results.tgz (every result file of this run).
+# stage3.log, kernels.md (bench_kernels' table, then bench_fused's), latency.md, throughput.md,
+# results.tgz (every result file of this run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -120,6 +122,13 @@ copy_results() {  # copy_results PATTERN DEST_NAME: newest result file of this c
     return 0
 }
 
+append_results() {  # append_results PATTERN DEST_NAME: as copy_results, appended (the 8-file limit of $OUT)
+    local f
+    f=$(ls -t benchmarks/results/*_"${COMMIT}"_$1 2>/dev/null | head -1)
+    [ -n "$f" ] && { echo; cat "$f"; } >> "$OUT/$2" && echo "appended $f to \$OUT/$2"
+    return 0
+}
+
 bundle_results() {  # every result file this run wrote, in one archive (the 8-file limit of $OUT)
     local files
     files=$(find benchmarks/results -type f -newermt "@$START" 2>/dev/null)
@@ -159,6 +168,8 @@ if want 2; then
     begin_stage 2 "kernel benchmarks vs copy bandwidth"
     run_part "kernel benchmark" $([ -n "$QUICK" ] && echo 60 || echo 180) $PY benchmarks/bench_kernels.py $QUICK
     copy_results kernels.md kernels.md
+    run_part "fused kernel benchmark" $([ -n "$QUICK" ] && echo 45 || echo 120) $PY benchmarks/bench_fused.py $QUICK
+    append_results fused.md kernels.md
     bundle_results
     end_stage "kernel benchmarks vs copy bandwidth"
 fi

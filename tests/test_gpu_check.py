@@ -38,6 +38,7 @@ def test_all_stages_pass(tmp_path):
     assert [s["stage"] for s in summary["stages"]] == [1, 2, 3]
     assert all(s["status"] == "pass" for s in summary["stages"])
     assert "kernel tests on CUDA" in parts(summary)
+    assert {"kernel benchmark", "fused kernel benchmark"} <= set(parts(summary))
     assert {p.name for p in out.iterdir()} >= {"summary.json", "stage1.log", "stage2.log", "stage3.log"}
     assert len(list(out.iterdir())) <= 8  # what the device tool brings back from $OUT
 
