@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nudge_engine import engine as engine_module
+from nudge_engine.pairing import token as engine_module
 from nudge_engine.engine import NudgeEngine
 from nudge_engine.request import RequestFailedError
 from nudge_engine.sampling_params import NudgeParams, SamplingParams

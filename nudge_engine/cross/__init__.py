@@ -1,1 +1,1 @@
-"""Nudging across tokenizer families (NUDGING.md section 7): wordpieces.py, spans.py, engine.py."""
+"""The text path's pieces (NUDGING.md section 7): word pieces, span text and the request; its round is nudge_engine/pairing/text.py."""

@@ -67,6 +67,14 @@ class CrossRequest:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def abort(self) -> None:
+        self.finish_reason = self.finish_reason or "abort"
+
+    def fail(self, message: str) -> None:
+        """Ends the request alone after its own work raised; its output so far is kept."""
+        self.finish_reason, self.error = "error", message
+        self.finish_time = time.monotonic()
+
     @property
     def text_end(self) -> int:
         return len(self.text.data) if self.text_limit is None else self.text_limit

@@ -1,0 +1,280 @@
+"""TokenPairing: the token path, for the base alone or a nudger with the same tokenizer (NUDGING.md 2, 5).
+
+One round for the scheduled requests:
+  1. the nudger drafts (first pass: catch-up/prefill of its pending tokens, then one token per pass),
+  2. the base model verifies every request's pending and draft tokens in ONE forward,
+  3. the handoff walk decides accepted drafts, the emitted token, the new mode (all requests at once),
+  4. rejected drafts roll back in both KV caches.
+Without a nudger the same loop is plain continuous-batching decoding of the base model.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from .. import _core
+from ..draft_policy import DraftPolicy
+from ..handoff import Handoff
+from ..prompts import tokenize_prompt
+from ..request import Mode, Request, Source
+from ..sampler import draw, processed_probs
+from ..tokenizer import IncrementalDetokenizer
+from . import BASE_MODEL, NUDGER_MODEL, Pairing
+
+log = logging.getLogger("nudge_engine")
+
+MIN_COST_RATIO = 0.05  # a nudger pass is never free: launch and host costs
+MIN_BATCHED_TOKENS_NUDGING = 2
+FAILED = object()     # what a guarded per-request call returns when the request failed this step
+
+
+class TokenPairing(Pairing):
+    def __init__(self, engine):
+        super().__init__(engine)
+        e = engine
+        self.name = "same-tokenizer" if e.nudger is not None else "base-alone"
+        if e.nudger is not None and e.max_num_batched_tokens < MIN_BATCHED_TOKENS_NUDGING:
+            raise ValueError(f"max_num_batched_tokens must be >= {MIN_BATCHED_TOKENS_NUDGING} with a nudger "
+                             f"(a round verifies at least one draft and the token before it), got {e.max_num_batched_tokens}")
+        self.models, self.scheduler = e.models, e.scheduler
+        self.base, self.nudger = e.base, e.nudger
+        vocab = max(m.config.vocab_size for m in e.models)
+        table = e.models[-1].tokenizer.word_start_table()[:vocab]
+        self.word_start = torch.zeros(vocab, dtype=torch.bool)        # [vocab]
+        self.word_start[: len(table)] = torch.tensor(table, dtype=torch.bool)
+        ratio = e.models[-1].num_parameters / e.base.num_parameters
+        self.draft_policy = DraftPolicy(cost_ratio=max(ratio, MIN_COST_RATIO))
+        self.handoff = Handoff(e.device, self.word_start, e.base.runner.backend.name == "triton")
+        log.info("same-tokenizer token path: base %s%s, %d KV blocks of %d tokens per model, "
+                 "backend %s",
+                 e.paths[0], f", nudger {e.paths[1]}" if e.nudger else "", e.base.pool.num_blocks, e.block_size,
+                 e.models[0].runner.backend.name)
+
+    def new_request(self, prompt, params, nudge):
+        e, nudger = self.engine, self.nudger
+        base_ids, nudger_ids = tokenize_prompt(prompt, self.base.tokenizer,
+                                               nudger.tokenizer if nudger else None, e.chat_format)
+        if not base_ids or (nudger is not None and not nudger_ids):
+            raise ValueError("prompt is empty after tokenization")
+        for m, ids, role in zip(self.models, (base_ids, nudger_ids), ("base", "nudger")):
+            m.check_fits(role, len(ids), params.max_tokens)
+        d = e.defaults
+        rid = e.new_id()
+        gen = torch.Generator()
+        gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, (), generator=e._seed_gen)))
+        req = Request(
+            id=rid, base_prompt=base_ids, nudger_prompt=nudger_ids, params=params,
+            nudger_params=nudge.nudger_sampling(params),
+            gamma=(d.gamma if nudge.gamma is None else nudge.gamma) if nudger else 0.0,
+            draft_tokens=d.draft_tokens if nudge.draft_tokens is None else nudge.draft_tokens,
+            adaptive_drafting=d.adaptive_drafting if nudge.adaptive_drafting is None else nudge.adaptive_drafting,
+            resume_on_agreement=d.resume_on_agreement if nudge.resume_on_agreement is None else nudge.resume_on_agreement,
+            eos_ids=e.eos_ids, detok=IncrementalDetokenizer.after_prompt(self.base.tokenizer, base_ids),
+            generator=gen,
+        )
+        if params.logprobs is not None:
+            req.logprobs = []
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]
+        req.base_seq = _core.Sequence(self.base.pool)
+        req.base_seq.append(base_ids)
+        seqs = [req.base_seq]
+        if nudger is not None:
+            req.nudger_seq = _core.Sequence(nudger.pool)
+            seqs.append(req.nudger_seq)
+        return req, seqs
+
+    def run_round(self, reqs: list[Request], sched) -> list[Request]:
+        e = self.engine
+        final = list(sched.is_final_chunk)
+        drafts_k = [r.planned_drafts if f else 0 for r, f in zip(reqs, final)]
+        started = time.perf_counter()
+        drafts, draft_logits = self._draft(reqs, sched.num_new_tokens[NUDGER_MODEL] if self.nudger else None,
+                                           drafts_k, final)
+        drafted = time.perf_counter()
+        base_logits, walk_rows, prompt_rows = self._verify(reqs, sched.num_new_tokens[BASE_MODEL], drafts, final)
+        for entry in prompt_rows:
+            if entry is not None:
+                e.guard(entry[0], self._record_prompt_logprobs, entry, base_logits)
+        finals = [i for i, f in enumerate(final) if f and reqs[i].id not in e.failed]
+        decisions = self.handoff.decide([reqs[i] for i in finals], [drafts[i] for i in finals],
+                                        [walk_rows[i] for i in finals], base_logits,
+                                        [draft_logits[i] for i in finals])
+        if max(drafts_k, default=0) > 0:  # the walk's copy back has waited for the base pass
+            self.draft_policy.observe_pass_times((drafted - started) / max(drafts_k),
+                                                 time.perf_counter() - drafted)
+        touched = []
+        for i, decision in zip(finals, decisions):
+            req = reqs[i]
+            if isinstance(decision, Exception):
+                e.failed[req.id] = decision
+            elif e.guard(req, self._apply, req, drafts[i], decision) is not FAILED:
+                touched.append(req)
+        return touched
+
+    def _draft_count(self, req: Request) -> int:
+        """Draft tokens this round: while nudging, the nudger writes anyway (at least one token);
+        in BASE mode up to draft_tokens, fewer where the policy sees drafts not paying.
+
+        Never more than the tokens the request may still emit: admission checked that prompt +
+        max_tokens fits both contexts and both pools, so no draft reaches past a model's last
+        position or a pool's capacity (and never past the step's token budget).
+        """
+        if req.nudger_seq is None:
+            return 0
+        if req.mode == Mode.NUDGE:
+            k = max(req.draft_tokens, 1)
+        elif not req.adaptive_drafting:
+            k = req.draft_tokens
+        else:
+            k = self.draft_policy.choose(req.draft_stats, req.draft_tokens, measured=req.greedy)
+        return min(k, req.params.max_tokens - len(req.output), self.engine.max_num_batched_tokens - 1)
+
+    def prepare(self, req: Request) -> None:
+        """Plans the request's drafts for this round. Lazy catch-up: the nudger sees the output only
+        in rounds where it drafts."""
+        k = req.planned_drafts = self._draft_count(req)
+        if req.nudger_seq is None:
+            self.scheduler.set_lookahead(req.id, [k])
+            return
+        if k > 0:
+            if req.nudger_seq.num_tokens == 0:
+                req.nudger_seq.append(req.nudger_prompt)
+            seen = req.nudger_seq.num_tokens - len(req.nudger_prompt)
+            if seen < len(req.output):
+                req.nudger_seq.append(req.output[seen:])
+        self.scheduler.set_lookahead(req.id, [k, max(k - 1, 0)])
+
+    def _draft(self, reqs: list[Request], num_new: list[int] | None, k: list[int], final: list[bool]):
+        """Nudger passes: catch-up + first draft, then one draft token per pass.
+
+        A request that does not draft this round computes nothing in the nudger (lazy catch-up),
+        except prefill chunks, which always keep the newest token pending.
+        """
+        drafts: list[list[int]] = [[] for _ in reqs]
+        logits: list[list[torch.Tensor]] = [[] for _ in reqs]  # raw nudger logits row per draft
+        if num_new is None:
+            return drafts, logits
+        active = [i for i, n in enumerate(num_new) if n > 0 and (k[i] > 0 or not final[i])]
+        step_new = {i: num_new[i] for i in active}
+        for j in range(max(k, default=0) + 1):
+            if not active:
+                break
+            seqs = [reqs[i].nudger_seq for i in active]
+            out = self.nudger.forward(seqs, [step_new[i] for i in active])
+            picks = [i for i in active if len(drafts[i]) < k[i]]
+            tokens = self._pick_drafts([reqs[i] for i in picks], out[[active.index(i) for i in picks]])
+            for i in active:
+                seq = reqs[i].nudger_seq
+                seq.set_num_computed(seq.num_computed + step_new[i])
+            for i, (tok, row) in zip(picks, tokens):
+                if tok is FAILED:
+                    continue
+                drafts[i].append(tok)
+                logits[i].append(row)
+                reqs[i].nudger_seq.append(tok)
+            active = [i for i in picks if len(drafts[i]) < k[i] and reqs[i].id not in self.engine.failed]
+            step_new = {i: 1 for i in active}
+        return drafts, logits
+
+    def _pick_drafts(self, reqs: list[Request], rows: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        if not reqs:
+            return []
+        tokens = rows.argmax(-1).tolist()
+        sampled = [j for j, r in enumerate(reqs) if not r.nudger_params.greedy]
+        if sampled:
+            probs = processed_probs(rows[sampled].cpu(), [reqs[j].nudger_params for j in sampled])
+            for j, p in zip(sampled, probs):
+                tokens[j] = self.engine.guard(reqs[j], draw, p, reqs[j].generator)
+        return list(zip(tokens, rows))
+
+    def _verify(self, reqs: list[Request], num_new: list[int], drafts: list[list[int]], final: list[bool]):
+        """The base pass: pending + draft tokens of every request; logits rows for the walk."""
+        nums, rows, walk_rows, prompt_rows = [], [], [], []
+        start = 0
+        for req, n, d, f in zip(reqs, num_new, drafts, final):
+            if f and d:
+                req.base_seq.append(d)
+            total = n + (len(d) if f else 0)
+            computed = req.base_seq.num_computed
+            first = len(rows)
+            if req.prompt_logprobs is not None and computed < len(req.base_prompt):
+                upto = min(computed + total, len(req.base_prompt)) - 1  # row at position p predicts token p + 1
+                rows.extend(range(start, start + upto - computed))
+                prompt_rows.append((req, computed, len(rows) - first, first))
+            else:
+                prompt_rows.append(None)
+            walk_first = len(rows)
+            if f:
+                rows.extend(range(start + total - len(d) - 1, start + total))
+            walk_rows.append(slice(walk_first, len(rows)))
+            nums.append(total)
+            start += total
+        logits = self.base.forward([r.base_seq for r in reqs], nums, rows)
+        for req, n in zip(reqs, nums):
+            req.base_seq.set_num_computed(req.base_seq.num_computed + n)
+        return logits, walk_rows, prompt_rows
+
+    @staticmethod
+    def _record_prompt_logprobs(entry, logits) -> None:
+        req, computed, count, first = entry
+        if count <= 0:
+            return
+        lp = torch.log_softmax(logits[first:first + count], dim=-1).cpu()
+        targets = req.base_prompt[computed + 1: computed + 1 + count]
+        req.prompt_logprobs.extend(_top_logprobs(lp, targets, req.params.prompt_logprobs))
+
+    def _apply(self, req: Request, drafts: list[int], decision) -> None:
+        m, emit = decision.num_accepted, decision.emit_token
+        tokens = drafts[:m] + ([emit] if emit is not None else [])
+        sources = list(decision.accepted_sources[:m]) + ([Source.BASE] if emit is not None else [])
+        was_mode = req.mode
+        req.mode, req.run = Mode(decision.mode), decision.run
+        req.rounds += 1
+        req.drafted += len(drafts)
+        req.accepted += m
+        self.engine.stats.record_round(len(drafts), m, sources, was_mode != req.mode)
+        if was_mode == Mode.BASE:
+            self._observe_drafts(req, len(drafts), decision)
+        req.add_tokens(tokens, sources, decision.logprobs)
+        if req.finished:
+            self.scheduler.finish(req.id)
+            del self.engine.requests[req.id]
+            return
+        # The nudger's sequence holds this round's tokens only if it drafted (lazy catch-up otherwise).
+        for seq in [req.base_seq] + ([req.nudger_seq] if drafts else []):
+            seq.truncate(seq.num_tokens - (len(drafts) - m))
+            if emit is not None:
+                seq.append(emit)
+            # Invariant between rounds: the newest token is pending in both models.
+            seq.set_num_computed(min(seq.num_computed, seq.num_tokens - 1))
+
+    @staticmethod
+    def _observe_drafts(req: Request, drafted: int, decision) -> None:
+        """Acceptance history of a round that began in BASE mode: drafts the base agreed with, and
+        one rejection when it corrected a draft (a switch to nudging rejects nothing)."""
+        stats = req.draft_stats
+        if drafted == 0:
+            stats.rounds_without_draft += 1
+            return
+        stats.rounds_without_draft = 0
+        agreed = sum(1 for s in decision.accepted_sources if s == Source.BASE)
+        corrected = (decision.emit_token is not None and decision.mode == Mode.BASE
+                     and decision.num_accepted < drafted)
+        stats.observe(agreed, int(corrected))
+
+
+
+def _top_logprobs(lp: torch.Tensor, targets: list[int], n: int) -> list[dict[int, float]]:
+    """lp [rows, vocab] log-probabilities -> per row {target: lp, top-n others: lp}, target first."""
+    out = []
+    top = lp.topk(n, dim=-1) if n > 0 else None
+    for i, t in enumerate(targets):
+        entry = {int(t): float(lp[i, t])}
+        if top is not None:
+            for v, idx in zip(top.values[i].tolist(), top.indices[i].tolist()):
+                entry.setdefault(idx, v)
+        out.append(entry)
+    return out
