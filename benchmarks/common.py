@@ -529,7 +529,7 @@ DEFAULT_AGREEMENT = {"tiny": 0.9, "real": 0.98}
 
 
 def nudged_fraction(engine, prompts, max_tokens: int, gamma: float, k: int = 8) -> float:
-    from nudge_engine.sampling_params import NudgeParams, SamplingParams
+    from nudge_engine.engine.sampling_params import NudgeParams, SamplingParams
     outs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
                            NudgeParams(gamma=gamma, draft_tokens=k))
     tokens = sum(len(o.token_ids) for o in outs)

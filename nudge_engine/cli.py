@@ -88,7 +88,7 @@ def _check_can_listen(host: str, port: int) -> None:
 
 
 def _make_engine(args):
-    from .engine import NudgeEngine
+    from .engine.engine import NudgeEngine
     kw = dict(device=args.device, dtype=args.dtype, gamma=args.gamma, draft_tokens=args.draft_tokens,
               resume_on_agreement=not args.no_resume_on_agreement, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_bytes,
@@ -112,7 +112,7 @@ def mark_nudged(tokenizer, prompt_ids, token_ids, sources, text: str, color: boo
     Text is attributed token by token with an incremental decode (a character split across
     tokens belongs to the token that completes it).
     """
-    from .tokenizer import IncrementalDetokenizer
+    from .model.tokenizer import IncrementalDetokenizer
     detok = IncrementalDetokenizer.after_prompt(tokenizer, prompt_ids)
     pieces: list[tuple[str, str]] = []
     for tok, src in zip(token_ids, sources):
@@ -154,8 +154,8 @@ def _summary(out, seconds: float, alone: bool = False) -> str:
 
 # ---------------------------------------------------------------------------- commands
 def cmd_generate(args) -> int:
-    from .prompts import check_text
-    from .sampling_params import SamplingParams
+    from .engine.prompts import check_text
+    from .engine.sampling_params import SamplingParams
     text = args.chat if isinstance(args.chat, str) else args.prompt
     if text is None:
         raise ValueError("give --prompt TEXT or --chat TEXT")
@@ -177,14 +177,14 @@ def cmd_generate(args) -> int:
 
 def _demo_real_model(max_tokens: int) -> None:
     """The real-model part of the demo: SmolLM2-135M-Instruct alone, answering through its chat template."""
-    from .real_model import FetchError, fetch_smollm2
+    from .model.real_model import FetchError, fetch_smollm2
     try:
         path = fetch_smollm2()
     except FetchError as e:
         print(f"real model: skipped ({e}); showing the tiny random-weights pair alone\n")
         return
-    from .engine import NudgeEngine
-    from .sampling_params import SamplingParams
+    from .engine.engine import NudgeEngine
+    from .engine.sampling_params import SamplingParams
     print(f"== a REAL model: SmolLM2-135M-Instruct (Q4_1 GGUF, {path}), base model alone, its own chat template ==")
     engine = NudgeEngine(path)
     for question in DEMO_QUESTIONS:
@@ -195,7 +195,7 @@ def _demo_real_model(max_tokens: int) -> None:
 
 
 def cmd_fetch_smollm2(args) -> int:
-    from .real_model import FetchError, fetch_smollm2
+    from .model.real_model import FetchError, fetch_smollm2
     try:
         print(fetch_smollm2(args.dir))
     except FetchError as e:
@@ -214,8 +214,8 @@ def cmd_demo(args) -> int:
         from .testing import make_tiny_pair
         print(f"building a tiny model pair in {folder}/ (random weights, a few seconds) ...")
         base, nudger = make_tiny_pair(folder, "llama", "llama", "bytelevel", agreement=0.5)
-    from .engine import NudgeEngine
-    from .sampling_params import SamplingParams
+    from .engine.engine import NudgeEngine
+    from .engine.sampling_params import SamplingParams
     engine = NudgeEngine(base, nudger, gamma=args.gamma, draft_tokens=args.draft_tokens)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     engine.generate(DEMO_PROMPT, SamplingParams(max_tokens=2, temperature=0.0))   # warm-up

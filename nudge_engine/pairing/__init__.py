@@ -1,17 +1,20 @@
 """The pairings: how one round of nudging is done for a given pair of models (NUDGING.md sections 2, 5, 7).
 
-NudgeEngine (nudge_engine/engine.py) owns loading, the scheduler, the requests, the public API and the
+NudgeEngine (nudge_engine/engine/engine.py) owns loading, the scheduler, the requests, the public API and the
 statistics; it picks ONE pairing at construction and hands it the per-round work:
 
   token.py  TokenPairing: the base alone, or a nudger with the same tokenizer (the token path:
             drafts verified token by token, sampling, logprobs, adaptive drafting);
   text.py   TextPairing: tokenizers that differ (the text path of section 7: the shared state is
-            the output text, each model reads the other's finished words).
+            the output text, each model reads the other's finished words);
+  handoff.py, handoff_torch.py, sampling_walk.py: the token path's decision rules (greedy walk,
+            fused top-1/handoff step and its torch reference, rejection-sampling walk);
+  wordpieces.py, spans.py, text_request.py: the text path's word pieces, span text and request.
 
 A pairing implements the small interface below and reads the engine it serves (models, scheduler,
-requests, stats, per-step failure set) through `self.engine`. It may import the model side, the request
-and sampling modules, the handoff rules and nudge_engine/cross/, never nudge_engine/engine.py: the
-engine imports the pairings, not the other way round.
+requests, stats, per-step failure set) through `self.engine`. Modules here may import model/, layers/,
+kernels/ and engine/'s request-side modules (request, sampling_params, prompts, sampler, draft_policy),
+never nudge_engine/engine/engine.py: the engine imports the pairings, not the other way round.
 """
 from __future__ import annotations
 

@@ -31,11 +31,11 @@ import time
 import torch
 
 from .. import _core
-from ..cross.request import CrossRequest, ReadWork
-from ..cross.spans import BASE, NUDGER
-from ..cross.wordpieces import WHITESPACE, WordPieces, starts_word
-from ..prompts import tokenize_prompt
-from ..request import Mode
+from .text_request import CrossRequest, ReadWork
+from .spans import BASE, NUDGER
+from .wordpieces import WHITESPACE, WordPieces, starts_word
+from ..engine.prompts import tokenize_prompt
+from ..engine.request import Mode
 from . import BASE_MODEL, NUDGER_MODEL, Pairing
 
 log = logging.getLogger("nudge_engine")

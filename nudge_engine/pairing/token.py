@@ -15,12 +15,12 @@ import time
 import torch
 
 from .. import _core
-from ..draft_policy import DraftPolicy
-from ..handoff import Handoff
-from ..prompts import tokenize_prompt
-from ..request import Mode, Request, Source
-from ..sampler import draw, processed_probs
-from ..tokenizer import IncrementalDetokenizer
+from ..engine.draft_policy import DraftPolicy
+from .handoff import Handoff
+from ..engine.prompts import tokenize_prompt
+from ..engine.request import Mode, Request, Source
+from ..engine.sampler import draw, processed_probs
+from ..model.tokenizer import IncrementalDetokenizer
 from . import BASE_MODEL, NUDGER_MODEL, Pairing
 
 log = logging.getLogger("nudge_engine")

@@ -27,9 +27,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import NudgeEngine
-from ..prompts import ChatFormat, tokenize_prompt
-from ..sampling_params import NudgeParams, SamplingParams
+from ..engine.engine import NudgeEngine
+from ..engine.prompts import ChatFormat, tokenize_prompt
+from ..engine.sampling_params import NudgeParams, SamplingParams
 from . import protocol as P
 from .async_engine import (AsyncEngine, EngineDeadError, EngineStepError, GenerateItem, GroupError,
                            InvalidRequestError, QueueFullError, RequestFailedError, ShuttingDownError)

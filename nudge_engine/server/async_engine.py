@@ -36,9 +36,9 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 
-from ..engine import NudgeEngine
-from ..request import RequestOutput
-from ..sampling_params import NudgeParams, SamplingParams
+from ..engine.engine import NudgeEngine
+from ..engine.request import RequestOutput
+from ..engine.sampling_params import NudgeParams, SamplingParams
 
 log = logging.getLogger("nudge_engine.server")
 
@@ -116,7 +116,7 @@ class GroupError:
 class _Choice:  # engine-thread side state of one engine request
     group: "RequestGroup"
     index: int
-    request: Any                   # nudge_engine.request.Request
+    request: Any                   # nudge_engine.engine.request.Request
     last_token_time: float | None = None
 
 

@@ -16,18 +16,18 @@ from typing import Iterator, Sequence
 import torch
 from tqdm import tqdm
 
-from . import _core
-from .loader import resolve_device, resolve_dtype
-from .model_pair import LoadedModel, load_models
-from .model_runner import DEFAULT_BLOCK_SIZE
-from .pairing import BASE_MODEL, NUDGER_MODEL, Pairing
-from .pairing.text import TextPairing
-from .pairing.token import FAILED, TokenPairing
+from .. import _core
+from ..model.loader import resolve_device, resolve_dtype
+from ..model.model_pair import LoadedModel, load_models
+from ..model.model_runner import DEFAULT_BLOCK_SIZE
+from ..pairing import BASE_MODEL, NUDGER_MODEL, Pairing
+from ..pairing.text import TextPairing
+from ..pairing.token import FAILED, TokenPairing
 from .prompts import DEFAULT_BASE_TEMPLATE, ChatFormat, Prompt
 from .request import RequestFailedError, RequestOutput, StreamDelta
 from .sampling_params import NudgeParams, SamplingParams
 from .stats import EngineStats
-from .tokenizer import Tokenizer
+from ..model.tokenizer import Tokenizer
 
 __all__ = ["NudgeEngine", "BASE_MODEL", "NUDGER_MODEL", "DEFAULT_GAMMA", "DEFAULT_DRAFT_TOKENS"]
 

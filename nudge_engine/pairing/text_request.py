@@ -5,8 +5,8 @@ import codecs
 import time
 from dataclasses import dataclass, field
 
-from ..request import Mode, RequestOutput, StreamDelta
-from ..sampling_params import SamplingParams
+from ..engine.request import Mode, RequestOutput, StreamDelta
+from ..engine.sampling_params import SamplingParams
 from .spans import BASE, WRITER_NAMES, SpanText, decode_spans
 
 
