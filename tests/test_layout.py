@@ -19,7 +19,7 @@ def _modules() -> dict[str, Path]:
 
 def _imports(name: str, path: Path, known: set[str]) -> set[str]:
     """Modules of the package that `name` imports, at load time or lazily inside a function (a lazy
-    import still makes a circle of the design)."""
+    import still makes a circle of the design; imports for type checkers only do not)."""
     tree = ast.parse(path.read_text())
     is_pkg = path.name == "__init__.py"
     package = name if is_pkg else name.rpartition(".")[0]
@@ -39,7 +39,9 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
                 if not (name + ".").startswith(mod + "."):   # its own package is loaded already
                     found.add(mod)
                 found.update(f"{mod}.{a.name}" for a in node.names)
-    visit([n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))])
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and getattr(block.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(block)}
+    visit([n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in typing_only])
     return {m for m in found if m in known and m != name}
 
 
@@ -80,3 +82,12 @@ def test_each_folder_imports_only_what_its_docstring_allows():
            if n == folder or n.startswith(folder + ".")
            for m in deps if any(m == b or m.startswith(b + ".") for b in banned)]
     assert not bad, bad
+
+
+MAX_LINES = 450
+OVER_BUDGET = {"kernels/paged_attention.py"}   # 461 lines: not split yet (its host-side tile choice could go)
+
+
+def test_no_module_over_450_lines():
+    over = {str(p.relative_to(ROOT)) for p in _modules().values() if len(p.read_text().splitlines()) > MAX_LINES}
+    assert over <= OVER_BUDGET, sorted(over - OVER_BUDGET)
