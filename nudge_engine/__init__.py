@@ -5,6 +5,7 @@ Names are imported on first use, so `nudge --help` and the server's CLI parsing 
 from importlib import import_module
 
 _EXPORTS = {
+    "AsyncNudgeEngine": ".engine.async_nudge_engine",
     "NudgeEngine": ".engine.engine",
     "NudgeParams": ".engine.sampling_params",
     "SamplingParams": ".engine.sampling_params",

@@ -255,7 +255,7 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from .server.app import ServerSettings, build_app
-    from .server.async_engine import fault_steps_from_env
+    from .engine.async_errors import fault_steps_from_env
     from .server.guard import header_timeout_protocol
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fault_steps = fault_steps_from_env()

@@ -30,7 +30,8 @@ from ..engine.engine import NudgeEngine
 from ..engine.prompts import ChatFormat, tokenize_prompt
 from ..engine.sampling_params import NudgeParams, SamplingParams
 from . import protocol as P
-from .async_engine import (AsyncEngine, EngineDeadError, EngineStepError, GenerateItem, GroupError,
+from ..engine.async_nudge_engine import AsyncNudgeEngine
+from ..engine.async_engine import (AsyncEngine, EngineDeadError, EngineStepError, GenerateItem, GroupError,
                            InvalidRequestError, QueueFullError, RequestFailedError, ShuttingDownError)
 from .guard import DEFAULT_BODY_TIMEOUT_S, GuardMiddleware
 from .metrics import ServerMetrics
@@ -60,7 +61,7 @@ class ServerSettings:
 def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: frozenset[int] | None = None,
               async_engine: AsyncEngine | None = None) -> FastAPI:
     metrics = ServerMetrics(settings.model_name)
-    ae = async_engine or AsyncEngine(engine, max_queue=settings.max_queue, fault_steps=fault_steps, metrics=metrics)
+    ae = async_engine or AsyncNudgeEngine(engine, max_queue=settings.max_queue, fault_steps=fault_steps, metrics=metrics)
     ae.metrics = metrics
     metrics.attach(ae)
     base_tok = engine.base.tokenizer

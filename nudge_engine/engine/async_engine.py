@@ -35,10 +35,10 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 
-from ..engine.engine import NudgeEngine
-from ..engine.request import RequestOutput
-from ..engine.sampling_params import NudgeParams, SamplingParams
-from .engine_errors import (FAULT_ENV, EngineDeadError, EngineStepError, InvalidRequestError, QueueFullError,  # noqa: F401
+from .engine import NudgeEngine
+from .request import RequestOutput
+from .sampling_params import NudgeParams, SamplingParams
+from .async_errors import (FAULT_ENV, EngineDeadError, EngineStepError, InvalidRequestError, QueueFullError,  # noqa: F401
                             RequestFailedError, ShuttingDownError, fault_steps_from_env)
 
 log = logging.getLogger("nudge_engine.server")

@@ -1,4 +1,4 @@
-"""What the engine thread (async_engine.py) reports to its callers: the error classes, and the
+"""What the engine thread (engine/async_engine.py) reports to its callers: the error classes, and the
 fault-injection switch the server's tests use.
 """
 from __future__ import annotations
