@@ -20,7 +20,7 @@ trap cleanup EXIT
 "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$work/dist" . 2>&1 | grep -v "^WARNING: Location" || true
 wheel=$(ls "$work"/dist/nudge_engine-*.whl)
 echo "wheel: $(basename "$wheel")"
-"$PY" -m zipfile -l "$wheel" | awk '{print $1}' | grep -E '^nudge_engine/(cross|server|kernels)/__init__.py$' | sort
+"$PY" -m zipfile -l "$wheel" | awk '{print $1}' | grep -E '^nudge_engine/(engine|model|pairing|server|kernels)/__init__.py$' | sort
 
 "$PY" -m venv "$work/venv"
 venv_py="$work/venv/bin/python"

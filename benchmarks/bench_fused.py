@@ -26,7 +26,7 @@ import bench_kernels as bk  # noqa: E402  (sets up the interpreter for --smoke, 
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from nudge_engine.config import RopeConfig  # noqa: E402
+from nudge_engine.model.config import RopeConfig  # noqa: E402
 from nudge_engine.kernels.act_and_mul import act_and_mul  # noqa: E402
 from nudge_engine.kernels.add_norm import add_norm  # noqa: E402
 from nudge_engine.kernels.rotary_store import rotary_store  # noqa: E402

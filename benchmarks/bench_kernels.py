@@ -44,7 +44,7 @@ except ImportError:
     sys.modules["nudge_engine.kernels"] = _mod
     _spec.loader.exec_module(_mod)
 
-from nudge_engine.handoff_torch import NO_TOKEN, handoff_step_torch, top1_stats_torch  # noqa: E402
+from nudge_engine.pairing.handoff_torch import NO_TOKEN, handoff_step_torch, top1_stats_torch  # noqa: E402
 from nudge_engine.kernels.handoff_step import handoff_step  # noqa: E402
 from nudge_engine.kernels.handoff_walk import handoff_walk  # noqa: E402
 from nudge_engine.kernels.paged_attention import decode_num_splits, paged_attention  # noqa: E402

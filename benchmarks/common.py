@@ -337,6 +337,7 @@ def _write_real_shape_model(folder: Path, spec: dict, *, seed: int, shared_seed:
                             torch_dtype: torch.dtype) -> None:
     from safetensors.torch import save_file
     from nudge_engine.testing import model_factory as mf
+    from nudge_engine.testing import random_weights
     from nudge_engine.testing.tokenizer_factory import make_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -388,7 +389,7 @@ def _write_real_shape_model(folder: Path, spec: dict, *, seed: int, shared_seed:
     put("model.embed_tokens.weight", embed)
     del u, embed
     for i in range(config["num_hidden_layers"]):
-        for name, t in mf._layer_weights(traits, config, draw, f"model.layers.{i}", residual_scale).items():
+        for name, t in random_weights._layer_weights(traits, config, draw, f"model.layers.{i}", residual_scale).items():
             put(name, t)
     put("model.norm.weight", torch.ones(hidden, device=device))
     v = shared.normal("bigram.V", (vocab, rank))
@@ -413,8 +414,8 @@ class _DeviceDraw:
     """The factory's seeded initializers (same keys, same formulas), drawn on `device`."""
 
     def __init__(self, traits, prefix: str, device: torch.device):
-        from nudge_engine.testing import model_factory as mf
-        self._draw = mf._Draw(traits, prefix)
+        from nudge_engine.testing import random_weights
+        self._draw = random_weights._Draw(traits, prefix)
         self._draw.normal = self.normal  # linear() and norm() call normal(); route them here
         self.prefix = prefix
         self.device = device
@@ -529,7 +530,7 @@ DEFAULT_AGREEMENT = {"tiny": 0.9, "real": 0.98}
 
 
 def nudged_fraction(engine, prompts, max_tokens: int, gamma: float, k: int = 8) -> float:
-    from nudge_engine.sampling_params import NudgeParams, SamplingParams
+    from nudge_engine.engine.sampling_params import NudgeParams, SamplingParams
     outs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
                            NudgeParams(gamma=gamma, draft_tokens=k))
     tokens = sum(len(o.token_ids) for o in outs)

@@ -8,7 +8,7 @@ import tempfile
 import torch
 
 from nudge_engine.engine import NudgeEngine
-from nudge_engine.sampling_params import NudgeParams, SamplingParams
+from nudge_engine.engine.sampling_params import NudgeParams, SamplingParams
 from nudge_engine.testing import make_tiny_pair
 
 KV_CACHE_BYTES = 256 << 20

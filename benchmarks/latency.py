@@ -106,7 +106,7 @@ class Bench:
     def run_engine(self, eng, prompts, max_tokens, nudge=None, counter=None, warm=True,
                    repeats: int = 1) -> tuple[dict, list]:
         """Each prompt `repeats` times; the fastest run of each prompt counts (a shared CPU is noisy)."""
-        from nudge_engine.sampling_params import SamplingParams
+        from nudge_engine.engine.sampling_params import SamplingParams
         sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
         if warm:
             eng.generate([prompts[0]], SamplingParams(max_tokens=min(16, max_tokens), temperature=0,
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
         log(f"device-to-device copy bandwidth: {b.copy_gbps:.0f} GB/s (read + write)")
 
     from nudge_engine.engine import DEFAULT_DRAFT_TOKENS
-    from nudge_engine.sampling_params import NudgeParams
+    from nudge_engine.engine.sampling_params import NudgeParams
     eng_pair = b.engine(pair.base, pair.nudger)
     prompts = common.make_prompts(eng_pair.tokenizer, [size["prompt_len"]] * size["prompts"], seed=args.seed)
     N, R = size["max_tokens"], size["repeats"]

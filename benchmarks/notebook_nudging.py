@@ -158,7 +158,7 @@ class NotebookNudging:
 def main(argv=None) -> int:
     from benchmarks import common
     from nudge_engine.engine import NudgeEngine
-    from nudge_engine.sampling_params import NudgeParams, SamplingParams
+    from nudge_engine.engine.sampling_params import NudgeParams, SamplingParams
 
     ap = argparse.ArgumentParser(description="notebook nudging beside the engine on one prompt")
     common.common_args(ap)

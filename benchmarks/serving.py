@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     log(f"serving suite on {env['device']}, models {models}, commit {env['commit']}")
     pair = common.make_pair(models, agreement, device, dtype, shrink=args.shrink, seed=args.seed,
                             work_dir=Path(args.work_dir) if args.work_dir else None, log=log)
-    from nudge_engine.tokenizer import Tokenizer
+    from nudge_engine.model.tokenizer import Tokenizer
     tok = Tokenizer(pair.base)
     rng = random.Random(args.seed)
     n = size["num_requests"]

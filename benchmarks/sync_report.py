@@ -18,7 +18,7 @@ import warnings
 import torch
 
 from nudge_engine.engine import NudgeEngine
-from nudge_engine.sampling_params import NudgeParams, SamplingParams
+from nudge_engine.engine.sampling_params import NudgeParams, SamplingParams
 from nudge_engine.testing import make_tiny_pair
 
 

@@ -61,7 +61,7 @@ def request_mix(tokenizer, n: int, prompt_range, output_range, seed: int):
 
 
 def run_engine(eng, prompts, outputs, nudge, device) -> dict:
-    from nudge_engine.sampling_params import SamplingParams
+    from nudge_engine.engine.sampling_params import SamplingParams
     params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for o in outputs]
     # Warm-up: a few of the same requests, short (kernels compiled, pools touched).
     w = min(len(prompts), 8)
@@ -124,7 +124,7 @@ def run_hf(model, prompts, outputs, device, pad_id: int) -> dict:
 
 def main(argv=None) -> int:
     from nudge_engine.engine import NudgeEngine
-    from nudge_engine.sampling_params import NudgeParams
+    from nudge_engine.engine.sampling_params import NudgeParams
 
     args = parse_args(argv)
     device, dtype, models = common.resolve_common(args)

@@ -17,7 +17,7 @@ from .utils import next_pow2
 import triton
 import triton.language as tl
 
-from nudge_engine.handoff_torch import NO_SOURCE, NO_TOKEN, HandoffStep, new_packed
+from nudge_engine.pairing.handoff_torch import NO_SOURCE, NO_TOKEN, HandoffStep, new_packed
 
 _NO_TOKEN = tl.constexpr(NO_TOKEN)
 _NO_SOURCE = tl.constexpr(NO_SOURCE)

@@ -13,7 +13,7 @@ from . import utils  # noqa: F401  (sets up the interpreter on GPU-less machines
 import triton
 import triton.language as tl
 
-from nudge_engine.handoff_torch import BASE, NO_SOURCE, NO_TOKEN, NUDGE, SRC_BASE, SRC_NUDGER
+from nudge_engine.pairing.handoff_torch import BASE, NO_SOURCE, NO_TOKEN, NUDGE, SRC_BASE, SRC_NUDGER
 
 _NO_TOKEN = tl.constexpr(NO_TOKEN)
 _BASE = tl.constexpr(BASE)

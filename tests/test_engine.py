@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from nudge_engine.engine import NudgeEngine
-from nudge_engine.sampling_params import SamplingParams
-from nudge_engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from nudge_engine.engine.sampling_params import SamplingParams
+from nudge_engine.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 from conftest import FAMILIES
 from reference import hf_greedy, hf_model, next_logits

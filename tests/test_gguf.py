@@ -14,10 +14,11 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 import nudge_engine  # noqa: E402
-from nudge_engine import ModelFolderError, loader  # noqa: E402
-from nudge_engine.config import load_config  # noqa: E402
+from nudge_engine import ModelFolderError  # noqa: E402
+from nudge_engine.model import loader  # noqa: E402
+from nudge_engine.model.config import load_config  # noqa: E402
 from nudge_engine.testing.tokenizer_factory import corpus_lines  # noqa: E402
-from nudge_engine.tokenizer import Tokenizer  # noqa: E402
+from nudge_engine.model.tokenizer import Tokenizer  # noqa: E402
 
 from gguf_convert import write_gguf  # noqa: E402
 from reference import hf_model  # noqa: E402
@@ -210,7 +211,7 @@ def test_missing_tensor(tiny_model, tmp_path, refuses):
 
 
 def test_unsupported_tokenizer_is_named(gguf_of, tmp_path, monkeypatch):
-    from nudge_engine import gguf_tokenizer
+    from nudge_engine.model import gguf_tokenizer
     _, path = gguf_of("llama")
     monkeypatch.delitem(gguf_tokenizer.PRE_SPLITS, "default")
     with pytest.raises(ModelFolderError, match="pre-tokenizer 'default' is not supported"):

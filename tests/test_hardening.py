@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nudge_engine import engine as engine_module
+from nudge_engine.pairing import token as engine_module
 from nudge_engine.engine import NudgeEngine
-from nudge_engine.request import RequestFailedError
-from nudge_engine.sampling_params import NudgeParams, SamplingParams
+from nudge_engine.engine.request import RequestFailedError
+from nudge_engine.engine.sampling_params import NudgeParams, SamplingParams
 
 PROMPT = "The quick brown fox"
 WELL_FORMED = SamplingParams(max_tokens=12, temperature=0)
@@ -85,7 +85,7 @@ def test_top_k_minus_one_means_off():
 
 
 def test_processed_probs_are_always_finite():
-    from nudge_engine.sampler import processed_probs
+    from nudge_engine.engine.sampler import processed_probs
     logits = torch.randn(5, 40)
     logits[3, 7] = float("nan")
     params = [SamplingParams(top_p=1e-300), SamplingParams(temperature=1e-5), SamplingParams(min_p=1.0),

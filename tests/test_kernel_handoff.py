@@ -14,7 +14,7 @@ import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402
 
-from nudge_engine.handoff_torch import (  # noqa: E402
+from nudge_engine.pairing.handoff_torch import (  # noqa: E402
     BASE, NO_SOURCE, NO_TOKEN, NUDGE, SRC_BASE, SRC_NUDGER,
     handoff_step_torch, handoff_walk_torch, top1_stats_torch,
 )

@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 if DEVICE == "cuda" and not torch.cuda.is_available():
     pytest.skip("NUDGE_TEST_DEVICE=cuda but no CUDA device", allow_module_level=True)
 
-from nudge_engine.config import RopeConfig  # noqa: E402
+from nudge_engine.model.config import RopeConfig  # noqa: E402
 from nudge_engine.kernels.rotary_store import rotary_store  # noqa: E402
 from nudge_engine.layers.attention import AttentionSpec  # noqa: E402
 from nudge_engine.layers.attention_metadata import NO_SLOT  # noqa: E402

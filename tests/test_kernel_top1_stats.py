@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 if DEVICE == "cuda" and not torch.cuda.is_available():
     pytest.skip("NUDGE_TEST_DEVICE=cuda but no CUDA device", allow_module_level=True)
 
-from nudge_engine.handoff_torch import NO_TOKEN, top1_stats_torch  # noqa: E402
+from nudge_engine.pairing.handoff_torch import NO_TOKEN, top1_stats_torch  # noqa: E402
 from nudge_engine.kernels.top1_stats import top1_stats  # noqa: E402
 
 # The interpreter evaluates inf - inf in masked-out lanes; the results are discarded.

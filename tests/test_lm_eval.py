@@ -103,7 +103,7 @@ def test_multiple_choice_loglikelihoods_equal_the_engines(setup):
 
 
 def _generate_directly(engine, prompts, stops) -> list[str]:
-    from nudge_engine.sampling_params import SamplingParams
+    from nudge_engine.engine.sampling_params import SamplingParams
     params = SamplingParams(max_tokens=MAX_GEN_TOKS, temperature=0, stop=stops)
     return [o.text for o in engine.generate(prompts, params)]
 

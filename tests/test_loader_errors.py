@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import nudge_engine
-from nudge_engine import ModelFolderError, loader
+from nudge_engine import ModelFolderError
+from nudge_engine.model import loader
 
 LFS_POINTER = (
     "version https://git-lfs.github.com/spec/v1\n"

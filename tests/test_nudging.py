@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from nudge_engine.engine import NudgeEngine
-from nudge_engine.sampling_params import NudgeParams, SamplingParams
-from nudge_engine.tokenizer import Tokenizer
+from nudge_engine.engine.sampling_params import NudgeParams, SamplingParams
+from nudge_engine.model.tokenizer import Tokenizer
 
 from reference import eos_ids, hf_greedy, hf_model, next_logits, sequential_nudging, word_start_table
 

@@ -23,12 +23,12 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-import nudge_engine.handoff
-import nudge_engine.sampling_walk
+import nudge_engine.pairing.handoff
+import nudge_engine.pairing.sampling_walk
 from nudge_engine.engine import NudgeEngine
-from nudge_engine.request import Mode, Source
-from nudge_engine.sampling_params import NudgeParams, SamplingParams
-from nudge_engine.sampling_walk import sampling_walk
+from nudge_engine.engine.request import Mode, Source
+from nudge_engine.engine.sampling_params import NudgeParams, SamplingParams
+from nudge_engine.pairing.sampling_walk import sampling_walk
 
 from reference import hf_model, word_start_table
 
@@ -198,10 +198,10 @@ def test_two_token_distribution_matches_sequential(name, sampling_pair, check_po
 
 def mutated_walk(old: str, new: str, monkeypatch):
     """The engine's own sampling walk with one planted bug (its source, edited and re-run)."""
-    source = inspect.getsource(nudge_engine.sampling_walk)
+    source = inspect.getsource(nudge_engine.pairing.sampling_walk)
     assert source.count(old) == 1, old
-    module = types.ModuleType("nudge_engine._mutated_walk")
-    module.__package__ = "nudge_engine"
+    module = types.ModuleType("nudge_engine.pairing._mutated_walk")
+    module.__package__ = "nudge_engine.pairing"
     monkeypatch.setitem(sys.modules, module.__name__, module)      # dataclasses look their module up
     exec(compile(source.replace(old, new), "<mutated sampling_walk>", "exec"), module.__dict__)
     return module.sampling_walk
@@ -214,7 +214,7 @@ def mutated_walk(old: str, new: str, monkeypatch):
 ])
 def test_the_distribution_test_rejects_a_wrong_walk(name, old, new, sampling_pair, draft_tally, monkeypatch):
     """The test above can fail: the same test, with a bug planted in the walk, is rejected by far."""
-    monkeypatch.setattr(nudge_engine.handoff, "sampling_walk", mutated_walk(old, new, monkeypatch))
+    monkeypatch.setattr(nudge_engine.pairing.handoff, "sampling_walk", mutated_walk(old, new, monkeypatch))
     outs, exact, _ = run_case(sampling_pair, CASES[name], draft_tally, CONTROL_SAMPLES)
     pvalue = chi_square_pvalue(outs, exact)
     print(f"control {name} {new}: p = {pvalue:.3g}")
@@ -262,14 +262,14 @@ def test_engine_sampling_top1_exactly_gamma_stays_with_the_base(sampling_pair, c
     base, nudger, engine = sampling_pair
     check_pools(engine)
     seen = []
-    stats = nudge_engine.handoff.top1_stats_torch
+    stats = nudge_engine.pairing.handoff.top1_stats_torch
 
     def spy(logits, *a):
         out = stats(logits, *a)
         seen.append(float(torch.exp(out[0][0] - out[2][0])))    # the walk's top-1 at the first row
         return out
 
-    monkeypatch.setattr(nudge_engine.handoff, "top1_stats_torch", spy)
+    monkeypatch.setattr(nudge_engine.pairing.handoff, "top1_stats_torch", spy)
     prompt = pick_prompt(base, nudger, CASES["k1-base-sure"])
     params = SamplingParams(max_tokens=1, temperature=1.0, seed=5, ignore_eos=True)
 

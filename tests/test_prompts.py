@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 
 from nudge_engine.engine import NudgeEngine
-from nudge_engine.prompts import ChatFormat, render_base_chat, tokenize_prompt
-from nudge_engine.sampling_params import NudgeParams, SamplingParams
-from nudge_engine.tokenizer import Tokenizer, render_chat_template
+from nudge_engine.engine.prompts import ChatFormat, render_base_chat, tokenize_prompt
+from nudge_engine.engine.sampling_params import NudgeParams, SamplingParams
+from nudge_engine.model.tokenizer import Tokenizer, render_chat_template
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from nudge_engine import NudgeEngine, NudgeParams, SamplingParams, cli, load_model
-from nudge_engine.prompts import ChatFormat, tokenize_prompt
+from nudge_engine.engine.prompts import ChatFormat, tokenize_prompt
 from nudge_engine.testing import make_tiny_model
 
 from reference import hf_model, sequential_nudging

@@ -246,7 +246,7 @@ def test_echo_returns_the_prompts_logprobs(server, pair):
     choice = resp.json()["choices"][0]
     assert choice["text"].startswith(prompt)
     lp = choice["logprobs"]
-    from nudge_engine.tokenizer import Tokenizer
+    from nudge_engine.model.tokenizer import Tokenizer
     ids = Tokenizer(pair[0]).encode(prompt)
     assert len(lp["tokens"]) == len(ids) + 1
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 from nudge_engine.engine import NudgeEngine  # noqa: E402
-from nudge_engine.sampling_params import NudgeParams, SamplingParams  # noqa: E402
+from nudge_engine.engine.sampling_params import NudgeParams, SamplingParams  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 

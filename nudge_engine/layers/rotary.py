@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from ..config import RopeConfig
+from ..model.config import RopeConfig
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:

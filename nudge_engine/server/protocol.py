@@ -20,7 +20,7 @@ from pydantic_core import PydanticCustomError
 MAX_N = 128                 # choices per request (OpenAI's own limit)
 MAX_PROMPTS = 64            # prompts in one completion request
 MAX_STOP = 16
-MAX_TOP_LOGPROBS = 20       # = nudge_engine.sampling_params.MAX_LOGPROBS
+MAX_TOP_LOGPROBS = 20       # = nudge_engine.engine.sampling_params.MAX_LOGPROBS
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 TOP_K_OFF_VLLM = -1         # vLLM's "no top-k"
 UNICODE_ERROR = "unicode_text"

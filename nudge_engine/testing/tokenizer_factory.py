@@ -203,7 +203,7 @@ def _check_style(style: str) -> None:
 def copy_tokenizer(out_dir: str | Path, source: str | Path) -> tuple[str, str]:
     """Write the tokenizer of a real model (a folder or a .gguf file) into `out_dir` as tokenizer.json
     and tokenizer_config.json, so a random model can be built on it; returns (bos, eos) contents."""
-    from nudge_engine.tokenizer import Tokenizer as ModelTokenizer
+    from nudge_engine.model.tokenizer import Tokenizer as ModelTokenizer
     tok = ModelTokenizer(source)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

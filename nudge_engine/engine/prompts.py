@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Union
 
-from .tokenizer import Tokenizer
+from ..model.tokenizer import Tokenizer
 
 DEFAULT_BASE_TEMPLATE = "{system}\n{user}\n"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 from functools import partial
 
 from ..config import ModelConfig
-from ..layers.attention import AttentionSpec
-from ..layers.norm import NonParametricLayerNorm, RMSNorm
+from ...layers.attention import AttentionSpec
+from ...layers.norm import NonParametricLayerNorm, RMSNorm
 from .llama import PRE_NORM
 from .transformer import ArchSpec
 

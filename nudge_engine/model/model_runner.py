@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import torch
 
 from .config import ModelConfig
-from .layers.attention_metadata import AttentionMetadata
-from .layers.attention_torch import TorchAttentionBackend
-from .layers.forward_context import ForwardContext
-from .models import CausalLM
+from ..layers.attention_metadata import AttentionMetadata
+from ..layers.attention_torch import TorchAttentionBackend
+from ..layers.forward_context import ForwardContext
+from .families import CausalLM
 
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_CPU_KV_BYTES = 256 * 1024 * 1024
@@ -50,7 +50,7 @@ def make_backend(name: str, device: torch.device):
     if name == "torch":
         return TorchAttentionBackend()
     if name == "triton":
-        from .kernels.backend import TritonAttentionBackend  # imports triton: only when asked for
+        from ..kernels.backend import TritonAttentionBackend  # imports triton: only when asked for
         return TritonAttentionBackend()
     raise ValueError(f"attention_backend {name!r} is not one of 'auto', 'torch', 'triton'")
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from .config import ModelConfig, load_config
 from .errors import ModelFolderError
 from .gguf_checkpoint import is_gguf
-from .models import CausalLM, build_model
+from .families import CausalLM, build_model
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 LFS_POINTER_PREFIX = b"version https://git-lfs"

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .request import Mode, Source
-from .sampler import draw, uniform
+from ..engine.request import Mode, Source
+from ..engine.sampler import draw, uniform
 
 
 @dataclass

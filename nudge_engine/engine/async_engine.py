@@ -29,60 +29,23 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 
-from ..engine import NudgeEngine
-from ..request import RequestOutput
-from ..sampling_params import NudgeParams, SamplingParams
+from .engine import NudgeEngine
+from .request import RequestOutput
+from .sampling_params import NudgeParams, SamplingParams
+from .async_errors import (FAULT_ENV, EngineDeadError, EngineStepError, InvalidRequestError, QueueFullError,  # noqa: F401
+                            RequestFailedError, ShuttingDownError, fault_steps_from_env)
 
 log = logging.getLogger("nudge_engine.server")
 
-FAULT_ENV = "NUDGE_FAULT_INJECT"
 IDLE_WAIT_S = 0.5                 # the engine thread sleeps this long at most when it has nothing to do
 MAX_IDLE_STEPS = 1000             # steps in a row without any token: the in-flight requests are failed
 DEFAULT_MAX_CONSECUTIVE_FAILURES = 3
-
-
-class EngineDeadError(RuntimeError):
-    """The engine thread is not running (stopped after an unrecoverable failure, or shutting down)."""
-
-
-class ShuttingDownError(EngineDeadError):
-    """The server's drain time-out ran out while this request was in flight."""
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is full; the client should retry later."""
-
-
-class EngineStepError(RuntimeError):
-    """A step failed while this request was in flight; the request was aborted."""
-
-
-class RequestFailedError(RuntimeError):
-    """This request's own work failed in the engine; it ended alone and the others went on."""
-
-
-class InvalidRequestError(ValueError):
-    """The engine refused the request (add_request raised ValueError)."""
-
-
-def fault_steps_from_env(environ: dict | None = None) -> frozenset[int]:
-    raw = (environ if environ is not None else os.environ).get(FAULT_ENV, "").strip()
-    if not raw:
-        return frozenset()
-    try:
-        steps = frozenset(int(s) for s in raw.split(",") if s.strip())
-    except ValueError:
-        raise ValueError(f"{FAULT_ENV} must be step numbers separated by commas, got {raw!r}") from None
-    if any(s < 1 for s in steps):
-        raise ValueError(f"{FAULT_ENV}: step numbers start at 1, got {raw!r}")
-    return steps
 
 
 @dataclass
@@ -116,7 +79,7 @@ class GroupError:
 class _Choice:  # engine-thread side state of one engine request
     group: "RequestGroup"
     index: int
-    request: Any                   # nudge_engine.request.Request
+    request: Any                   # nudge_engine.engine.request.Request
     last_token_time: float | None = None
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from . import _core
+from .. import _core
 from .loader import load_causal_lm
 from .model_runner import ModelRunner, StepInputs
 from .sizing import size_kv_pools

@@ -8,13 +8,13 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..layers.attention import Attention, AttentionSpec
-from ..layers.attention_torch import NO_SOFTCAP
-from ..layers.decoder import DecoderLayer
-from ..layers.forward_context import ForwardContext
-from ..layers.linear import Linear
-from ..layers.mlp import GatedMLP
-from ..layers.rotary import RotaryEmbedding
+from ...layers.attention import Attention, AttentionSpec
+from ...layers.attention_torch import NO_SOFTCAP
+from ...layers.decoder import DecoderLayer
+from ...layers.forward_context import ForwardContext
+from ...layers.linear import Linear
+from ...layers.mlp import GatedMLP
+from ...layers.rotary import RotaryEmbedding
 
 # Checkpoint names of the fused projections' parts: suffix -> (our parameter's module, shard).
 FUSED_SHARDS = {

@@ -16,7 +16,8 @@ import re
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from ..tokenizer import Tokenizer
+from ..model.byte_alphabet import bytes_to_unicode
+from ..model.tokenizer import Tokenizer
 
 WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
 SPACE_PIECE = "▁"                                   # U+2581: Metaspace / SentencePiece space
@@ -24,19 +25,6 @@ BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # byte fallback piece
 ESCAPED_BYTES = re.compile(r"[\udc80-\udcff]+")     # invalid UTF-8 bytes under "surrogateescape"
 ESCAPE_BASE = 0xDC00
 REPLACEMENT_CHAR = "\ufffd"                       # what a byte the vocabulary cannot spell reads as
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map (the ByteLevel alphabet)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
 
 
 def split_pieces(data: bytes) -> list[bytes]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from .cross.wordpieces import bytes_to_unicode
+from .byte_alphabet import bytes_to_unicode
 from .errors import ModelFolderError
 from .gguf_checkpoint import field, open_gguf
 

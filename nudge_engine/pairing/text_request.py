@@ -5,8 +5,8 @@ import codecs
 import time
 from dataclasses import dataclass, field
 
-from ..request import Mode, RequestOutput, StreamDelta
-from ..sampling_params import SamplingParams
+from ..engine.request import Mode, RequestOutput, StreamDelta
+from ..engine.sampling_params import SamplingParams
 from .spans import BASE, WRITER_NAMES, SpanText, decode_spans
 
 
@@ -66,6 +66,14 @@ class CrossRequest:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def abort(self) -> None:
+        self.finish_reason = self.finish_reason or "abort"
+
+    def fail(self, message: str) -> None:
+        """Ends the request alone after its own work raised; its output so far is kept."""
+        self.finish_reason, self.error = "error", message
+        self.finish_time = time.monotonic()
 
     @property
     def text_end(self) -> int:

@@ -9,7 +9,7 @@ import torch
 
 from .draft_policy import DraftStats
 from .sampling_params import SamplingParams
-from .tokenizer import IncrementalDetokenizer
+from ..model.tokenizer import IncrementalDetokenizer
 
 SOURCE_NAMES = ("base", "nudger")
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from .handoff_torch import NO_TOKEN, handoff_step_torch, top1_stats_torch
-from .request import Mode, Request, Source
-from .sampler import processed_probs
+from ..engine.request import Mode, Request, Source
+from ..engine.sampler import processed_probs
 from .sampling_walk import sampling_walk
 
 
@@ -29,7 +29,7 @@ class Handoff:
         self.word_start = word_start.to(device)            # [vocab] bool
         self._step = handoff_step_torch
         if use_triton:  # with the Triton attention backend: on CUDA, or interpreted in tests
-            from .kernels.handoff_step import handoff_step
+            from ..kernels.handoff_step import handoff_step
             self._step = handoff_step
 
     def decide(

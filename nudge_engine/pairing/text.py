@@ -1,10 +1,10 @@
-"""CrossTokenizerEngine: nudging between models with different tokenizers (NUDGING.md section 7).
+"""TextPairing: nudging between models with different tokenizers (NUDGING.md section 7).
 
 The shared state is the output text (bytes, in spans, see spans.py). Each model keeps its own
 paged KV cache of its own context, and reads the other's text only as finished words, converted
 once: a handoff costs tokens proportional to the new text, never a prefill of the prefix.
 
-One step = one round for every scheduled request:
+One round for the scheduled requests:
   1. nudger passes (batched): catch-up on the base's new words, then draft tokens:
      NUDGE mode: the nudger writes up to k tokens (its exact greedy tokens; they queue until decided),
      BASE mode (k > 0): speculative drafts from the base text so far, to be verified by the base;
@@ -25,25 +25,18 @@ Where section 7 leaves a detail open, this file (and tests/reference_cross.py) f
 """
 from __future__ import annotations
 
-import itertools
 import logging
-import time
-from pathlib import Path
 
 import torch
 
 from .. import _core
-from ..engine import BASE_MODEL, DEFAULT_DRAFT_TOKENS, DEFAULT_GAMMA, NUDGER_MODEL, NudgeEngine
-from ..loader import resolve_device, resolve_dtype
-from ..model_pair import load_models
-from ..model_runner import DEFAULT_BLOCK_SIZE
-from ..prompts import DEFAULT_BASE_TEMPLATE, ChatFormat, Prompt, tokenize_prompt
-from ..request import Mode
-from ..sampling_params import NudgeParams, SamplingParams
-from ..stats import EngineStats
-from .request import CrossRequest, ReadWork
+from .text_request import CrossRequest, ReadWork
+from .text_stops import TextStops
 from .spans import BASE, NUDGER
 from .wordpieces import WHITESPACE, WordPieces, starts_word
+from ..engine.prompts import tokenize_prompt
+from ..engine.request import Mode
+from . import BASE_MODEL, NUDGER_MODEL, Pairing
 
 log = logging.getLogger("nudge_engine")
 
@@ -58,66 +51,24 @@ MAX_DRAFT_TOKENS = 64     # NudgeParams' bound on draft_tokens
 NUDGER_HEADROOM = MAX_DRAFT_TOKENS + AGREE_LOOKAHEAD
 
 
-class CrossTokenizerEngine:
-    """Same public surface as NudgeEngine; built by NudgeEngine(base, nudger) when tokenizers differ."""
+class TextPairing(TextStops, Pairing):
+    """Tokenizers that differ: the text path. Greedy only; no logprobs; a fixed draft count."""
 
-    pairing = "cross-tokenizer"
+    name = "cross-tokenizer"
 
-    def __init__(
-        self,
-        base: str | Path,
-        nudger: str | Path,
-        *,
-        device: str | torch.device = "cpu",
-        dtype: str | torch.dtype = "float32",
-        gamma: float = DEFAULT_GAMMA,
-        draft_tokens: int = DEFAULT_DRAFT_TOKENS,
-        resume_on_agreement: bool = True,
-        adaptive_drafting: bool = True,  # accepted for NudgeEngine's signature; this path drafts a fixed k
-        attention_backend: str = "auto",
-        block_size: int = DEFAULT_BLOCK_SIZE,
-        kv_cache_bytes: int | None = None,
-        num_blocks: int | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 4096,
-        base_template: str | None = None,      # None: the base model's chat template when alone
-        response_prefix: str = "",
-        seed: int = 0,
-    ):
-        self.defaults = NudgeParams(gamma=gamma, draft_tokens=draft_tokens, resume_on_agreement=resume_on_agreement)
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype)
-        self.chat_format = ChatFormat(base_template or DEFAULT_BASE_TEMPLATE, response_prefix, base_template is None)
-        self.max_num_batched_tokens = max_num_batched_tokens
-        paths = [Path(base), Path(nudger)]
-        self.models = load_models(paths, self.device, self.dtype, attention_backend=attention_backend,
-                                  block_size=block_size, kv_cache_bytes=kv_cache_bytes, num_blocks=num_blocks,
-                                  max_num_batched_tokens=max_num_batched_tokens)
+    def __init__(self, engine):
+        super().__init__(engine)
+        e = engine
+        self.models, self.scheduler = e.models, e.scheduler
+        self.base, self.nudger = e.base, e.nudger
         self.wp = [WordPieces(m.tokenizer) for m in self.models]      # [model]
-        self.scheduler = _core.Scheduler([m.pool for m in self.models], max_num_seqs, max_num_batched_tokens)
         self.eos = [frozenset(m.config.eos_token_ids) for m in self.models]  # [model]: each model's own EOS
-        self.eos_ids = self.eos[BASE] | self.eos[NUDGER]
         self.nudger_context_limit = self.nudger.config.max_position_embeddings - NUDGER_HEADROOM
-        self.requests: dict[int, CrossRequest] = {}
-        self._ids = itertools.count()
-        self.stats = EngineStats()
         log.info("cross-tokenizer text path: base %s, nudger %s, %d KV blocks of %d tokens "
-                 "per model", paths[0], paths[1], self.base.pool.num_blocks, block_size)
+                 "per model", e.paths[0], e.paths[1], self.base.pool.num_blocks, e.block_size)
 
-    # ------------------------------------------------------------------ public API
-    base = NudgeEngine.base
-    nudger = NudgeEngine.nudger
-    tokenizer = NudgeEngine.tokenizer
-    # The request loop is the same as the token path's: it only calls add_request/step/abort.
-    generate = NudgeEngine.generate
-    stream = NudgeEngine.stream
-    has_unfinished = NudgeEngine.has_unfinished
-    pools_all_free = NudgeEngine.pools_all_free
-
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                    nudge: NudgeParams | None = None) -> int:
-        params = params or SamplingParams()
-        nudge = nudge or NudgeParams()
+    def new_request(self, prompt, params, nudge):
+        e = self.engine
         nudger_params = nudge.nudger_sampling(params)
         if not (params.greedy and nudger_params.greedy):
             raise ValueError("the cross-tokenizer text path is greedy only: use temperature=0 "
@@ -127,7 +78,7 @@ class CrossTokenizerEngine:
         if isinstance(prompt, list):
             raise ValueError("token ids mean different things to the two tokenizers: send text, or "
                              "{'base': ids, 'nudger': ids}")
-        ids = tokenize_prompt(prompt, self.base.tokenizer, self.nudger.tokenizer, self.chat_format)
+        ids = tokenize_prompt(prompt, self.base.tokenizer, self.nudger.tokenizer, e.chat_format)
         if not ids[BASE] or not ids[NUDGER]:
             raise ValueError("prompt is empty after tokenization")
         if len(ids[NUDGER]) >= self.nudger_context_limit:
@@ -135,10 +86,9 @@ class CrossTokenizerEngine:
                              f"(limit {self.nudger_context_limit} = context - {NUDGER_HEADROOM} for drafts)")
         for m, p, role in zip(self.models, ids, ("base", "nudger")):
             m.check_fits(role, len(p), params.max_tokens)
-        d = self.defaults
-        rid = next(self._ids)
+        d = e.defaults
         req = CrossRequest(
-            id=rid, params=params,
+            id=e.new_id(), params=params,
             gamma=d.gamma if nudge.gamma is None else nudge.gamma,
             draft_tokens=d.draft_tokens if nudge.draft_tokens is None else nudge.draft_tokens,
             resume_on_agreement=d.resume_on_agreement if nudge.resume_on_agreement is None else nudge.resume_on_agreement,
@@ -146,30 +96,11 @@ class CrossTokenizerEngine:
             seqs=(_core.Sequence(self.base.pool), _core.Sequence(self.nudger.pool)),
         )
         req.seqs[BASE].append(req.prompts[BASE])
-        self.scheduler.add_request(rid, list(req.seqs))
-        self.requests[rid] = req
-        return rid
+        return req, list(req.seqs)
 
-    def abort(self, request_id: int) -> None:
-        req = self.requests.pop(request_id, None)
-        if req is not None:
-            self.scheduler.abort(request_id)
-            req.finish_reason = req.finish_reason or "abort"
-
-    # ------------------------------------------------------------------ one round
-    def step(self) -> list[CrossRequest]:
-        """One round; as on the token path, a failure in one request's own work ends it alone."""
-        ended = []
-        for req in list(self.requests.values()):
-            try:
-                self._prepare(req)
-            except Exception as e:  # noqa: BLE001
-                ended.append(self._fail(req, e))
-        sched = self.scheduler.schedule()
-        self.stats.preemptions += len(sched.preempted)
-        if not sched.req_ids:
-            return ended
-        reqs = [self.requests[i] for i in sched.req_ids]
+    def run_round(self, reqs: list[CrossRequest], sched) -> list[CrossRequest]:
+        """A failure in one request's walk ends it alone (marked in engine.failed, ended by the engine)."""
+        e = self.engine
         final = list(sched.is_final_chunk)
         chunks = [list(sched.num_new_tokens[m]) for m in (BASE, NUDGER)]
         drafts = self._nudger_passes(reqs, final, chunks[NUDGER])
@@ -179,34 +110,25 @@ class CrossTokenizerEngine:
             if not f:
                 continue
             req.rounds += 1
-            self.stats.rounds += 1
+            e.stats.rounds += 1
             was = req.mode
             try:
                 if req.mode == Mode.BASE:
                     self._walk_base(req, d, c)
                 else:
                     self._walk_nudge(req, c)
-                self.stats.handoffs += int(was != req.mode)
+                e.stats.handoffs += int(was != req.mode)
                 if req.finished:
                     self._finish(req)
                 else:
                     self._settle(req)
-            except Exception as e:  # noqa: BLE001
-                self._fail(req, e)
+            except Exception as exc:  # noqa: BLE001 - it belongs to this request alone
+                e.failed[req.id] = exc
+                continue
             touched.append(req)
-        return ended + touched
+        return touched
 
-    def _fail(self, req: CrossRequest, exc: Exception) -> CrossRequest:
-        log.error("request %d failed and was ended alone: %s: %s", req.id, type(exc).__name__, exc,
-                  exc_info=(type(exc), exc, exc.__traceback__))
-        self.requests.pop(req.id, None)
-        self.scheduler.abort(req.id)
-        req.finish_reason, req.error = "error", f"{type(exc).__name__}: {exc}"
-        req.finish_time = time.monotonic()
-        self.stats.failed_requests += 1
-        return req
-
-    def _prepare(self, req: CrossRequest) -> None:
+    def prepare(self, req: CrossRequest) -> None:
         """Before scheduling: the nudger reads the base's new words; scratch for BASE-mode drafts."""
         dc = req.draft_count()
         n = req.seqs[NUDGER]
@@ -232,7 +154,7 @@ class CrossTokenizerEngine:
             extra[NUDGER] = dc + (AGREE_LOOKAHEAD if req.mode == Mode.NUDGE else 0)
             # Base tokens of the drafted text: a guess for the reservation; _base_pass re-checks.
             extra[BASE] = 2 * extra[NUDGER]
-        cap = self.max_num_batched_tokens - 1
+        cap = self.engine.max_num_batched_tokens - 1
         self.scheduler.set_lookahead(req.id, [min(e, cap) for e in extra])
 
     def _computed(self, req: CrossRequest, m: int, num: int) -> None:
@@ -476,67 +398,6 @@ class CrossTokenizerEngine:
             if seq.num_tokens:
                 seq.set_num_computed(min(seq.num_computed, seq.num_tokens - 1))
 
-    # ------------------------------------------------------------------ text, stops, results
-    def _write(self, req: CrossRequest, writer: int, token: int) -> None:
-        if req.first_token_time is None:
-            req.first_token_time = time.monotonic()
-        req.text.write(writer, self.wp[writer].token_bytes[token])
-        if writer == BASE:
-            req.base_out.append(token)
-            req.base_src.append(BASE)
-        p = req.params
-        if not p.ignore_eos and token in self.eos[writer]:
-            return self._stop(req, "stop", token)
-        if writer == BASE and token in p.stop_token_ids:
-            return self._stop(req, "stop", token)
-        if p.stop and self._stop_string(req):
-            return
-        if self._count(req) >= p.max_tokens or self._nudger_context(req) >= self.nudger_context_limit:
-            return self._stop(req, "length", None)
-
-    def _tail_tokens(self, req: CrossRequest) -> list[int]:
-        """Base tokens of the nudger's text the base has not read yet (its last word as it stands)."""
-        return self.wp[BASE].encode(bytes(req.text.data[req.text.covered[BASE]:]))
-
-    def _count(self, req: CrossRequest) -> int:
-        """Base tokens of the output text. Every converted token holds >= 1 byte, so the tail is
-        converted only when its bytes could reach max_tokens (keeps long nudged runs linear)."""
-        tail = len(req.text.data) - req.text.covered[BASE]
-        if len(req.base_out) + tail < req.params.max_tokens:
-            return len(req.base_out) + tail
-        return len(req.base_out) + len(self._tail_tokens(req))
-
-    def _nudger_context(self, req: CrossRequest) -> int:
-        """Tokens in the nudger's context as of now (the base's unread text converted), bounded first
-        by bytes so the conversion runs only near the limit."""
-        read = req.stable if req.started else len(req.prompts[NUDGER])
-        unread = req.text.data[req.text.covered[NUDGER]:]
-        if read + len(unread) < self.nudger_context_limit:
-            return read + len(unread)
-        return read + len(self.wp[NUDGER].encode(bytes(unread)))
-
-    def _stop_string(self, req: CrossRequest) -> bool:
-        data = req.text.data
-        stops = [s.encode("utf-8") for s in req.params.stop]
-        start = max(0, len(data) - max(map(len, stops)) - 64)
-        for s, raw in zip(req.params.stop, stops):
-            at = data.find(raw, start)
-            if at >= 0:
-                req.text_limit = at + len(raw) if req.params.include_stop_str_in_output else at
-                self._stop(req, "stop", s)
-                return True
-        return False
-
-    def _stop(self, req: CrossRequest, reason: str, stop_reason) -> None:
-        req.finish_reason, req.stop_reason = reason, stop_reason
-        req.finish_time = time.monotonic()
-        tail = self._tail_tokens(req)
-        tokens, sources = req.base_out + tail, req.base_src + [NUDGER] * len(tail)
-        if reason == "length" and len(tokens) > req.params.max_tokens:
-            tokens, sources = tokens[:req.params.max_tokens], sources[:req.params.max_tokens]
-            req.text_limit = len(self.wp[BASE].bytes_of(tokens))
-        req.final_tokens, req.final_sources = tokens, sources
-
     def _finish(self, req: CrossRequest) -> None:
         self.scheduler.finish(req.id)
-        del self.requests[req.id]
+        del self.engine.requests[req.id]

@@ -4,8 +4,8 @@ from __future__ import annotations
 from functools import partial
 
 from ..config import ModelConfig
-from ..layers.attention import AttentionSpec
-from ..layers.norm import RMSNorm
+from ...layers.attention import AttentionSpec
+from ...layers.norm import RMSNorm
 from .transformer import ArchSpec
 
 PRE_NORM = {"input_layernorm": "pre_attn", "post_attention_layernorm": "pre_mlp"}

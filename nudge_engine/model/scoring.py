@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from . import _core
+from .. import _core
 from .loader import load_causal_lm, resolve_dtype
 from .model_runner import DEFAULT_BLOCK_SIZE, ModelRunner, StepInputs
 

@@ -1,6 +1,6 @@
-"""NudgeEngine: the public API and the round loop (NUDGING.md sections 2 and 5).
+"""TokenPairing: the token path, for the base alone or a nudger with the same tokenizer (NUDGING.md 2, 5).
 
-One step = one round for every scheduled request:
+One round for the scheduled requests:
   1. the nudger drafts (first pass: catch-up/prefill of its pending tokens, then one token per pass),
   2. the base model verifies every request's pending and draft tokens in ONE forward,
   3. the handoff walk decides accepted drafts, the emitted token, the new mode (all requests at once),
@@ -9,131 +9,61 @@ Without a nudger the same loop is plain continuous-batching decoding of the base
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import time
-from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
-from tqdm import tqdm
 
-from . import _core
-from .draft_policy import DraftPolicy
+from .. import _core
+from ..engine.draft_policy import DraftPolicy
 from .handoff import Handoff
-from .loader import resolve_device, resolve_dtype
-from .model_pair import LoadedModel, load_models
-from .model_runner import DEFAULT_BLOCK_SIZE
-from .prompts import DEFAULT_BASE_TEMPLATE, ChatFormat, Prompt, tokenize_prompt
-from .request import Mode, Request, RequestFailedError, RequestOutput, Source, StreamDelta
-from .sampler import draw, processed_probs
-from .sampling_params import NudgeParams, SamplingParams
-from .stats import EngineStats
-from .tokenizer import IncrementalDetokenizer, Tokenizer
+from ..engine.prompts import tokenize_prompt
+from ..engine.request import Mode, Request, Source
+from ..engine.sampler import draw, processed_probs
+from ..model.tokenizer import IncrementalDetokenizer
+from . import BASE_MODEL, NUDGER_MODEL, Pairing
 
 log = logging.getLogger("nudge_engine")
 
-DEFAULT_GAMMA = 0.4
-DEFAULT_DRAFT_TOKENS = 4
-BASE_MODEL, NUDGER_MODEL = 0, 1
 MIN_COST_RATIO = 0.05  # a nudger pass is never free: launch and host costs
 MIN_BATCHED_TOKENS_NUDGING = 2
 FAILED = object()     # what a guarded per-request call returns when the request failed this step
-MAX_IDLE_STEPS = 1000  # steps without any emitted token before generate() gives up (chunked prefill emits none)
 
 
-class NudgeEngine:
-    pairing = "same-tokenizer"
-
-    def __new__(cls, base, nudger=None, **kwargs):
-        """A pair whose tokenizers differ gets the cross-tokenizer text path (NUDGING.md section 7)."""
-        if nudger is not None and _tokenizers_differ(base, nudger):
-            from .cross.engine import CrossTokenizerEngine
-            return CrossTokenizerEngine(base, nudger, **kwargs)
-        return super().__new__(cls)
-
-    def __init__(
-        self,
-        base: str | Path,
-        nudger: str | Path | None = None,
-        *,
-        device: str | torch.device = "cpu",
-        dtype: str | torch.dtype = "float32",
-        gamma: float = DEFAULT_GAMMA,
-        draft_tokens: int = DEFAULT_DRAFT_TOKENS,
-        resume_on_agreement: bool = True,
-        adaptive_drafting: bool = True,
-        attention_backend: str = "auto",
-        block_size: int = DEFAULT_BLOCK_SIZE,
-        kv_cache_bytes: int | None = None,
-        num_blocks: int | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 4096,
-        base_template: str | None = None,      # None: the base model's chat template when alone
-        response_prefix: str = "",
-        seed: int = 0,
-    ):
-        self.defaults = NudgeParams(gamma=gamma, draft_tokens=draft_tokens, resume_on_agreement=resume_on_agreement,
-                                    adaptive_drafting=adaptive_drafting)
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype)
-        self.chat_format = ChatFormat(base_template or DEFAULT_BASE_TEMPLATE, response_prefix, base_template is None)
-        paths = [Path(base)] + ([Path(nudger)] if nudger is not None else [])
-        self.models = load_models(paths, self.device, self.dtype, attention_backend=attention_backend,
-                                  block_size=block_size, kv_cache_bytes=kv_cache_bytes, num_blocks=num_blocks,
-                                  max_num_batched_tokens=max_num_batched_tokens)
-        configs = [m.config for m in self.models]
-        if nudger is not None and max_num_batched_tokens < MIN_BATCHED_TOKENS_NUDGING:
+class TokenPairing(Pairing):
+    def __init__(self, engine):
+        super().__init__(engine)
+        e = engine
+        self.name = "same-tokenizer" if e.nudger is not None else "base-alone"
+        if e.nudger is not None and e.max_num_batched_tokens < MIN_BATCHED_TOKENS_NUDGING:
             raise ValueError(f"max_num_batched_tokens must be >= {MIN_BATCHED_TOKENS_NUDGING} with a nudger "
-                             f"(a round verifies at least one draft and the token before it), got {max_num_batched_tokens}")
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.scheduler = _core.Scheduler([m.pool for m in self.models], max_num_seqs, max_num_batched_tokens)
-        self.eos_ids = frozenset(itertools.chain.from_iterable(c.eos_token_ids for c in configs))
-        vocab = max(c.vocab_size for c in configs)
-        table = self.models[-1].tokenizer.word_start_table()[:vocab]
+                             f"(a round verifies at least one draft and the token before it), got {e.max_num_batched_tokens}")
+        self.models, self.scheduler = e.models, e.scheduler
+        self.base, self.nudger = e.base, e.nudger
+        vocab = max(m.config.vocab_size for m in e.models)
+        table = e.models[-1].tokenizer.word_start_table()[:vocab]
         self.word_start = torch.zeros(vocab, dtype=torch.bool)        # [vocab]
         self.word_start[: len(table)] = torch.tensor(table, dtype=torch.bool)
-        ratio = self.models[-1].num_parameters / self.base.num_parameters
+        ratio = e.models[-1].num_parameters / e.base.num_parameters
         self.draft_policy = DraftPolicy(cost_ratio=max(ratio, MIN_COST_RATIO))
-        self.handoff = Handoff(self.device, self.word_start, self.base.runner.backend.name == "triton")
-        self.requests: dict[int, Request] = {}
-        self._ids = itertools.count()
-        self._seed_gen = torch.Generator().manual_seed(seed)
-        self.stats = EngineStats()
-        self._failed: dict[int, Exception] = {}   # request id -> what ended it, within one step
+        self.handoff = Handoff(e.device, self.word_start, e.base.runner.backend.name == "triton")
         log.info("same-tokenizer token path: base %s%s, %d KV blocks of %d tokens per model, "
                  "backend %s",
-                 paths[0], f", nudger {paths[1]}" if nudger else "", self.base.pool.num_blocks, block_size,
-                 self.models[0].runner.backend.name)
+                 e.paths[0], f", nudger {e.paths[1]}" if e.nudger else "", e.base.pool.num_blocks, e.block_size,
+                 e.models[0].runner.backend.name)
 
-    # ------------------------------------------------------------------ public API
-    @property
-    def base(self) -> LoadedModel:
-        return self.models[BASE_MODEL]
-
-    @property
-    def nudger(self) -> LoadedModel | None:
-        return self.models[NUDGER_MODEL] if len(self.models) > 1 else None
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return self.base.tokenizer
-
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                    nudge: NudgeParams | None = None) -> int:
-        params = params or SamplingParams()
-        nudge = nudge or NudgeParams()
-        nudger = self.nudger
+    def new_request(self, prompt, params, nudge):
+        e, nudger = self.engine, self.nudger
         base_ids, nudger_ids = tokenize_prompt(prompt, self.base.tokenizer,
-                                               nudger.tokenizer if nudger else None, self.chat_format)
+                                               nudger.tokenizer if nudger else None, e.chat_format)
         if not base_ids or (nudger is not None and not nudger_ids):
             raise ValueError("prompt is empty after tokenization")
         for m, ids, role in zip(self.models, (base_ids, nudger_ids), ("base", "nudger")):
             m.check_fits(role, len(ids), params.max_tokens)
-        d = self.defaults
-        rid = next(self._ids)
+        d = e.defaults
+        rid = e.new_id()
         gen = torch.Generator()
-        gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, (), generator=self._seed_gen)))
+        gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, (), generator=e._seed_gen)))
         req = Request(
             id=rid, base_prompt=base_ids, nudger_prompt=nudger_ids, params=params,
             nudger_params=nudge.nudger_sampling(params),
@@ -141,7 +71,7 @@ class NudgeEngine:
             draft_tokens=d.draft_tokens if nudge.draft_tokens is None else nudge.draft_tokens,
             adaptive_drafting=d.adaptive_drafting if nudge.adaptive_drafting is None else nudge.adaptive_drafting,
             resume_on_agreement=d.resume_on_agreement if nudge.resume_on_agreement is None else nudge.resume_on_agreement,
-            eos_ids=self.eos_ids, detok=IncrementalDetokenizer.after_prompt(self.base.tokenizer, base_ids),
+            eos_ids=e.eos_ids, detok=IncrementalDetokenizer.after_prompt(self.base.tokenizer, base_ids),
             generator=gen,
         )
         if params.logprobs is not None:
@@ -154,93 +84,10 @@ class NudgeEngine:
         if nudger is not None:
             req.nudger_seq = _core.Sequence(nudger.pool)
             seqs.append(req.nudger_seq)
-        self.scheduler.add_request(rid, seqs)  # ValueError if the prompt can never fit the pools
-        self.requests[rid] = req
-        return rid
+        return req, seqs
 
-    def abort(self, request_id: int) -> None:
-        req = self.requests.pop(request_id, None)
-        if req is not None:
-            self.scheduler.abort(request_id)
-            req.abort()
-
-    def has_unfinished(self) -> bool:
-        return bool(self.requests)
-
-    def pools_all_free(self) -> bool:
-        return all(m.pool.all_free() for m in self.models)
-
-    def generate(self, prompts: Prompt | Sequence[Prompt],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 nudge: NudgeParams | Sequence[NudgeParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
-        """One result per prompt, in order. `params` / `nudge`: one for all, or one per prompt.
-        A request whose own work failed comes back with finish_reason "error" and `error` set."""
-        if isinstance(prompts, str) or (isinstance(prompts, dict)) or (
-                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        n = len(prompts)
-        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * n
-        nudge_list = list(nudge) if isinstance(nudge, (list, tuple)) else [nudge] * n
-        if len(params_list) != n or len(nudge_list) != n:
-            raise ValueError(f"got {n} prompts but {len(params_list)} SamplingParams and {len(nudge_list)} NudgeParams")
-        ids = []
-        try:
-            for p, sp, nps in zip(prompts, params_list, nudge_list):
-                ids.append(self.add_request(p, sp, nps))
-        except Exception:
-            for rid in ids:
-                self.abort(rid)
-            raise
-        results: dict[int, RequestOutput] = {}
-        wanted = set(ids)
-        with tqdm(total=n, desc="generate", disable=not use_tqdm) as bar:
-            idle = 0
-            while wanted - results.keys():
-                touched = self.step()
-                idle = 0 if touched else idle + 1
-                if idle > MAX_IDLE_STEPS:
-                    raise RuntimeError("the scheduler made no progress; KV pools may be too small for one request")
-                for req in touched:
-                    if req.finished and req.id in wanted:
-                        results[req.id] = req.result()
-                        bar.update(1)
-        return [results[i] for i in ids]
-
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
-               nudge: NudgeParams | None = None) -> Iterator[StreamDelta]:
-        """Yields tokens as they are decided; closing the iterator early aborts the request.
-        Raises RequestFailedError if the request's own work failed (the tokens before it were yielded)."""
-        rid = self.add_request(prompt, params, nudge)
-        req = self.requests[rid]
-        try:
-            while not req.finished:
-                self.step()
-                delta = req.take_delta()
-                if delta.finish_reason == "error":
-                    raise RequestFailedError(req.error)
-                if delta.token_ids or delta.text or delta.finish_reason:
-                    yield delta
-        finally:
-            self.abort(rid)
-
-    # ------------------------------------------------------------------ one round
-    def step(self) -> list[Request]:
-        """Runs one round for the scheduled requests; returns those that got tokens or finished.
-
-        A failure in a request's own work (its sampling, its walk, its stop checks) ends that
-        request alone with finish_reason "error"; the others go on. Only a failure of the batched
-        passes, which belong to every request in them, propagates to the caller.
-        """
-        self._failed = {}
-        for req in list(self.requests.values()):
-            self._guard(req, self._prepare, req)
-        ended = self._end_failed()
-        sched = self.scheduler.schedule()
-        self.stats.preemptions += len(sched.preempted)
-        if not sched.req_ids:
-            return ended
-        reqs = [self.requests[i] for i in sched.req_ids]
+    def run_round(self, reqs: list[Request], sched) -> list[Request]:
+        e = self.engine
         final = list(sched.is_final_chunk)
         drafts_k = [r.planned_drafts if f else 0 for r, f in zip(reqs, final)]
         started = time.perf_counter()
@@ -250,8 +97,8 @@ class NudgeEngine:
         base_logits, walk_rows, prompt_rows = self._verify(reqs, sched.num_new_tokens[BASE_MODEL], drafts, final)
         for entry in prompt_rows:
             if entry is not None:
-                self._guard(entry[0], self._record_prompt_logprobs, entry, base_logits)
-        finals = [i for i, f in enumerate(final) if f and reqs[i].id not in self._failed]
+                e.guard(entry[0], self._record_prompt_logprobs, entry, base_logits)
+        finals = [i for i, f in enumerate(final) if f and reqs[i].id not in e.failed]
         decisions = self.handoff.decide([reqs[i] for i in finals], [drafts[i] for i in finals],
                                         [walk_rows[i] for i in finals], base_logits,
                                         [draft_logits[i] for i in finals])
@@ -262,36 +109,10 @@ class NudgeEngine:
         for i, decision in zip(finals, decisions):
             req = reqs[i]
             if isinstance(decision, Exception):
-                self._failed[req.id] = decision
-            elif self._guard(req, self._apply, req, drafts[i], decision) is not FAILED:
+                e.failed[req.id] = decision
+            elif e.guard(req, self._apply, req, drafts[i], decision) is not FAILED:
                 touched.append(req)
-        return ended + touched + self._end_failed()
-
-    def _guard(self, req: Request, fn, *args):
-        """fn(*args), or FAILED (and the request marked to end) if it raises or the request already failed."""
-        if req.id in self._failed:
-            return FAILED
-        try:
-            return fn(*args)
-        except Exception as e:  # noqa: BLE001 - whatever it is, it belongs to this request alone
-            self._failed[req.id] = e
-            return FAILED
-
-    def _end_failed(self) -> list[Request]:
-        """Ends the requests that failed this step: their blocks go back to both pools."""
-        ended = []
-        for rid, exc in self._failed.items():
-            req = self.requests.pop(rid, None)
-            if req is None:
-                continue
-            log.error("request %d failed and was ended alone: %s: %s", rid, type(exc).__name__, exc,
-                      exc_info=(type(exc), exc, exc.__traceback__))
-            self.scheduler.abort(rid)
-            req.fail(f"{type(exc).__name__}: {exc}")
-            self.stats.failed_requests += 1
-            ended.append(req)
-        self._failed = {}
-        return ended
+        return touched
 
     def _draft_count(self, req: Request) -> int:
         """Draft tokens this round: while nudging, the nudger writes anyway (at least one token);
@@ -309,9 +130,9 @@ class NudgeEngine:
             k = req.draft_tokens
         else:
             k = self.draft_policy.choose(req.draft_stats, req.draft_tokens, measured=req.greedy)
-        return min(k, req.params.max_tokens - len(req.output), self.max_num_batched_tokens - 1)
+        return min(k, req.params.max_tokens - len(req.output), self.engine.max_num_batched_tokens - 1)
 
-    def _prepare(self, req: Request) -> None:
+    def prepare(self, req: Request) -> None:
         """Plans the request's drafts for this round. Lazy catch-up: the nudger sees the output only
         in rounds where it drafts."""
         k = req.planned_drafts = self._draft_count(req)
@@ -354,7 +175,7 @@ class NudgeEngine:
                 drafts[i].append(tok)
                 logits[i].append(row)
                 reqs[i].nudger_seq.append(tok)
-            active = [i for i in picks if len(drafts[i]) < k[i] and reqs[i].id not in self._failed]
+            active = [i for i in picks if len(drafts[i]) < k[i] and reqs[i].id not in self.engine.failed]
             step_new = {i: 1 for i in active}
         return drafts, logits
 
@@ -366,7 +187,7 @@ class NudgeEngine:
         if sampled:
             probs = processed_probs(rows[sampled].cpu(), [reqs[j].nudger_params for j in sampled])
             for j, p in zip(sampled, probs):
-                tokens[j] = self._guard(reqs[j], draw, p, reqs[j].generator)
+                tokens[j] = self.engine.guard(reqs[j], draw, p, reqs[j].generator)
         return list(zip(tokens, rows))
 
     def _verify(self, reqs: list[Request], num_new: list[int], drafts: list[list[int]], final: list[bool]):
@@ -414,13 +235,13 @@ class NudgeEngine:
         req.rounds += 1
         req.drafted += len(drafts)
         req.accepted += m
-        self.stats.record_round(len(drafts), m, sources, was_mode != req.mode)
+        self.engine.stats.record_round(len(drafts), m, sources, was_mode != req.mode)
         if was_mode == Mode.BASE:
             self._observe_drafts(req, len(drafts), decision)
         req.add_tokens(tokens, sources, decision.logprobs)
         if req.finished:
             self.scheduler.finish(req.id)
-            del self.requests[req.id]
+            del self.engine.requests[req.id]
             return
         # The nudger's sequence holds this round's tokens only if it drafted (lazy catch-up otherwise).
         for seq in [req.base_seq] + ([req.nudger_seq] if drafts else []):
@@ -444,13 +265,6 @@ class NudgeEngine:
                      and decision.num_accepted < drafted)
         stats.observe(agreed, int(corrected))
 
-
-def _tokenizers_differ(base, nudger) -> bool:
-    """False when a tokenizer cannot be read, so that __init__ reports the folder's problem as before."""
-    try:
-        return Tokenizer(Path(base)).vocab != Tokenizer(Path(nudger)).vocab
-    except Exception:
-        return False
 
 
 def _top_logprobs(lp: torch.Tensor, targets: list[int], n: int) -> list[dict[int, float]]:

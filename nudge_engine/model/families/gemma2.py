@@ -4,9 +4,9 @@ from __future__ import annotations
 from functools import partial
 
 from ..config import ModelConfig
-from ..layers.attention import AttentionSpec
-from ..layers.attention_torch import NO_WINDOW
-from ..layers.norm import RMSNorm
+from ...layers.attention import AttentionSpec
+from ...layers.attention_torch import NO_WINDOW
+from ...layers.norm import RMSNorm
 from .transformer import ArchSpec
 
 SANDWICH = {

@@ -1,1 +1,0 @@
-"""Nudging across tokenizer families (NUDGING.md section 7): wordpieces.py, spans.py, engine.py."""
