@@ -128,7 +128,7 @@ def _layer_norms(kind: str, hidden: int, dtype: torch.dtype):
 
 def fused_layer_launches(model: dict, dtype: torch.dtype) -> None:
     """One decoder layer's fused steps and the final norm, in the order CausalLM.forward calls them."""
-    from nudge_engine.config import RopeConfig
+    from nudge_engine.model.config import RopeConfig
     from nudge_engine.kernels.backend import TritonAttentionBackend
     from nudge_engine.layers.attention import AttentionSpec
     from nudge_engine.layers.norm import RMSNorm
