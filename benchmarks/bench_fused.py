@@ -14,9 +14,6 @@ Writes benchmarks/results/<YYYY-MM-DD>_<card-slug>_<git short commit>_fused.{jso
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -113,41 +110,11 @@ def bench_rotary_store(b: bk.Bench, w: dict, quick: bool):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="fewer shapes")
-    ap.add_argument("--smoke", action="store_true", help="CPU + interpreter, tiny shapes (checks the script)")
-    ap.add_argument("--out-dir", default=None, help="default benchmarks/results (a temp dir with --smoke)")
-    args = ap.parse_args()
-    device = "cpu" if args.smoke else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: run with --smoke to check the script on the CPU", file=sys.stderr)
-        return 2
-    torch.manual_seed(0)
-    b = bk.Bench(device, args.smoke)
-    w = widths(args.smoke)
-    print("== copy bandwidth", flush=True)
-    bk.measure_copy(b, args.quick)
-    for title, fn in [("add_norm", bench_add_norm), ("act_and_mul", bench_act_and_mul),
-                      ("rotary_store", bench_rotary_store)]:
-        print(f"== {title}", flush=True)
-        try:
-            fn(b, w, args.quick)
-        except Exception as exc:  # keep the other sections' numbers
-            print(f"  section failed: {type(exc).__name__}: {exc}", flush=True)
-            b.rows.append(dict(kernel=title, shape="", impl="", time_us=float("nan"), bytes=0, gbps=float("nan"),
-                               frac_copy_bw=float("nan"), note="", error=f"{type(exc).__name__}: {exc}"[:300]))
-    meta = dict(date=datetime.date.today().isoformat(), commit=bk.git_short(),
-                device_name=torch.cuda.get_device_name() if device == "cuda" else "CPU (TRITON_INTERPRET=1)",
-                torch=torch.__version__, triton=triton.__version__, copy_gbps=b.copy_gbps, quick=args.quick,
-                goals=[])
-    out_dir = Path(args.out_dir) if args.out_dir else (
-        Path("/tmp/nudge_bench_smoke") if args.smoke else bk.ROOT / "benchmarks" / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{meta['date']}_{bk.card_slug(device)}_{meta['commit']}_fused"
-    (out_dir / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=b.rows), indent=1))
-    (out_dir / f"{stem}.md").write_text(bk.to_markdown(meta, b.rows).replace("Kernel benchmark", "Fused kernels"))
-    print(f"wrote {out_dir / stem}.json and .md")
-    return 1 if any(r["error"] for r in b.rows) else 0
+    def sections(smoke: bool):
+        w = widths(smoke)
+        return [(title, lambda b, quick, fn=fn: fn(b, w, quick)) for title, fn in
+                [("add_norm", bench_add_norm), ("act_and_mul", bench_act_and_mul), ("rotary_store", bench_rotary_store)]]
+    return bk.run("fused", "Fused kernels", sections)
 
 
 if __name__ == "__main__":

@@ -288,7 +288,10 @@ def goals(rows: list[dict]) -> list[str]:
     return out
 
 
-def main() -> int:
+def run(name: str, title: str, sections, goals_fn=None) -> int:
+    """The main of a kernel benchmark script: copy bandwidth, then each section, then the JSON and
+    markdown results named `<date>_<card>_<commit>_<name>`. sections(smoke) -> [(title, fn(bench, quick))];
+    a section that raises becomes an error row, so the other sections keep their numbers."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
     ap.add_argument("--smoke", action="store_true", help="CPU + interpreter, tiny shapes (checks the script)")
@@ -302,32 +305,37 @@ def main() -> int:
     b = Bench(device, args.smoke)
     print("== copy bandwidth", flush=True)
     measure_copy(b, args.quick)
-    for title, fn in [("top1_stats", bench_top1), ("handoff", bench_handoff),
-                      ("paged attention", bench_attention), ("store_kv", bench_store_kv)]:
-        print(f"== {title}", flush=True)
+    for section, fn in sections(args.smoke):
+        print(f"== {section}", flush=True)
         try:
             fn(b, args.quick)
         except Exception as exc:  # keep the other sections' numbers
             print(f"  section failed: {type(exc).__name__}: {exc}", flush=True)
-            b.rows.append(dict(kernel=title, shape="", impl="", time_us=float("nan"), bytes=0, gbps=float("nan"),
+            b.rows.append(dict(kernel=section, shape="", impl="", time_us=float("nan"), bytes=0, gbps=float("nan"),
                                frac_copy_bw=float("nan"), note="", error=f"{type(exc).__name__}: {exc}"[:300]))
 
     meta = dict(date=datetime.date.today().isoformat(), commit=git_short(),
                 device_name=torch.cuda.get_device_name() if device == "cuda" else "CPU (TRITON_INTERPRET=1)",
                 torch=torch.__version__, triton=triton.__version__, copy_gbps=b.copy_gbps, quick=args.quick)
-    meta["goals"] = goals(b.rows)
-    print("== goals")
-    for line in meta["goals"]:
-        print("  " + line)
+    meta["goals"] = goals_fn(b.rows) if goals_fn else []
+    if goals_fn:
+        print("== goals")
+        for line in meta["goals"]:
+            print("  " + line)
     out_dir = Path(args.out_dir) if args.out_dir else (
         Path("/tmp/nudge_bench_smoke") if args.smoke else ROOT / "benchmarks" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{meta['date']}_{card_slug(device)}_{meta['commit']}_kernels"
+    stem = f"{meta['date']}_{card_slug(device)}_{meta['commit']}_{name}"
     (out_dir / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=b.rows), indent=1))
-    (out_dir / f"{stem}.md").write_text(to_markdown(meta, b.rows))
+    (out_dir / f"{stem}.md").write_text(to_markdown(meta, b.rows).replace("Kernel benchmark", title))
     print(f"wrote {out_dir / stem}.json and .md")
-    failed = [r for r in b.rows if r["error"]]
-    return 1 if failed else 0
+    return 1 if any(r["error"] for r in b.rows) else 0
+
+
+def main() -> int:
+    return run("kernels", "Kernel benchmark", lambda smoke: [
+        ("top1_stats", bench_top1), ("handoff", bench_handoff), ("paged attention", bench_attention),
+        ("store_kv", bench_store_kv)], goals)
 
 
 if __name__ == "__main__":
