@@ -15,7 +15,7 @@ device-to-device copy bandwidth measured in this run.
 gamma: `auto` (default) bisects gamma so that about 9% of the tokens are nudged on these prompts,
 the paper's regime; the value found is reported.
 
-Agreement sweep: the pair's agreement knob (see benchmarks/common.py) is moved in place on the
+Agreement sweep: the pair's agreement knob (see benchmarks/pairs.py) is moved in place on the
 loaded models; for each value: nudged fraction, draft acceptance, tokens/s of nudging (k=0, k=4)
 and of the base alone and the notebook, at gamma 0.4 and at the gamma that nudges ~9%.
 
@@ -35,7 +35,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import hardware, pairs, report, timing, workload  # noqa: E402
 from benchmarks.notebook_nudging import NotebookNudging, eos_ids_of, word_start_table  # noqa: E402
 
 SUITE = "latency"
@@ -58,9 +58,9 @@ SIZES = {
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="batch-1 latency: engine, transformers and notebook nudging",
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    common.common_args(ap)
+    report.common_args(ap)
     ap.add_argument("--gamma", default="auto", help="a number, or auto: nudge ~--target-nudged of the tokens")
-    ap.add_argument("--target-nudged", type=float, default=common.PAPER_NUDGED_FRACTION)
+    ap.add_argument("--target-nudged", type=float, default=pairs.PAPER_NUDGED_FRACTION)
     ap.add_argument("--agreement", type=float, default=None, help="the pair's agreement knob")
     ap.add_argument("--ks", default=None, help="draft tokens per round for the nudging rows, e.g. 2,4,8")
     ap.add_argument("--prompts", type=int, default=None)
@@ -86,8 +86,8 @@ class Bench:
         for f in (pair.base, pair.nudger):
             cfg = json.loads((f / "config.json").read_text())
             embed = cfg["vocab_size"] * cfg["hidden_size"] * self.elt
-            self.read_bytes[f] = common.weight_bytes(f) - (0 if cfg.get("tie_word_embeddings") else embed)
-            self.kvb[f] = common.kv_bytes_per_token(f, self.torch_dtype)
+            self.read_bytes[f] = pairs.weight_bytes(f) - (0 if cfg.get("tie_word_embeddings") else embed)
+            self.kvb[f] = pairs.kv_bytes_per_token(f, self.torch_dtype)
 
     @property
     def elt(self) -> int:
@@ -119,10 +119,10 @@ class Bench:
             for _ in range(repeats):
                 if counter:
                     before = counter.snapshot()
-                common.sync(self.device)
+                hardware.sync(self.device)
                 t0 = time.perf_counter()
                 out = eng.generate([p], sp, nudge)[0]
-                common.sync(self.device)
+                hardware.sync(self.device)
                 dt = time.perf_counter() - t0
                 if best is None or dt < best[0]:
                     best = (dt, out)
@@ -139,9 +139,9 @@ class Bench:
         drafted = sum(o.drafted_tokens for o in outs)
         accepted = sum(o.accepted_tokens for o in outs)
         row = dict(tokens=tokens, seconds=total, tok_s=tokens / total,
-                   tpot_ms=1e3 * common.median([(o.finish_time - o.first_token_time) / max(len(o.token_ids) - 1, 1)
+                   tpot_ms=1e3 * timing.median([(o.finish_time - o.first_token_time) / max(len(o.token_ids) - 1, 1)
                                                 for o in outs]),
-                   ttft_ms=1e3 * common.median([o.first_token_time - o.arrival_time for o in outs]),
+                   ttft_ms=1e3 * timing.median([o.first_token_time - o.arrival_time for o in outs]),
                    nudged=sum(s == "nudger" for o in outs for s in o.sources) / max(tokens, 1),
                    rounds=rounds, drafted=drafted, accepted=accepted,
                    acc_per_round=accepted / rounds if rounds and nudging else None,
@@ -154,17 +154,17 @@ class Bench:
         return row, outs
 
     def run_hf_generate(self, model, prompts, max_tokens, repeats: int = 1) -> dict:
-        cfg = common.hf_no_eos(model)
+        cfg = workload.hf_no_eos(model)
         dev = self.device
 
         def gen(p, n):
             x = torch.tensor([p], device=dev)
-            common.sync(dev)
+            hardware.sync(dev)
             t0 = time.perf_counter()
             with torch.no_grad():
                 out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=cfg,
                                      max_new_tokens=n, min_new_tokens=n)
-            common.sync(dev)
+            hardware.sync(dev)
             return time.perf_counter() - t0, out.shape[1] - x.shape[1]
 
         gen(prompts[0], min(16, max_tokens))
@@ -178,15 +178,15 @@ class Bench:
         L = len(prompts[0])
         kv_read = max_tokens * L + max_tokens * (max_tokens - 1) / 2
         moved = max_tokens * self.read_bytes[self.pair.base] + kv_read * self.kvb[self.pair.base]
-        return dict(tokens=tokens, seconds=total, tok_s=tokens / total, ttft_ms=1e3 * common.median(first),
-                    tpot_ms=1e3 * common.median([(f - t1) / max(max_tokens - 1, 1) for f, t1 in zip(full, first)]),
+        return dict(tokens=tokens, seconds=total, tok_s=tokens / total, ttft_ms=1e3 * timing.median(first),
+                    tpot_ms=1e3 * timing.median([(f - t1) / max(max_tokens - 1, 1) for f, t1 in zip(full, first)]),
                     forwards=[max_tokens], bytes_per_token=moved / max_tokens)
 
     def run_notebook(self, nb: NotebookNudging, prompts, max_tokens, gamma, repeats: int = 1) -> tuple[dict, list]:
         nb.generate(prompts[0], prompts[0], min(16, max_tokens), gamma, ignore_eos=True)
         outs = []
         for p in prompts:
-            common.sync(self.device)
+            hardware.sync(self.device)
             runs = [nb.generate(p, p, max_tokens, gamma, ignore_eos=True) for _ in range(repeats)]
             outs.append(min(runs, key=lambda o: o.finish_time - o.start_time))
         tokens = sum(len(o.token_ids) for o in outs)
@@ -197,8 +197,8 @@ class Bench:
             for folder, calls in ((self.pair.base, o.base_forwards), (self.pair.nudger, o.nudger_forwards)):
                 moved += calls * self.read_bytes[folder] + (calls * L + calls * (calls - 1) / 2) * self.kvb[folder]
         row = dict(tokens=tokens, seconds=total, tok_s=tokens / total,
-                   ttft_ms=1e3 * common.median([o.first_token_time - o.start_time for o in outs]),
-                   tpot_ms=1e3 * common.median([(o.finish_time - o.first_token_time) / max(len(o.token_ids) - 1, 1)
+                   ttft_ms=1e3 * timing.median([o.first_token_time - o.start_time for o in outs]),
+                   tpot_ms=1e3 * timing.median([(o.finish_time - o.first_token_time) / max(len(o.token_ids) - 1, 1)
                                                 for o in outs]),
                    nudged=sum(s == "nudger" for o in outs for s in o.sources) / max(tokens, 1),
                    forwards=[sum(o.base_forwards for o in outs), sum(o.nudger_forwards for o in outs)],
@@ -206,7 +206,7 @@ class Bench:
         return row, outs
 
     def calibrate_gamma(self, eng, prompts, max_tokens, target, iters=7) -> tuple[float, list]:
-        return common.calibrate_gamma(eng, prompts, max_tokens, target, iters)
+        return workload.calibrate_gamma(eng, prompts, max_tokens, target, iters)
 
 
 def add_limits(rows: list[dict], copy_gbps: float, base_limit_tok_s: float) -> None:
@@ -221,7 +221,7 @@ def add_limits(rows: list[dict], copy_gbps: float, base_limit_tok_s: float) -> N
 # --------------------------------------------------------------------------- the suite
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device, dtype, models = common.resolve_common(args)
+    device, dtype, models = report.resolve_common(args)
     kind = "tiny" if models == "tiny" else "real"
     size = dict(SIZES[(kind, args.quick)])
     for key in ("prompts", "prompt_len", "max_tokens"):
@@ -231,26 +231,26 @@ def main(argv=None) -> int:
         size["ks"] = tuple(int(k) for k in args.ks.split(","))
     if args.sweep:
         size["agreements"] = () if args.sweep == "none" else tuple(float(a) for a in args.sweep.split(","))
-    agreement = args.agreement if args.agreement is not None else common.DEFAULT_AGREEMENT[kind]
+    agreement = args.agreement if args.agreement is not None else workload.DEFAULT_AGREEMENT[kind]
     sweep_notebook = (args.sweep_notebook or ("off" if device.type == "cuda" else "on")) == "on" and not args.no_hf
-    log = common.Log(args.time_budget)
-    env = common.environment(device)
+    log = timing.Log(args.time_budget)
+    env = hardware.environment(device)
     log(f"latency suite on {env['device']}, models {models}, dtype {dtype}, commit {env['commit']}"
         f"{' (dirty)' if env['dirty'] else ''}")
-    common.quiet_transformers()
+    workload.quiet_transformers()
 
-    pair = common.make_pair(models, agreement, device, dtype, shrink=args.shrink, seed=args.seed,
+    pair = pairs.make_pair(models, agreement, device, dtype, shrink=args.shrink, seed=args.seed,
                             work_dir=Path(args.work_dir) if args.work_dir else None, log=log)
     log(f"pair ready ({pair.where})")
     b = Bench(args, device, dtype, pair, log)
     if device.type == "cuda":
-        b.copy_gbps = common.copy_bandwidth_gbps(device)
+        b.copy_gbps = hardware.copy_bandwidth_gbps(device)
         log(f"device-to-device copy bandwidth: {b.copy_gbps:.0f} GB/s (read + write)")
 
     from nudge_engine.engine import DEFAULT_DRAFT_TOKENS
     from nudge_engine.engine.sampling_params import NudgeParams
     eng_pair = b.engine(pair.base, pair.nudger)
-    prompts = common.make_prompts(eng_pair.tokenizer, [size["prompt_len"]] * size["prompts"], seed=args.seed)
+    prompts = workload.make_prompts(eng_pair.tokenizer, [size["prompt_len"]] * size["prompts"], seed=args.seed)
     N, R = size["max_tokens"], size["repeats"]
     calibration = []
     if args.gamma == "auto":
@@ -270,9 +270,9 @@ def main(argv=None) -> int:
         return row
 
     # (a) and (b): both engines stay loaded for the sweep at the end
-    counter = common.ForwardCounter(eng_pair)
+    counter = workload.ForwardCounter(eng_pair)
     eng_base = b.engine(pair.base)
-    base_counter = common.ForwardCounter(eng_base)
+    base_counter = workload.ForwardCounter(eng_base)
     row_a, _ = b.run_engine(eng_base, prompts, N, counter=base_counter, repeats=R)
     row_a.pop("nudged", None)
     row_a = add("(a) engine, base alone", "engine", None, row_a, gamma=None)
@@ -297,7 +297,7 @@ def main(argv=None) -> int:
     # (c) and (d): transformers, the same folders
     hf_models = None
     if not args.no_hf:
-        hf_models = (common.load_hf(pair.base, device, b.torch_dtype), common.load_hf(pair.nudger, device, b.torch_dtype))
+        hf_models = (workload.load_hf(pair.base, device, b.torch_dtype), workload.load_hf(pair.nudger, device, b.torch_dtype))
         add("(c) transformers generate, base alone", "transformers", None, b.run_hf_generate(hf_models[0], prompts, N, R),
             gamma=None)
         nb = notebook_for(hf_models, pair)
@@ -310,19 +310,19 @@ def main(argv=None) -> int:
 
     # (e): the nudger alone
     eng_nudger = b.engine(pair.nudger)
-    nudger_counter = common.ForwardCounter(eng_nudger)
+    nudger_counter = workload.ForwardCounter(eng_nudger)
     row_e, _ = b.run_engine(eng_nudger, prompts, N, counter=nudger_counter, repeats=R)
     row_e.pop("nudged", None)
     add("(e) engine, nudger alone", "engine", None, row_e, gamma=None)
     nudger_counter.close()
     del eng_nudger, nudger_counter
-    common.free_memory(device)
+    hardware.free_memory(device)
 
     # (f): cross-tokenizer nudging (NUDGING.md section 7) beside the token path, on the same base and
     # a nudger of the same shape whose tokenizer is `▁`-style: text prompts, the engine picks the text path.
     if kind == "tiny":
         cross_dir = Path(pair.where) / "cross-nudger"
-        eng_cross = b.engine(pair.base, common.tiny_cross_nudger(cross_dir, args.seed))
+        eng_cross = b.engine(pair.base, pairs.tiny_cross_nudger(cross_dir, args.seed))
         text_prompts = [eng_pair.tokenizer.decode(p) for p in prompts]
         for k in (0, DEFAULT_DRAFT_TOKENS):
             r, outs = b.run_engine(eng_cross, text_prompts, N, NudgeParams(gamma=gamma, draft_tokens=k), repeats=R)
@@ -331,18 +331,18 @@ def main(argv=None) -> int:
                 reads=len(work), converted_per_read=(
                     sum(w.converted_tokens for w in work) / len(work) if work else None))
         del eng_cross
-        common.free_memory(device)
+        hardware.free_memory(device)
 
     # Agreement sweep: the knob moves in place on the loaded engines (and the notebook's models).
     sweep = []
     if size["agreements"]:
-        mods = common.engine_modules(eng_pair) + common.engine_modules(eng_base)
+        mods = pairs.engine_modules(eng_pair) + pairs.engine_modules(eng_base)
         nb_sweep = None
         if hf_models and sweep_notebook:
             mods += list(hf_models)
             nb_sweep = notebook_for(hf_models, pair)
-        knob = common.AgreementKnob(pair.family, pair.agreement, mods)
-        sp = common.make_prompts(eng_pair.tokenizer, [size["prompt_len"]] * size["sweep_prompts"], seed=args.seed + 7)
+        knob = pairs.AgreementKnob(pair.family, pair.agreement, mods)
+        sp = workload.make_prompts(eng_pair.tokenizer, [size["prompt_len"]] * size["sweep_prompts"], seed=args.seed + 7)
         ST = size["sweep_tokens"]
         cell_s = None
         for a in size["agreements"]:
@@ -354,7 +354,7 @@ def main(argv=None) -> int:
             base_row, _ = b.run_engine(eng_base, sp, ST)
             g_cal, _tried = b.calibrate_gamma(eng_pair, sp, size["calib_tokens"], args.target_nudged,
                                               iters=size["calib_iters"])
-            for g, regime in ((common.PAPER_GAMMA, "gamma 0.4"), (g_cal, f"~{args.target_nudged:.0%} nudged")):
+            for g, regime in ((pairs.PAPER_GAMMA, "gamma 0.4"), (g_cal, f"~{args.target_nudged:.0%} nudged")):
                 r0, o0 = b.run_engine(eng_pair, sp, ST, NudgeParams(gamma=g, draft_tokens=0))
                 r4, o4 = b.run_engine(eng_pair, sp, ST, NudgeParams(gamma=g, draft_tokens=4, adaptive_drafting=False))
                 ra, _ = b.run_engine(eng_pair, sp, ST, NudgeParams(gamma=g, draft_tokens=4, adaptive_drafting=True))
@@ -378,7 +378,7 @@ def main(argv=None) -> int:
         knob.set(pair.agreement)
         del knob
     del eng_pair, eng_base, hf_models
-    common.free_memory(device)
+    hardware.free_memory(device)
 
     row_d = next((r for r in rows if r["label"].startswith("(d)")), None)
     for r in rows:
@@ -395,14 +395,14 @@ def main(argv=None) -> int:
     md = to_markdown(data)
     print()
     print(md)
-    json_path, md_path = common.write_results(args.out, device, SUITE, models if args.shrink == 1 else pair.name,
+    json_path, md_path = report.write_results(args.out, device, SUITE, models if args.shrink == 1 else pair.name,
                                               data, md)
     print(f"\nwrote {json_path} and {md_path}")
     if not args.no_plot and sweep:
         from benchmarks import plot
         print(f"wrote {plot.plot_latency(data, json_path.with_suffix('.png'))}")
     if args.work_dir is None:
-        common.remove_pair(pair)
+        pairs.remove_pair(pair)
     log("done")
     return 0
 
@@ -451,7 +451,7 @@ def to_markdown(data: dict) -> str:
     else:
         rows = data["rows"]
     rows = [dict(r, nudged=r.get("nudged") if r["label"][:3] in ("(b)", "(d)", "(f)") else None) for r in rows]
-    lines.append(common.markdown_table(rows, cols))
+    lines.append(report.markdown_table(rows, cols))
     nb = next((r for r in data["rows"] if r["label"].startswith("(d)")), None)
     if nb:
         lines += ["", f"Notebook output equals the engine's (greedy, same gamma) on {nb['equals_engine']} prompts."]
@@ -473,7 +473,7 @@ def to_markdown(data: dict) -> str:
                   f"{size['sweep_tokens']} tokens per cell. For each agreement: gamma 0.4, and the gamma that nudges "
                   f"~{data['target_nudged']:.0%} (the paper's regime). acceptance = accepted / drafted draft tokens at "
                   f"k=4.", "",
-                  common.markdown_table(data["sweep"], SWEEP_COLUMNS)]
+                  report.markdown_table(data["sweep"], SWEEP_COLUMNS)]
         eq = [s.get("notebook_equal") for s in data["sweep"] if "notebook_equal" in s]
         if eq:
             lines += ["", f"Notebook output equals the engine's in {sum(eq)}/{len(eq)} sweep cells."]

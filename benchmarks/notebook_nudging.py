@@ -156,22 +156,22 @@ class NotebookNudging:
 
 
 def main(argv=None) -> int:
-    from benchmarks import common
+    from benchmarks import pairs, report, workload
     from nudge_engine.engine import NudgeEngine
     from nudge_engine.engine.sampling_params import NudgeParams, SamplingParams
 
     ap = argparse.ArgumentParser(description="notebook nudging beside the engine on one prompt")
-    common.common_args(ap)
-    ap.add_argument("--gamma", type=float, default=common.PAPER_GAMMA)
+    report.common_args(ap)
+    ap.add_argument("--gamma", type=float, default=pairs.PAPER_GAMMA)
     ap.add_argument("--agreement", type=float, default=0.6)
     ap.add_argument("--max-tokens", type=int, default=32)
     args = ap.parse_args(argv)
-    device, dtype, models = common.resolve_common(args)
+    device, dtype, models = report.resolve_common(args)
     torch_dtype = getattr(torch, dtype)
-    pair = common.make_pair(models, args.agreement, device, dtype, shrink=args.shrink,
+    pair = pairs.make_pair(models, args.agreement, device, dtype, shrink=args.shrink,
                             work_dir=Path(args.work_dir) if args.work_dir else None)
     engine = NudgeEngine(pair.base, pair.nudger, device=device, dtype=dtype)
-    prompt = common.make_prompts(engine.tokenizer, [24])[0]
+    prompt = workload.make_prompts(engine.tokenizer, [24])[0]
     nb = NotebookNudging.from_folders(pair.base, pair.nudger, device, torch_dtype)
     a = nb.generate(prompt, prompt, args.max_tokens, args.gamma)
     b = engine.generate([prompt], SamplingParams(max_tokens=args.max_tokens, temperature=0),

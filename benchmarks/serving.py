@@ -33,7 +33,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import hardware, pairs, report, timing, workload  # noqa: E402
 
 SUITE = "serving"
 SIZES = {
@@ -48,7 +48,7 @@ START_TIMEOUT_S = 600
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="online serving: Poisson arrivals against `nudge serve`",
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    common.common_args(ap)
+    report.common_args(ap)
     ap.add_argument("--rates", default=None, help="request rates (req/s), comma separated")
     ap.add_argument("--num-requests", type=int, default=None, help="per rate")
     ap.add_argument("--duration", type=float, default=None, help="no new request after this many seconds (per rate)")
@@ -81,13 +81,13 @@ class Server:
             cmd += ["--kv-cache-bytes", str(args.kv_cache_bytes)]
         self.cmd = cmd
         self.log = log
-        env = dict(os.environ, PYTHONPATH=str(common.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ, PYTHONPATH=str(hardware.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         if args.device == "cpu":
             env.setdefault("OMP_NUM_THREADS", str(args.threads or 1))
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"nudge-bench-serve-{self.port}.log"
         self.stderr = open(self.log_path, "w+")
         self.healthy = False
-        self.proc = subprocess.Popen(cmd, cwd=common.ROOT, stdout=subprocess.DEVNULL, stderr=self.stderr, env=env)
+        self.proc = subprocess.Popen(cmd, cwd=hardware.ROOT, stdout=subprocess.DEVNULL, stderr=self.stderr, env=env)
 
     def wait_ready(self) -> float:
         import httpx
@@ -176,7 +176,7 @@ async def run_rate(url: str, rate: float, prompts, outputs, duration: float, see
                                          for p, o, s in zip(prompts, outputs, times)))
         wall = time.perf_counter() - t0
     ok = [r for r in results if r["error"] is None]
-    ms = lambda xs, q: 1e3 * common.percentile(xs, q)  # noqa: E731
+    ms = lambda xs, q: 1e3 * timing.percentile(xs, q)  # noqa: E731
     ttft = [r["ttft"] for r in ok]
     tpot = [r["tpot"] for r in ok if r.get("tpot") is not None]
     itl = [x for r in ok for x in r["itl"]]
@@ -193,7 +193,7 @@ async def run_rate(url: str, rate: float, prompts, outputs, duration: float, see
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device, dtype, models = common.resolve_common(args)
+    device, dtype, models = report.resolve_common(args)
     kind = "tiny" if models == "tiny" else "real"
     size = dict(SIZES[(kind, args.quick)])
     if args.rates:
@@ -203,17 +203,17 @@ def main(argv=None) -> int:
             size[key] = getattr(args, key)
     if args.gamma is None:
         args.gamma = 0.2 if kind == "tiny" else 0.25
-    agreement = args.agreement if args.agreement is not None else common.DEFAULT_AGREEMENT[kind]
-    log = common.Log()
-    env = common.environment(device)
+    agreement = args.agreement if args.agreement is not None else workload.DEFAULT_AGREEMENT[kind]
+    log = timing.Log()
+    env = hardware.environment(device)
     log(f"serving suite on {env['device']}, models {models}, commit {env['commit']}")
-    pair = common.make_pair(models, agreement, device, dtype, shrink=args.shrink, seed=args.seed,
+    pair = pairs.make_pair(models, agreement, device, dtype, shrink=args.shrink, seed=args.seed,
                             work_dir=Path(args.work_dir) if args.work_dir else None, log=log)
     from nudge_engine.model.tokenizer import Tokenizer
     tok = Tokenizer(pair.base)
     rng = random.Random(args.seed)
     n = size["num_requests"]
-    prompts = common.make_prompts(tok, [rng.randint(*size["prompt"]) for _ in range(n)], seed=args.seed)
+    prompts = workload.make_prompts(tok, [rng.randint(*size["prompt"]) for _ in range(n)], seed=args.seed)
     outputs = [rng.randint(*size["output"]) for _ in range(n)]
 
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
@@ -246,11 +246,11 @@ def main(argv=None) -> int:
     md = to_markdown(data)
     print()
     print(md)
-    json_path, md_path = common.write_results(args.out, device, SUITE, models if args.shrink == 1 else pair.name,
+    json_path, md_path = report.write_results(args.out, device, SUITE, models if args.shrink == 1 else pair.name,
                                               data, md)
     print(f"\nwrote {json_path} and {md_path}")
     if args.work_dir is None:
-        common.remove_pair(pair)
+        pairs.remove_pair(pair)
     failed = sum(r.get("failed") or 0 for r in rows) + sum("error" in r for r in rows)
     return 0 if failed == 0 else 1
 
@@ -270,7 +270,7 @@ def to_markdown(data: dict) -> str:
              f"gamma {args['gamma']}, {args['draft_tokens']} draft tokens. Up to {size['num_requests']} requests per "
              f"rate, none sent after {size['duration']:.0f} s; prompts {size['prompt'][0]}..{size['prompt'][1]} tokens, "
              f"outputs {size['output'][0]}..{size['output'][1]} tokens (greedy, ignore_eos), streamed. Times in ms.",
-             "", common.markdown_table([r for r in data["rows"] if "error" not in r], COLUMNS, digits=1)]
+             "", report.markdown_table([r for r in data["rows"] if "error" not in r], COLUMNS, digits=1)]
     errors = [r for r in data["rows"] if "error" in r or r.get("errors")]
     for r in errors:
         lines.append(f"\n{r['server']}: {r.get('error') or '; '.join(r['errors'])}")

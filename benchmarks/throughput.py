@@ -27,7 +27,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import hardware, pairs, report, timing, workload  # noqa: E402
 
 SUITE = "throughput"
 SIZES = {
@@ -41,10 +41,10 @@ SIZES = {
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="offline throughput: engine vs transformers batched generate",
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    common.common_args(ap)
+    report.common_args(ap)
     ap.add_argument("--counts", default=None, help="concurrent requests, e.g. 1,16,64,256")
     ap.add_argument("--gamma", default="auto", help="a number, or auto: ~--target-nudged of the tokens nudged")
-    ap.add_argument("--target-nudged", type=float, default=common.PAPER_NUDGED_FRACTION)
+    ap.add_argument("--target-nudged", type=float, default=pairs.PAPER_NUDGED_FRACTION)
     ap.add_argument("--agreement", type=float, default=None)
     ap.add_argument("--ks", default=None, help="draft tokens for the nudging rows, e.g. 0,4")
     ap.add_argument("--kv-cache-bytes", type=float, default=None, help="per engine (default 256 MiB CPU, 30 GiB GPU)")
@@ -57,7 +57,7 @@ def request_mix(tokenizer, n: int, prompt_range, output_range, seed: int):
     rng = random.Random(seed * 1000 + n)
     lengths = [rng.randint(*prompt_range) for _ in range(n)]
     outputs = [rng.randint(*output_range) for _ in range(n)]
-    return common.make_prompts(tokenizer, lengths, seed=seed + n), outputs
+    return workload.make_prompts(tokenizer, lengths, seed=seed + n), outputs
 
 
 def run_engine(eng, prompts, outputs, nudge, device) -> dict:
@@ -66,10 +66,10 @@ def run_engine(eng, prompts, outputs, nudge, device) -> dict:
     # Warm-up: a few of the same requests, short (kernels compiled, pools touched).
     w = min(len(prompts), 8)
     eng.generate(prompts[:w], [SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)] * w, nudge)
-    common.sync(device)
+    hardware.sync(device)
     t0 = time.perf_counter()
     outs = eng.generate(prompts, params, nudge)
-    common.sync(device)
+    hardware.sync(device)
     wall = time.perf_counter() - t0
     tokens = sum(len(o.token_ids) for o in outs)
     assert tokens == sum(outputs), "ignore_eos: every request must give its requested length"
@@ -84,7 +84,7 @@ def run_engine(eng, prompts, outputs, nudge, device) -> dict:
 
 
 def run_hf(model, prompts, outputs, device, pad_id: int) -> dict:
-    cfg = common.hf_no_eos(model)
+    cfg = workload.hf_no_eos(model)
     cfg.pad_token_id = pad_id
 
     def batch(ps, os_):
@@ -104,16 +104,16 @@ def run_hf(model, prompts, outputs, device, pad_id: int) -> dict:
     while True:
         size = -(-len(prompts) // chunks)
         try:
-            common.sync(device)
+            hardware.sync(device)
             t0 = time.perf_counter()
             generated = 0
             for s in range(0, len(prompts), size):
                 generated += batch(prompts[s:s + size], outputs[s:s + size])
-            common.sync(device)
+            hardware.sync(device)
             wall = time.perf_counter() - t0
             break
         except torch.OutOfMemoryError:
-            common.free_memory(device)
+            hardware.free_memory(device)
             if size == 1:
                 raise
             chunks *= 2
@@ -127,22 +127,22 @@ def main(argv=None) -> int:
     from nudge_engine.engine.sampling_params import NudgeParams
 
     args = parse_args(argv)
-    device, dtype, models = common.resolve_common(args)
+    device, dtype, models = report.resolve_common(args)
     kind = "tiny" if models == "tiny" else "real"
     size = dict(SIZES[(kind, args.quick)])
     if args.counts:
         size["counts"] = tuple(int(c) for c in args.counts.split(","))
     if args.ks:
         size["ks"] = tuple(int(k) for k in args.ks.split(","))
-    agreement = args.agreement if args.agreement is not None else common.DEFAULT_AGREEMENT[kind]
+    agreement = args.agreement if args.agreement is not None else workload.DEFAULT_AGREEMENT[kind]
     torch_dtype = getattr(torch, dtype)
-    log = common.Log(args.time_budget)
-    env = common.environment(device)
+    log = timing.Log(args.time_budget)
+    env = hardware.environment(device)
     log(f"throughput suite on {env['device']}, models {models}, dtype {dtype}, commit {env['commit']}")
-    common.quiet_transformers()
-    pair = common.make_pair(models, agreement, device, dtype, shrink=args.shrink, seed=args.seed,
+    workload.quiet_transformers()
+    pair = pairs.make_pair(models, agreement, device, dtype, shrink=args.shrink, seed=args.seed,
                             work_dir=Path(args.work_dir) if args.work_dir else None, log=log)
-    copy_gbps = common.copy_bandwidth_gbps(device) if device.type == "cuda" else float("nan")
+    copy_gbps = hardware.copy_bandwidth_gbps(device) if device.type == "cuda" else float("nan")
     if copy_gbps == copy_gbps:
         log(f"device-to-device copy bandwidth: {copy_gbps:.0f} GB/s")
     kv = int(args.kv_cache_bytes) if args.kv_cache_bytes else (30 << 30 if device.type == "cuda" else 256 << 20)
@@ -186,8 +186,8 @@ def main(argv=None) -> int:
     mixes = {n: request_mix(tok, n, size["prompt"], size["output"], args.seed) for n in size["counts"]}
     calibration = []
     if args.gamma == "auto":
-        cal_prompts = common.make_prompts(tok, [size["prompt"][1]] * 2, seed=args.seed)
-        gamma, calibration = common.calibrate_gamma(eng, cal_prompts, size["output"][1], args.target_nudged, iters=6)
+        cal_prompts = workload.make_prompts(tok, [size["prompt"][1]] * 2, seed=args.seed)
+        gamma, calibration = workload.calibrate_gamma(eng, cal_prompts, size["output"][1], args.target_nudged, iters=6)
         log(f"gamma {gamma} nudges ~{dict(calibration)[gamma]:.1%} on the calibration prompts")
     else:
         gamma = float(args.gamma)
@@ -199,15 +199,15 @@ def main(argv=None) -> int:
                 nudge = NudgeParams(gamma=gamma, draft_tokens=k, adaptive_drafting=adaptive)
                 add(name, n, run_engine(eng, *mixes[n], nudge, device), gamma=gamma, k=k)
     del eng
-    common.free_memory(device)
+    hardware.free_memory(device)
     eng = engine(None)
     for n in size["counts"]:
         if fits("engine, base alone", n):
             add("engine, base alone", n, run_engine(eng, *mixes[n], None, device))
     del eng
-    common.free_memory(device)
+    hardware.free_memory(device)
     if not args.no_hf:
-        model = common.load_hf(pair.base, device, torch_dtype)
+        model = workload.load_hf(pair.base, device, torch_dtype)
         pad = json.loads((pair.base / "config.json").read_text()).get("pad_token_id") or 0
         hf_name = "transformers generate, base alone"
         for n in size["counts"]:
@@ -219,13 +219,13 @@ def main(argv=None) -> int:
                 rows.append(dict(engine="transformers generate, base alone", concurrency=n, error=repr(e)[:200]))
                 log(f"transformers N={n}: {e!r}")
         del model
-        common.free_memory(device)
+        hardware.free_memory(device)
 
     # ratios vs transformers and vs base alone at the same N; GPU limit upper bound
     base_cfg = json.loads((pair.base / "config.json").read_text())
-    w_read = common.weight_bytes(pair.base) - base_cfg["vocab_size"] * base_cfg["hidden_size"] * torch.empty(
+    w_read = pairs.weight_bytes(pair.base) - base_cfg["vocab_size"] * base_cfg["hidden_size"] * torch.empty(
         (), dtype=torch_dtype).element_size()
-    kvb = common.kv_bytes_per_token(pair.base, torch_dtype)
+    kvb = pairs.kv_bytes_per_token(pair.base, torch_dtype)
     mean_ctx = sum(size["prompt"]) / 2 + sum(size["output"]) / 4
     for r in rows:
         if "tok_s" not in r:
@@ -247,14 +247,14 @@ def main(argv=None) -> int:
     md = to_markdown(data)
     print()
     print(md)
-    json_path, md_path = common.write_results(args.out, device, SUITE, models if args.shrink == 1 else pair.name,
+    json_path, md_path = report.write_results(args.out, device, SUITE, models if args.shrink == 1 else pair.name,
                                               data, md)
     print(f"\nwrote {json_path} and {md_path}")
     if not args.no_plot:
         from benchmarks import plot
         print(f"wrote {plot.plot_throughput(data, json_path.with_suffix('.png'))}")
     if args.work_dir is None:
-        common.remove_pair(pair)
+        pairs.remove_pair(pair)
     log("done")
     return 0
 
@@ -286,7 +286,7 @@ def to_markdown(data: dict) -> str:
                                           "calibration prompts)" if cal else "") + ".",
              "transformers decodes every row of a batch to the batch's longest output; only requested tokens count.",
              ""]
-    lines.append(common.markdown_table(rows, cols))
+    lines.append(report.markdown_table(rows, cols))
     if gpu:
         lines += ["", f"Copy bandwidth {data['copy_gbps']:.0f} GB/s (device to device, read + write, this run). "
                       "Limit = requests x bandwidth / (base weights + requests x KV at the mean context) per step."]

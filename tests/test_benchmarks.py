@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import common
+from benchmarks import pairs, workload
 from benchmarks.notebook_nudging import NotebookNudging
 from nudge_engine.engine import NudgeEngine
 from nudge_engine.engine.sampling_params import NudgeParams, SamplingParams
@@ -30,7 +30,7 @@ def pair_and_prompts(tiny_pair):
     base, nudger = tiny_pair("llama", "llama", "bytelevel", agreement=0.6)
     engine = NudgeEngine(base, nudger)
     notebook = NotebookNudging.from_folders(base, nudger)
-    prompts = common.make_prompts(engine.tokenizer, [5, 17, 30], seed=3)
+    prompts = workload.make_prompts(engine.tokenizer, [5, 17, 30], seed=3)
     return engine, notebook, prompts
 
 
@@ -69,12 +69,12 @@ def test_latency_tiny_quick_writes_results(tmp_path):
 
 def test_agreement_knob_in_place_equals_written(tmp_path):
     """Rescaling the loaded engine's residual branches gives the engine of a pair written at that agreement."""
-    written = common.tiny_pair(tmp_path / "w", 0.6)
-    moved = common.tiny_pair(tmp_path / "m", 0.9)
+    written = pairs.tiny_pair(tmp_path / "w", 0.6)
+    moved = pairs.tiny_pair(tmp_path / "m", 0.9)
     engine = NudgeEngine(moved.base, moved.nudger)
-    common.AgreementKnob(moved.family, moved.agreement, common.engine_modules(engine)).set(0.6)
+    pairs.AgreementKnob(moved.family, moved.agreement, pairs.engine_modules(engine)).set(0.6)
     ref = NudgeEngine(written.base, written.nudger)
-    prompts = common.make_prompts(engine.tokenizer, [9, 21], seed=5)
+    prompts = workload.make_prompts(engine.tokenizer, [9, 21], seed=5)
     params = SamplingParams(max_tokens=16, temperature=0)
     for nudge in (NudgeParams(gamma=0.0), NudgeParams(gamma=0.4, draft_tokens=4)):
         got = engine.generate(prompts, params, nudge)
@@ -86,13 +86,13 @@ def test_agreement_knob_in_place_equals_written(tmp_path):
 @pytest.mark.parametrize("name", ["olmo2-7b", "llama3-8b"])
 def test_real_shape_pair_shares_a_bigram_and_the_knob_moves_agreement(tmp_path, name):
     """Widths divided by 64 (layers and vocabulary as real): base and nudger differ in width."""
-    pair = common.real_shape_pair(name, 0.0, torch.device("cpu"), "float32", shrink=64, out_dir=tmp_path,
+    pair = pairs.real_shape_pair(name, 0.0, torch.device("cpu"), "float32", shrink=64, out_dir=tmp_path,
                                   log=lambda _: None)
     cfg = [json.loads((f / "config.json").read_text()) for f in (pair.base, pair.nudger)]
     assert cfg[0]["hidden_size"] == 2 * cfg[1]["hidden_size"] and cfg[0]["num_hidden_layers"] == 32
     from transformers import AutoModelForCausalLM
     models = [AutoModelForCausalLM.from_pretrained(str(f), dtype=torch.float32).eval() for f in (pair.base, pair.nudger)]
-    knob = common.AgreementKnob(pair.family, 0.0, models)
+    knob = pairs.AgreementKnob(pair.family, 0.0, models)
     ids = torch.tensor([list(range(8, 128))])
     agree = {}
     for a in (1.0 - 1e-9, 0.98, 0.9, 0.5):
@@ -101,10 +101,10 @@ def test_real_shape_pair_shares_a_bigram_and_the_knob_moves_agreement(tmp_path, 
             lb, ln = (m(ids).logits[0] for m in models)
         agree[a] = (lb.argmax(-1) == ln.argmax(-1)).float().mean().item()
         if a > 0.999:
-            torch.testing.assert_close(lb[:, :common.TOKENIZER_SIZE], ln[:, :common.TOKENIZER_SIZE],
+            torch.testing.assert_close(lb[:, :pairs.TOKENIZER_SIZE], ln[:, :pairs.TOKENIZER_SIZE],
                                        atol=2e-3, rtol=1e-3)
         # padded ids (past the 512-token tokenizer) hold no probability and never win
-        assert lb.softmax(-1)[:, common.TOKENIZER_SIZE:].sum(-1).max() < 1e-3
+        assert lb.softmax(-1)[:, pairs.TOKENIZER_SIZE:].sum(-1).max() < 1e-3
     assert agree[1.0 - 1e-9] == 1.0
     assert agree[1.0 - 1e-9] > agree[0.98] > agree[0.9] >= agree[0.5]
     assert agree[0.98] > 0.5 and agree[0.5] < 0.2
