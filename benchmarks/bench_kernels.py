@@ -47,7 +47,8 @@ except ImportError:
 from nudge_engine.pairing.handoff_torch import NO_TOKEN, handoff_step_torch, top1_stats_torch  # noqa: E402
 from nudge_engine.kernels.handoff_step import handoff_step  # noqa: E402
 from nudge_engine.kernels.handoff_walk import handoff_walk  # noqa: E402
-from nudge_engine.kernels.paged_attention import decode_num_splits, paged_attention  # noqa: E402
+from nudge_engine.kernels.attention_tiles import decode_num_splits  # noqa: E402
+from nudge_engine.kernels.paged_attention import paged_attention  # noqa: E402
 from nudge_engine.kernels.store_kv import store_kv  # noqa: E402
 from nudge_engine.kernels.top1_stats import top1_stats  # noqa: E402
 from nudge_engine.layers.attention_metadata import NO_BLOCK, AttentionMetadata  # noqa: E402

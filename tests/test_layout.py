@@ -85,7 +85,7 @@ def test_each_folder_imports_only_what_its_docstring_allows():
 
 
 MAX_LINES = 450
-OVER_BUDGET = {"kernels/paged_attention.py"}   # 461 lines: not split yet (its host-side tile choice could go)
+OVER_BUDGET: set[str] = set()   # modules allowed over MAX_LINES (none)
 
 
 def test_no_module_over_450_lines():
