@@ -1,0 +1,94 @@
+"""Tensor parallelism on the CPU over gloo (nudge_engine/distributed/, layers/parallel.py).
+
+The reference is one process: the same checkpoint loaded whole. Spawning is the slow part, so one
+group of 2 and one of 4 processes each run every family, and one engine serves several scenarios.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nudge_engine import NudgeEngine
+from nudge_engine.engine.sampling_params import SamplingParams
+from nudge_engine.layers.parallel import SINGLE, TensorParallel
+from nudge_engine.model.loader import load_causal_lm
+from nudge_engine.model.model_runner import ModelRunner, StepInputs
+from nudge_engine.distributed.group import free_tcp_address
+from nudge_engine.distributed.launch import WorkerDiedError
+from nudge_engine.distributed.shard import shard_config
+
+# family -> (KV heads, vocab size): fewer KV heads than 4 ranks replicates them; 517 rows pad the vocabulary.
+FAMILY_SHAPES = {"llama": (2, 517), "llama3": (2, None), "qwen2": (1, None), "gemma2": (2, 517),
+                 "olmo": (4, None), "olmo2": (4, 519)}
+BLOCK_SIZE = 4
+PROMPTS = ([5, 9, 14, 3, 8, 21, 7, 2, 11, 30], [40, 6, 17, 99, 3, 12, 8])   # two sequences, several blocks
+DEAD_ENGINE_TIMEOUT_S = 30.0
+
+
+def _passes(vocab: int):
+    """A prefill of both prompts, then one decode token each: the second pass reads the paged cache."""
+    lens = [len(p) for p in PROMPTS]
+    blocks = [list(range(0, 3)), list(range(3, 6))]
+    tables = torch.tensor(blocks, dtype=torch.int32)
+    slots = [b[i // BLOCK_SIZE] * BLOCK_SIZE + i % BLOCK_SIZE for b, n in zip(blocks, lens) for i in range(n)]
+    prefill = StepInputs(torch.tensor([t for p in PROMPTS for t in p]), torch.tensor([i for n in lens for i in range(n)]),
+                         torch.tensor(slots), tables, torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32),
+                         torch.tensor(lens, dtype=torch.int32), max(lens), max(lens))
+    new = [vocab - 1, 1]   # the last row of the vocabulary lives on the last rank
+    dslots = [b[n // BLOCK_SIZE] * BLOCK_SIZE + n % BLOCK_SIZE for b, n in zip(blocks, lens)]
+    decode = StepInputs(torch.tensor(new), torch.tensor(lens), torch.tensor(dslots), tables,
+                        torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([n + 1 for n in lens], dtype=torch.int32),
+                        1, max(lens) + 1)
+    return [(prefill, torch.arange(sum(lens))), (decode, torch.arange(2))]
+
+
+def _logits(folder, tp) -> list[torch.Tensor]:
+    model, config = load_causal_lm(folder, "cpu", torch.float32, progress=False, tp=tp)
+    runner = ModelRunner(model, shard_config(model, config), torch.device("cpu"), torch.float32, 8, BLOCK_SIZE, "torch")
+    return [runner.forward(step, rows) for step, rows in _passes(config.vocab_size)]
+
+
+def _rank_main(rank: int, size: int, init_method: str, folders: dict, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, world_size=size, rank=rank, timeout=timedelta(seconds=60))
+    try:
+        tp = TensorParallel(rank, size, dist.group.WORLD)
+        results = {}
+        for family, folder in folders.items():
+            try:
+                results[family] = _logits(folder, tp)
+            except ValueError as e:   # a shape this size cannot split: the error must name it
+                results[family] = str(e)
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def family_folders(tiny_model):
+    return {f: tiny_model(f, num_kv_heads=kv, **({"vocab_size": v} if v else {})) for f, (kv, v) in FAMILY_SHAPES.items()}
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_sharded_logits_match_one_process_for_every_family(size, family_folders, tmp_path):
+    out = str(tmp_path / "logits.pt")
+    mp.spawn(_rank_main, args=(size, free_tcp_address(), family_folders, out), nprocs=size, join=True)
+    got = torch.load(out)
+    for family, folder in family_folders.items():
+        want = _logits(folder, SINGLE)
+        kv_heads = FAMILY_SHAPES[family][0]
+        if family == "olmo2" and kv_heads < size:
+            assert "KV heads" in got[family]
+            continue
+        assert not isinstance(got[family], str), (family, got[family])
+        for g, w in zip(got[family], want):
+            assert g.shape == w.shape, family
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=f"{family} at tensor parallel {size}")
