@@ -92,3 +92,70 @@ def test_sharded_logits_match_one_process_for_every_family(size, family_folders,
         for g, w in zip(got[family], want):
             assert g.shape == w.shape, family
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=f"{family} at tensor parallel {size}")
+
+
+def _run_with_abort(engine, prompts, params) -> list:
+    """Adds every prompt, aborts the second after two steps, runs the rest to the end."""
+    ids = [engine.add_request(p, params) for p in prompts]
+    reqs = [engine.requests[i] for i in ids]
+    for step in range(1000):
+        if step == 2:
+            engine.abort(ids[1])
+        engine.step()
+        if not engine.has_unfinished():
+            break
+    outs = [r.result() for r in reqs]
+    assert outs[1].finish_reason == "abort" and all(o.finish_reason == "length" for o in outs[2:])
+    return [(o.token_ids, o.sources, o.finish_reason) for o in outs]
+
+
+@pytest.mark.parametrize("placement", ["rank0", "tensor"])
+def test_nudged_generation_matches_one_process_with_preemption_and_aborts(placement, tiny_pair, check_pools):
+    base, nudger = tiny_pair("llama", "llama", agreement=0.5)
+    kw = dict(num_blocks=10, max_num_batched_tokens=48, attention_backend="torch")
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    prompts = [[3 + i, 17, 40 + 2 * i, 9, 11 + i, 5] * (1 + i % 3) for i in range(6)]
+    single = NudgeEngine(base, nudger, **kw)
+    check_pools(single)
+    want = single.generate(prompts, params)
+    want_aborted = _run_with_abort(single, prompts, params)
+    sharded = NudgeEngine(base, nudger, tensor_parallel_size=2, nudger_placement=placement, **kw)
+    procs = list(sharded._tp.procs)
+    try:
+        check_pools(sharded)
+        got = sharded.generate(prompts, params)
+        assert single.stats.preemptions > 0 and sharded.stats.preemptions > 0
+        assert [(o.token_ids, o.sources) for o in got] == [(o.token_ids, o.sources) for o in want]
+        assert any(s == "nudger" for o in got for s in o.sources) and any(s == "base" for o in got for s in o.sources)
+        assert _run_with_abort(sharded, prompts, params) == want_aborted
+    finally:
+        sharded.close()
+    assert procs and not any(p.is_alive() for p in procs)
+
+
+def test_a_worker_killed_mid_step_ends_the_engine_and_leaves_no_process(tiny_model, monkeypatch):
+    monkeypatch.setenv("NUDGE_TP_TIMEOUT_S", str(DEAD_ENGINE_TIMEOUT_S))
+    engine = NudgeEngine(tiny_model("llama"), tensor_parallel_size=2, num_blocks=16, attention_backend="torch")
+    (worker,) = engine._tp.procs
+    try:
+        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+        assert len(engine.generate([[5, 6, 7]], params)[0].token_ids) == 8   # the group works before the kill
+        runner = engine.base.runner
+        inner_forward = runner.inner.forward
+
+        def killed_after_broadcast(step, rows):   # the worker got this pass's inputs, then dies
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.join(DEAD_ENGINE_TIMEOUT_S)
+            return inner_forward(step, rows)
+
+        runner.inner.forward = killed_after_broadcast
+        engine.add_request([1, 2, 3], params)
+        started = time.monotonic()
+        with pytest.raises(WorkerDiedError):
+            engine.step()
+        assert time.monotonic() - started < DEAD_ENGINE_TIMEOUT_S + 5
+        with pytest.raises(WorkerDiedError, match="died"):   # the next pass fails at once, before any collective
+            engine.step()
+    finally:
+        engine.close()
+    assert not worker.is_alive() and worker.exitcode == -signal.SIGKILL

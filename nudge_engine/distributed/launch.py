@@ -69,10 +69,10 @@ class TensorParallelGroup:
 
     def check_workers(self) -> None:
         dead = [f"rank {r} (exit code {p.exitcode})" for r, p in enumerate(self.procs, 1) if not p.is_alive()]
-        if dead and self.broken is None:
-            self.broken = "worker " + ", ".join(dead) + " died"
-        if self.broken is not None:
-            raise WorkerDiedError(f"tensor-parallel {self.broken}; the engine must be restarted")
+        if dead or self.broken is not None:   # a dead worker is the plainest account of a failed collective
+            what = "worker " + ", ".join(dead) + " died" if dead else self.broken
+            self.broken = self.broken or what
+            raise WorkerDiedError(f"tensor-parallel {what}; the engine must be restarted")
 
     def close(self) -> None:
         """Stops the workers (a stop message, then terminate, then kill) and leaves the group. Idempotent."""
