@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from datetime import timedelta
 
@@ -159,3 +161,23 @@ def test_a_worker_killed_mid_step_ends_the_engine_and_leaves_no_process(tiny_mod
     finally:
         engine.close()
     assert not worker.is_alive() and worker.exitcode == -signal.SIGKILL
+
+
+def _cli(*args: str, launcher: tuple[str, ...] = ()) -> str:
+    cmd = [sys.executable, *launcher, "-m", "nudge_engine", "generate", *args, "--color", "never"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "NUDGE_TP_TIMEOUT_S": "60"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_cli_generate_with_tensor_parallel_spawned_and_under_torchrun(tiny_pair):
+    base, nudger = tiny_pair("llama", "llama", agreement=0.5)
+    args = ("--base", str(base), "--nudger", str(nudger), "--prompt", "hello there", "--max-tokens", "12",
+            "--num-blocks", "32")
+    want = _cli(*args).splitlines()[0]     # the marked text: which words the nudger wrote, too
+    assert _cli(*args, "--tensor-parallel-size", "2").splitlines()[0] == want
+    torchrun = ("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_tcp_address().rsplit(":", 1)[1])
+    got = _cli(*args, "--tensor-parallel-size", "2", launcher=torchrun)
+    assert got.splitlines().count(want) == 1   # one engine (rank 0); rank 1 ran the worker loop
+    assert "[[" in want   # the nudger wrote some of it: the sources are compared too
