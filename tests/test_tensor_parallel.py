@@ -206,3 +206,14 @@ def test_cli_generate_with_tensor_parallel_under_torchrun(tiny_pair):
     got = _cli(*args, "--tensor-parallel-size", "2", launcher=torchrun)
     assert got.splitlines().count(want) == 1   # one engine (rank 0); rank 1 ran the worker loop
     assert "[[" in want   # the nudger wrote some of it: the sources are compared too
+
+
+def test_sizes_that_do_not_divide_the_model_are_refused_before_any_process_starts(tiny_model):
+    folder = tiny_model("llama")   # 4 heads, 2 KV heads, intermediate 128
+    with pytest.raises(ValueError, match="does not divide its attention heads"):
+        NudgeEngine(folder, tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="at least 1"):
+        NudgeEngine(folder, tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="nudger_placement"):
+        NudgeEngine(folder, tensor_parallel_size=2, nudger_placement="everywhere")
+    assert not mp.active_children()

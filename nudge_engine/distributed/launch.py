@@ -16,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 from .. import _core
+from ..model.config import load_config
 from ..model.model_pair import LoadedModel
 from ..model.model_runner import ModelRunner, StepInputs
 from ..model.tokenizer import Tokenizer
@@ -96,9 +97,29 @@ class TensorParallelGroup:
         destroy_group()
 
 
-def start(spec: LaunchSpec) -> TensorParallelGroup:
+def check_spec(spec: LaunchSpec) -> None:
+    """The errors every rank would hit, as one ValueError before any process starts."""
+    if spec.tp_size < 1:
+        raise ValueError(f"tensor_parallel_size must be at least 1, got {spec.tp_size}")
     if spec.nudger_placement not in NUDGER_PLACEMENTS:
         raise ValueError(f"nudger_placement {spec.nudger_placement!r} is not one of {NUDGER_PLACEMENTS}")
+    device = torch.device(spec.device)
+    if device.type == "cuda" and (device.index or 0) + spec.tp_size > torch.cuda.device_count():
+        raise ValueError(f"tensor_parallel_size {spec.tp_size} from {device} needs that many GPUs; "
+                         f"this machine has {torch.cuda.device_count()}")
+    for path in spec.tp_models:
+        config = load_config(path)
+        for what, total in (("attention heads", config.num_heads), ("MLP intermediate size", config.intermediate_size)):
+            if total % spec.tp_size:
+                raise ValueError(f"{path}: tensor_parallel_size {spec.tp_size} does not divide its {what} ({total})")
+        kv = config.num_kv_heads
+        if kv % spec.tp_size and spec.tp_size % kv:
+            raise ValueError(f"{path}: tensor_parallel_size {spec.tp_size} neither divides nor is a multiple of "
+                             f"its {kv} KV heads")
+
+
+def start(spec: LaunchSpec) -> TensorParallelGroup:
+    check_spec(spec)
     procs = []
     if under_torchrun(spec.tp_size):
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))

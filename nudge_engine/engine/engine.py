@@ -71,7 +71,7 @@ class NudgeEngine:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.paths = [Path(base)] + ([Path(nudger)] if nudger is not None else [])
         self._tp = None
-        if tensor_parallel_size > 1:
+        if tensor_parallel_size != 1:
             self._tp = _start_tensor_parallel(tensor_parallel_size, nudger_placement, self.paths, device, dtype,
                                               attention_backend, block_size, kv_cache_bytes, num_blocks,
                                               max_num_batched_tokens)
