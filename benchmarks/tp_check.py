@@ -2,16 +2,22 @@
 
 Greedy nudged generation on tiny pairs (float32, heads that divide N) must give the same tokens and
 sources with the base sharded over N ranks as in one process, for the nudger on rank 0 and sharded;
-afterwards no worker process may be left.  python benchmarks/tp_check.py --size 2 [--device cpu]
+afterwards no worker process may be left. With --size 2 or more, a worker killed in the middle of
+a pass must end the engine with WorkerDiedError within the collective time-out, leaving no process.
+python benchmarks/tp_check.py --size 2 [--device cpu]
 """
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import tempfile
+import time
 
 import torch
 
+from nudge_engine.distributed.launch import WorkerDiedError
 from nudge_engine.engine import NudgeEngine
 from nudge_engine.engine.sampling_params import SamplingParams
 from nudge_engine.testing import make_tiny_pair
@@ -32,6 +38,32 @@ def generate(base, nudger, device: str, size: int, placement: str) -> list:
     if any(p.is_alive() for p in procs):
         raise RuntimeError("a tensor-parallel worker outlived engine.close()")
     return [(o.token_ids, o.sources) for o in outs]
+
+
+def kill_check(base, device: str, size: int) -> bool:
+    """A worker killed after it got a pass's inputs: the pass raises, the engine closes, nothing is left."""
+    os.environ.setdefault("NUDGE_TP_TIMEOUT_S", "60")
+    engine = NudgeEngine(base, device=device, kv_cache_bytes=KV_CACHE_BYTES, tensor_parallel_size=size)
+    procs, runner = list(engine._tp.procs), engine.base.runner
+    inner = runner.inner.forward
+
+    def killed(step, rows):
+        os.kill(procs[-1].pid, signal.SIGKILL)
+        procs[-1].join(30)
+        return inner(step, rows)
+
+    runner.inner.forward = killed
+    t0, raised = time.perf_counter(), False
+    try:
+        engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    except WorkerDiedError:
+        raised = True
+    finally:
+        engine.close()
+    left = [p.pid for p in procs if p.is_alive()]
+    print(f"worker killed mid-pass on {device}: {'WorkerDiedError' if raised else 'NO ERROR'} after "
+          f"{time.perf_counter() - t0:.1f} s, processes left: {left or 'none'}")
+    return raised and not left
 
 
 def main() -> int:
@@ -55,6 +87,8 @@ def main() -> int:
                 nudged = sum(s == "nudger" for _, sources in got for s in sources)
                 print(f"{family:7s} tensor parallel {args.size} ({placement:6s}) vs 1 on {args.device}: "
                       f"{'same' if ok else 'DIFFERENT'} tokens and sources ({nudged} nudged tokens)")
+        if args.size > 1:
+            failures += not kill_check(base, args.device, args.size)
     return 1 if failures else 0
 
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import atexit
 import os
+import threading
+import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .. import _core
@@ -27,6 +30,7 @@ from .shard import load_rank_models
 from .worker import run_worker, spawn_main
 
 JOIN_TIMEOUT_S = 10.0     # a worker told to stop has this long to exit before it is terminated, then killed
+WATCH_INTERVAL_S = 0.5    # how often the CUDA monitor looks at the workers
 
 
 class WorkerDiedError(RuntimeError):
@@ -67,6 +71,24 @@ class TensorParallelGroup:
         self.broken: str | None = None
         self.models: list[LoadedModel] = []
         self._closed = False
+        if procs and device.type == "cuda":
+            # gloo fails a collective as soon as a peer's connection closes; NCCL would wait for its
+            # watchdog (and then end this process), so a dead worker aborts the group from here.
+            threading.Thread(target=self._watch, daemon=True, name="nudge-tp-monitor").start()
+
+    def _watch(self) -> None:
+        while not self._closed:
+            dead = [r for r, p in enumerate(self.procs, 1) if not p.is_alive()]
+            if dead and not self._closed:
+                self.broken = self.broken or f"worker rank {dead[0]} died"
+                abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+                try:
+                    if abort is not None:
+                        abort()   # the pass blocked in a collective raises instead of hanging
+                except Exception:  # noqa: BLE001
+                    pass
+                return
+            time.sleep(WATCH_INTERVAL_S)
 
     def check_workers(self) -> None:
         dead = [f"rank {r} (exit code {p.exitcode})" for r, p in enumerate(self.procs, 1) if not p.is_alive()]
