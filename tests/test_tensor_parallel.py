@@ -6,12 +6,14 @@ group of 2 and one of 4 processes each run every family, and one engine serves s
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import signal
 import subprocess
 import sys
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,8 +83,14 @@ def _rank_main(rank: int, size: int, init_method: str, folders: dict, backend: s
 
 
 @pytest.fixture(scope="module")
-def family_folders(tiny_model):
-    return {f: tiny_model(f, num_kv_heads=kv, **({"vocab_size": v} if v else {})) for f, (kv, v) in FAMILY_SHAPES.items()}
+def family_folders(tiny_model, tmp_path_factory):
+    """Every family's folder, and Llama as a GGUF file (the loader slices the dequantized tensors)."""
+    folders = {f: tiny_model(f, num_kv_heads=kv, **({"vocab_size": v} if v else {})) for f, (kv, v) in FAMILY_SHAPES.items()}
+    if importlib.util.find_spec("gguf") is not None:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from gguf_convert import write_gguf
+        folders["llama-gguf"] = write_gguf(folders["llama"], tmp_path_factory.mktemp("tp-gguf") / "llama.gguf", None, "gpt2")
+    return folders
 
 
 TRITON_FAMILIES = ("qwen2", "olmo2")   # one replicated KV head; split KV heads with the sharded QK-norm
@@ -98,8 +106,7 @@ def test_sharded_logits_match_one_process_for_every_family(size, backend, family
     got = torch.load(out)
     for family, folder in family_folders.items():
         want = _logits(folder, SINGLE, backend)
-        kv_heads = FAMILY_SHAPES[family][0]
-        if family == "olmo2" and kv_heads < size:
+        if family == "olmo2" and FAMILY_SHAPES[family][0] < size:
             assert "KV heads" in got[family]
             continue
         assert not isinstance(got[family], str), (family, got[family])
