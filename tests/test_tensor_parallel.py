@@ -143,6 +143,8 @@ def test_nudged_generation_matches_one_process_with_preemption_and_aborts(placem
     sharded = NudgeEngine(base, nudger, tensor_parallel_size=2, nudger_placement=placement, **kw)
     procs = list(sharded._tp.procs)
     try:
+        with pytest.raises(ValueError, match="already running"):   # one group per process
+            NudgeEngine(base, nudger, tensor_parallel_size=2, **kw)
         check_pools(sharded)
         got = sharded.generate(prompts, params)
         assert single.stats.preemptions > 0 and sharded.stats.preemptions > 0

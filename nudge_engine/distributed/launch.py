@@ -154,6 +154,9 @@ def start(spec: LaunchSpec) -> TensorParallelGroup:
                 destroy_group()
             raise SystemExit(0)
     else:
+        if dist.is_initialized():   # the default group is per process
+            raise ValueError("a tensor-parallel engine (or another torch.distributed group) is already running in "
+                             "this process: close() it first")
         init_method = free_tcp_address()
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=spawn_main, args=(r, spec, init_method, os.getpid()), daemon=True,
@@ -170,18 +173,17 @@ def start(spec: LaunchSpec) -> TensorParallelGroup:
     atexit.register(group.close)
     try:
         runners = load_rank_models(spec, tp, device)
+        paths = [spec.base] + ([spec.nudger] if spec.nudger is not None else [])
+        for index, path in enumerate(paths):
+            runner = runners[index]
+            if index < len(spec.tp_models):
+                runner = BroadcastingRunner(runner, index, group)
+            group.models.append(LoadedModel(Path(path), runner, Tokenizer(Path(path)),
+                                            _core.BlockPool(runner.num_blocks, runner.block_size)))
     except BaseException:
         group.broken = "loading failed"
         group.close()
         raise
-    paths = [spec.base] + ([spec.nudger] if spec.nudger is not None else [])
-    num_sharded = len(spec.tp_models)
-    for index, path in enumerate(paths):
-        runner = runners[index]
-        if index < num_sharded:
-            runner = BroadcastingRunner(runner, index, group)
-        group.models.append(LoadedModel(Path(path), runner, Tokenizer(Path(path)),
-                                        _core.BlockPool(runner.num_blocks, runner.block_size)))
     return group
 
 
