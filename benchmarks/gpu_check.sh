@@ -4,7 +4,8 @@
 # $OUT/summary.json, which says which stages (and parts) passed.
 #
 #   stage 1 (< 2 min): environment, build, kernel tests on CUDA, Triton backend == torch backend end
-#                      to end, host syncs per engine round (torch.cuda.set_sync_debug_mode)
+#                      to end, host syncs per engine round (torch.cuda.set_sync_debug_mode), tensor
+#                      parallel 1 (and 2 over NCCL on a machine with two GPUs: benchmarks/tp_check.py)
 #   stage 2:           kernel benchmarks against copy bandwidth (bench_kernels.py: attention, handoff,
 #                      top-1; bench_fused.py: the fused per-layer steps beside the torch steps)
 #   stage 3:           latency and throughput suites (OLMo-2-7B + 1B shapes, random weights)
@@ -99,6 +100,12 @@ run_part() {  # run_part NAME TIMEOUT_S CMD...: record the outcome, never stop
     PARTS+=("{\"name\": \"${name//\"/}\", \"status\": \"$status\", \"exit\": $rc, \"seconds\": $(( $(date +%s) - t0 ))}")
 }
 
+skip_part() {  # skip_part NAME REASON: a part this machine cannot run, recorded as skipped
+    section "$1"
+    echo "-- $1 skipped: $2"
+    PARTS+=("{\"name\": \"${1//\"/}\", \"status\": \"skipped\", \"exit\": null, \"seconds\": 0}")
+}
+
 begin_stage() {
     STAGE=$1; PARTS=(); STAGE_FAILED_BEFORE=${#FAILED[@]}; STAGE_T0=$(date +%s)
     LOG="$OUT/stage$STAGE.log"
@@ -160,6 +167,15 @@ if want 1; then
         $(ls tests/test_kernel_*.py)
     run_part "end-to-end: Triton backend == torch backend" 90 $PY benchmarks/e2e_backend_check.py
     run_part "host syncs per engine round" 60 $PY -m benchmarks.sync_report --out "benchmarks/results/${COMMIT}_sync_report.json"
+    # Tensor parallel: size 1 on any GPU; size 2 over NCCL waits for a machine with two GPUs.
+    run_part "tensor parallel 1 on CUDA" 90 $PY benchmarks/tp_check.py --size 1
+    GPUS=0
+    [ -z "$DRY" ] && GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+    if [ "$GPUS" -ge 2 ]; then
+        run_part "tensor parallel 2 (NCCL) == 1" 180 $PY benchmarks/tp_check.py --size 2
+    else
+        skip_part "tensor parallel 2 (NCCL) == 1" "needs 2 GPUs, this machine has $GPUS"
+    fi
     end_stage "environment, build, kernel tests, end-to-end, host syncs"
 fi
 

@@ -56,6 +56,10 @@ def _engine_options(p: argparse.ArgumentParser, nudger_required: bool) -> None:
                    "nudger, giving it replaces the base model's own chat template")
     g.add_argument("--response-prefix", default="", help="appended to the base model's chat prompt, e.g. 'Answer:'")
     g.add_argument("--seed", type=int, default=0, help="engine seed for requests without their own")
+    g.add_argument("--tensor-parallel-size", type=int, default=1, help="shard the base over N processes (one GPU "
+                   "each on CUDA, gloo on the CPU); under torchrun, N is its --nproc-per-node (default: 1)")
+    g.add_argument("--nudger-placement", choices=("rank0", "tensor"), default="rank0",
+                   help="with --tensor-parallel-size: the nudger whole on rank 0 (default) or sharded like the base")
 
 
 def _positive_float(text: str) -> float:
@@ -95,7 +99,8 @@ def _make_engine(args):
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_bytes,
               num_blocks=args.num_blocks,
               base_template=args.base_template, response_prefix=args.response_prefix,
-              seed=args.seed)
+              seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
+              nudger_placement=args.nudger_placement)
     return NudgeEngine(args.base, args.nudger, **kw)
 
 
@@ -166,7 +171,10 @@ def cmd_generate(args) -> int:
                             seed=args.seed_request)
     engine = _make_engine(args)
     t0 = time.perf_counter()
-    out = engine.generate(prompt, params)[0]
+    try:
+        out = engine.generate(prompt, params)[0]
+    finally:
+        engine.close()   # tensor-parallel workers, if any
     seconds = time.perf_counter() - t0
     color = _use_color(args.color)
     print(mark_nudged(engine.tokenizer, out.prompt_token_ids, out.token_ids, out.sources, out.text, color))
@@ -281,7 +289,10 @@ def cmd_serve(args) -> int:
     ae = app.state.async_engine
     server = _draining_server_class()(config, args.drain_timeout, lambda: ae.expire(
         f"the server is shutting down and its drain time-out ({args.drain_timeout} s) ran out; retry elsewhere"))
-    server.run()
+    try:
+        server.run()
+    finally:
+        engine.close()
     return 0
 
 

@@ -7,7 +7,7 @@ seeded draws), draft_policy.py (adaptive draft length), stats.py (EngineStats),
 async_engine.py + async_nudge_engine.py + async_errors.py (AsyncNudgeEngine: the engine on its own
 thread for asyncio callers; the server builds on it).
 
-May import: model/. Only engine.py imports pairing/; pairing/ imports the other modules here, never
+May import: model/, distributed/ (engine.py only, lazily, for tensor_parallel_size > 1). Only engine.py imports pairing/; pairing/ imports the other modules here, never
 engine.py, so the modules form no import circle. `from nudge_engine.engine import NudgeEngine` works
 (names below are imported on first use).
 """

@@ -397,6 +397,9 @@ class AsyncEngine:
             f"the request was aborted, and the server goes on serving new requests"), abort=True)
         for rid in list(self.engine.requests):       # anything the engine still holds
             self.engine.abort(rid)
+        if getattr(exc, "engine_fatal", False):   # e.g. a tensor-parallel worker died: no pass can run again
+            self.dead_reason = f"{type(exc).__name__}: {exc}; restart the server"
+            raise EngineDeadError(self.dead_reason)
         clean = not self.engine.has_unfinished() and self.engine.pools_all_free()
         if not clean:
             self.dead_reason = "the engine could not free its KV pools after a failed step; restart the server"

@@ -59,6 +59,8 @@ class NudgeEngine:
         base_template: str | None = None,      # None: the base model's chat template when alone
         response_prefix: str = "",
         seed: int = 0,
+        tensor_parallel_size: int = 1,          # > 1: the base sharded over that many processes/GPUs
+        nudger_placement: str = "rank0",        # "rank0" (whole, rank 0 only) or "tensor" (see distributed/)
     ):
         self.defaults = NudgeParams(gamma=gamma, draft_tokens=draft_tokens, resume_on_agreement=resume_on_agreement,
                                     adaptive_drafting=adaptive_drafting)
@@ -68,9 +70,16 @@ class NudgeEngine:
         self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.paths = [Path(base)] + ([Path(nudger)] if nudger is not None else [])
-        self.models = load_models(self.paths, self.device, self.dtype, attention_backend=attention_backend,
-                                  block_size=block_size, kv_cache_bytes=kv_cache_bytes, num_blocks=num_blocks,
-                                  max_num_batched_tokens=max_num_batched_tokens)
+        self._tp = None
+        if tensor_parallel_size != 1:
+            self._tp = _start_tensor_parallel(tensor_parallel_size, nudger_placement, self.paths, device, dtype,
+                                              attention_backend, block_size, kv_cache_bytes, num_blocks,
+                                              max_num_batched_tokens)
+            self.models = self._tp.models
+        else:
+            self.models = load_models(self.paths, self.device, self.dtype, attention_backend=attention_backend,
+                                      block_size=block_size, kv_cache_bytes=kv_cache_bytes, num_blocks=num_blocks,
+                                      max_num_batched_tokens=max_num_batched_tokens)
         self.scheduler = _core.Scheduler([m.pool for m in self.models], max_num_seqs, max_num_batched_tokens)
         self.eos_ids = frozenset(itertools.chain.from_iterable(m.config.eos_token_ids for m in self.models))
         self.requests: dict = {}
@@ -106,6 +115,11 @@ class NudgeEngine:
     @property
     def tokenizer(self) -> Tokenizer:
         return self.base.tokenizer
+
+    def close(self) -> None:
+        """Stops the tensor-parallel workers, if any (idempotent; also run at interpreter exit)."""
+        if self._tp is not None:
+            self._tp.close()
 
     def new_id(self) -> int:
         return next(self._ids)
@@ -227,3 +241,14 @@ class NudgeEngine:
             ended.append(req)
         self.failed = {}
         return ended
+
+
+def _start_tensor_parallel(size: int, placement: str, paths: list[Path], device, dtype, attention_backend: str,
+                           block_size: int, kv_cache_bytes, num_blocks, max_num_batched_tokens: int):
+    """Starts the workers (nudge_engine/distributed/) and loads rank 0's shards -> TensorParallelGroup."""
+    from ..distributed.group import LaunchSpec, collective_timeout_s
+    from ..distributed.launch import start
+    spec = LaunchSpec(size, str(paths[0]), str(paths[1]) if len(paths) > 1 else None, placement, str(device),
+                      str(dtype).removeprefix("torch."), attention_backend, block_size, kv_cache_bytes, num_blocks,
+                      max_num_batched_tokens, collective_timeout_s())
+    return start(spec)

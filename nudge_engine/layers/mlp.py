@@ -5,7 +5,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from .forward_context import ForwardContext
-from .linear import FusedLinear, Linear
+from .linear import FusedLinear, Linear, RowParallelLinear
+from .parallel import current
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -21,8 +22,15 @@ class GatedMLP(nn.Module):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"config.json: activation {activation!r} is not supported ({sorted(ACTIVATIONS)})")
-        self.gate_up_proj = FusedLinear(hidden, {"gate": intermediate, "up": intermediate})
-        self.down_proj = Linear(intermediate, hidden)
+        tp = current()
+        if tp.size == 1:
+            self.gate_up_proj = FusedLinear(hidden, {"gate": intermediate, "up": intermediate})
+            self.down_proj = Linear(intermediate, hidden)
+        else:   # column-parallel gate|up, row-parallel down: one all-reduce after the MLP
+            start, local = tp.split(intermediate, "the MLP's intermediate size")
+            slices = {"gate": (start, intermediate), "up": (start, intermediate)}
+            self.gate_up_proj = FusedLinear(hidden, {"gate": local, "up": local}, tp_slices=slices)
+            self.down_proj = RowParallelLinear(intermediate, hidden, tp)
         self.activation = activation
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # x: [num_tokens, hidden]

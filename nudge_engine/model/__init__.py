@@ -6,6 +6,6 @@ model_runner.py (paged-KV forward of a batch), byte_alphabet.py, sizing.py (KV p
 models with their pools), scoring.py (load_model: log-likelihood scoring), tokenizer.py and
 gguf_*.py, real_model.py (the real test model's fetcher), errors.py.
 
-May import: nudge_engine._core, nudge_engine.layers, nudge_engine.kernels. Never engine/, pairing/,
+May import: nudge_engine._core, nudge_engine.layers, nudge_engine.kernels. Never engine/, pairing/, distributed/,
 server/.
 """

@@ -21,6 +21,7 @@ from .config import ModelConfig, load_config
 from .errors import ModelFolderError
 from .gguf_checkpoint import is_gguf
 from .families import CausalLM, build_model
+from ..layers.parallel import SINGLE, TensorParallel, building
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 LFS_POINTER_PREFIX = b"version https://git-lfs"
@@ -128,12 +129,31 @@ def _expected_params(model: CausalLM) -> dict[tuple[str, str | None], tuple[int,
         module = model.get_submodule(name.rpartition(".")[0])
         shards = getattr(param, "expected_shards", None)
         if shards is None:
-            expected[(name, None)] = tuple(param.shape)
+            expected[(name, None)] = _checkpoint_shape(param, None, tuple(param.shape))
             continue
         for shard in shards:
             rows = module.shard_sizes[shard]
-            expected[(name, shard)] = (rows, *param.shape[1:])
+            expected[(name, shard)] = _checkpoint_shape(param, shard, (rows, *param.shape[1:]))
     return expected
+
+
+def _checkpoint_shape(param, shard: str | None, local: tuple[int, ...]) -> tuple[int, ...]:
+    """A tensor-parallel shard's parameter is a slice of the checkpoint's tensor (layers/parallel.py)."""
+    cut = getattr(param, "checkpoint_slices", {}).get(shard)
+    if cut is None:
+        return local
+    dim, _, _, full = cut
+    return (*local[:dim], full, *local[dim + 1:])
+
+
+def _narrowed(param, shard: str | None, tensor):
+    """This rank's slice of a checkpoint tensor: `tensor` is a torch tensor or a safetensors slice,
+    which then reads only the slice from the file."""
+    cut = getattr(param, "checkpoint_slices", {}).get(shard)
+    if cut is None:
+        return tensor if isinstance(tensor, torch.Tensor) else tensor[:]
+    dim, start, length, _ = cut
+    return tensor[(slice(None),) * dim + (slice(start, start + length),)]
 
 
 def _folder_tensors(folder: Path) -> dict[str, TensorInfo]:
@@ -194,7 +214,7 @@ def load_weights(model: CausalLM, folder: Path, plan: dict[str, tuple[str, str |
         for name, tensor in iter_tensors(folder, model.config):   # one dequantized float32 tensor at a time
             if name in plan:
                 param_name, shard = plan[name]
-                _copy_into(params[param_name], tensor, shard)
+                _copy_into(params[param_name], _narrowed(params[param_name], shard, tensor), shard)
         return
     files = weight_files(folder)
     device = next(model.parameters()).device
@@ -205,7 +225,7 @@ def load_weights(model: CausalLM, folder: Path, plan: dict[str, tuple[str, str |
                 if name not in plan:
                     continue
                 param_name, shard = plan[name]
-                _copy_into(params[param_name], f.get_tensor(name), shard)
+                _copy_into(params[param_name], _narrowed(params[param_name], shard, f.get_slice(name)), shard)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -236,17 +256,18 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def load_causal_lm(folder: str | Path, device: str | torch.device, dtype: torch.dtype,
-                   progress: bool = True) -> tuple[CausalLM, ModelConfig]:
+                   progress: bool = True, tp: TensorParallel = SINGLE) -> tuple[CausalLM, ModelConfig]:
+    """tp: the tensor-parallel shard to build and load (each checkpoint tensor sliced as it is read)."""
     folder = Path(folder)
     if not folder.is_dir() and not is_gguf(folder):
         raise ModelFolderError(f"{folder}: not a folder (a model is a Hugging Face folder or a .gguf file)")
     config = load_config(folder)
-    with torch.device("meta"):
+    with torch.device("meta"), building(tp):
         plan = _plan_loading(build_model(config), folder)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device(device), building(tp):
             model = build_model(config)
     finally:
         torch.set_default_dtype(previous)

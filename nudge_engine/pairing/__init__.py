@@ -14,7 +14,7 @@ statistics; it picks ONE pairing at construction and hands it the per-round work
 A pairing implements the small interface below and reads the engine it serves (models, scheduler,
 requests, stats, per-step failure set) through `self.engine`. Modules here may import model/, layers/,
 kernels/ and engine/'s request-side modules (request, sampling_params, prompts, sampler, draft_policy),
-never nudge_engine/engine/engine.py: the engine imports the pairings, not the other way round.
+never nudge_engine/engine/engine.py (nor distributed/): the engine imports the pairings, not the other way round.
 """
 from __future__ import annotations
 

@@ -43,6 +43,7 @@ N = "tests/test_nudging.py::"
 K = "tests/test_kernel_handoff.py::"
 X = "tests/test_cross_tokenizer.py::"
 M = "tests/test_models.py"
+TP = "tests/test_tensor_parallel.py::test_sharded_logits_match_one_process_for_every_family"
 
 MUTATIONS = [
     # ---- rejection sampling and the sampling walk (nudge_engine/pairing/sampling_walk.py)
@@ -105,6 +106,16 @@ MUTATIONS = [
     Mutation("RoPE: interleaved pairs instead of rotate-half", "nudge_engine/layers/rotary.py",
              "x1, x2 = x.float().chunk(2, dim=-1)", "x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]",
              (M + "::test_one_prefill_of_a_ragged_batch",)),
+    # ---- tensor parallelism
+    Mutation("tensor parallel: row-parallel partial sums not all-reduced", "nudge_engine/layers/linear.py",
+             "out = self.tp.all_reduce(F.linear(x, self.weight))", "out = F.linear(x, self.weight)",
+             (TP + "[2-torch]",)),
+    Mutation("tensor parallel: replicated KV head taken from the wrong group", "nudge_engine/layers/attention.py",
+             "kv_start, kv_heads = tp.rank * spec.num_kv_heads // tp.size, 1", "kv_start, kv_heads = 0, 1",
+             (TP + "[4-torch]",)),
+    Mutation("tensor parallel: QK-norm over this rank's slice only", "nudge_engine/layers/attention.py",
+             "    tp.all_reduce(squares)\n", "",
+             (TP + "[2-torch]",)),
     # ---- cross-tokenizer text path
     Mutation("cross: split only before spaces, not every whitespace byte", "nudge_engine/pairing/wordpieces.py",
              "        if data[i] in WHITESPACE:\n            pieces.append", "        if data[i] == 32:\n            pieces.append",

@@ -11,9 +11,11 @@ from ..config import ModelConfig
 from ...layers.attention import Attention, AttentionSpec
 from ...layers.attention_torch import NO_SOFTCAP
 from ...layers.decoder import DecoderLayer
+from ...layers.embedding import VocabParallelEmbedding
 from ...layers.forward_context import ForwardContext
 from ...layers.linear import Linear
 from ...layers.mlp import GatedMLP
+from ...layers.parallel import current
 from ...layers.rotary import RotaryEmbedding
 
 # Checkpoint names of the fused projections' parts: suffix -> (our parameter's module, shard).
@@ -44,8 +46,12 @@ class Body(nn.Module):
         super().__init__()
         # Uninitialized: the checkpoint fills it (a random init would cost start-up time, and its
         # reference path pulls in torch._dynamo).
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
-                                         _weight=torch.empty(config.vocab_size, config.hidden_size))  # [vocab, hidden]
+        tp = current()
+        if tp.size > 1:   # tensor parallel: each rank holds its share of the vocabulary (layers/parallel.py)
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        else:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                             _weight=torch.empty(config.vocab_size, config.hidden_size))  # [vocab, hidden]
         rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope)
         self.layers = nn.ModuleList(
             DecoderLayer(
@@ -65,8 +71,10 @@ class CausalLM(nn.Module):
         self.config = config
         self.arch = arch
         self.model = Body(config, arch)
+        tp = current()
         if not config.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size)  # weight [vocab, hidden]
+            self.lm_head = (Linear(config.hidden_size, config.vocab_size) if tp.size == 1  # weight [vocab, hidden]
+                            else VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp))
 
     def forward(
         self,
@@ -86,8 +94,8 @@ class CausalLM(nn.Module):
         return ctx.backend.add_norm(x, residual, pending_post, self.model.norm, rows)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab] float32
-        weight = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        logits = (hidden @ weight.t()).float()
+        head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+        logits = (head.logits(hidden) if isinstance(head, VocabParallelEmbedding) else hidden @ head.weight.t()).float()
         if self.arch.final_softcap != NO_SOFTCAP:
             logits = torch.tanh(logits / self.arch.final_softcap) * self.arch.final_softcap
         return logits

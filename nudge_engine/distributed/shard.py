@@ -1,0 +1,45 @@
+"""One rank's models: its tensor-parallel shards (and, on rank 0, a nudger kept whole), its KV pools.
+
+Every rank sizes its own pools (model/sizing.py, on its own GPU); the block counts are then made
+equal with an all-reduce MIN, since rank 0's one C++ scheduler hands out the same block ids everywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+
+from ..layers.parallel import SINGLE, TensorParallel
+from ..model.config import ModelConfig
+from ..model.families import CausalLM
+from ..model.loader import load_causal_lm, resolve_dtype
+from ..model.model_runner import ModelRunner
+from ..model.sizing import size_kv_pools
+from .group import LaunchSpec
+
+
+def shard_config(model: CausalLM, config: ModelConfig) -> ModelConfig:
+    """The config this rank's runner sizes its KV cache by: its own query and KV heads."""
+    spec = model.model.layers[0].self_attn.spec
+    return replace(config, num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads)
+
+
+def load_rank_models(spec: LaunchSpec, tp: TensorParallel, device: torch.device) -> dict[int, ModelRunner]:
+    """-> model index in the engine (0 base, 1 nudger) -> this rank's runner of it."""
+    dtype = resolve_dtype(spec.dtype)
+    paths = {i: (p, tp) for i, p in enumerate(spec.tp_models)}
+    if spec.nudger is not None and spec.nudger_placement == "rank0" and tp.rank == 0:
+        paths[1] = (spec.nudger, SINGLE)
+    loaded = {}
+    for index, (path, shard) in sorted(paths.items()):
+        model, config = load_causal_lm(path, device, dtype, progress=tp.rank == 0, tp=shard)
+        loaded[index] = (model, shard_config(model, config))
+    # Warm-up passes of the sharded models run their collectives on every rank in the same order
+    # (base first); the rank-0-only nudger comes last.
+    blocks = spec.num_blocks or size_kv_pools(list(loaded.values()), device, dtype, spec.block_size,
+                                              spec.kv_cache_bytes, spec.max_num_batched_tokens, spec.attention_backend)
+    agreed = torch.tensor([blocks], dtype=torch.long, device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=tp.group)
+    return {index: ModelRunner(model, config, device, dtype, int(agreed.item()), spec.block_size, spec.attention_backend)
+            for index, (model, config) in loaded.items()}

@@ -1,0 +1,60 @@
+"""The worker loop of ranks 1..N-1: receive each pass's inputs from rank 0, run this rank's shard.
+
+A worker exits when rank 0 says stop, when a collective fails (rank 0 or a peer died: gloo sees
+the closed connection, NCCL its watchdog time-out), or when the process that spawned it is gone.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+
+import torch
+
+from ..layers.parallel import TensorParallel
+from .channel import OP_STOP, StepChannel
+from .group import LaunchSpec, destroy_group, init_group, rank_device
+from .shard import load_rank_models
+
+log = logging.getLogger("nudge_engine.distributed")
+
+PARENT_POLL_S = 1.0
+EXIT_PARENT_GONE = 3
+EXIT_FAILED = 1
+
+
+def run_worker(spec: LaunchSpec, tp: TensorParallel, device: torch.device) -> None:
+    """Loads this rank's shards, then serves passes until rank 0 says stop."""
+    runners = load_rank_models(spec, tp, device)
+    channel = StepChannel(device, tp.group)
+    while True:
+        op, model, step, rows = channel.receive()
+        if op == OP_STOP:
+            return
+        runners[model].forward(step, rows)   # its collectives meet rank 0's
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    """A worker whose engine process was killed outright (no stop, no atexit) ends itself."""
+    while True:
+        time.sleep(PARENT_POLL_S)
+        if os.getppid() != parent_pid:
+            os._exit(EXIT_PARENT_GONE)
+
+
+def spawn_main(rank: int, spec: LaunchSpec, init_method: str, parent_pid: int) -> None:
+    """Entry point of a worker that NudgeEngine started with torch.multiprocessing (spawn)."""
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+    device = rank_device(spec.device, rank)
+    if device.type == "cpu":
+        torch.set_num_threads(1)   # the ranks share the CPU's cores with rank 0
+    try:
+        run_worker(spec, init_group(spec, rank, init_method, device), device)
+    except Exception:  # noqa: BLE001  report, then end: rank 0 sees the group break
+        print(f"nudge_engine tensor-parallel worker {rank} failed:\n{traceback.format_exc()}", file=sys.stderr)
+        destroy_group()
+        os._exit(EXIT_FAILED)
+    destroy_group()
