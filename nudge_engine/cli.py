@@ -56,6 +56,8 @@ def _engine_options(p: argparse.ArgumentParser, nudger_required: bool) -> None:
                    "nudger, giving it replaces the base model's own chat template")
     g.add_argument("--response-prefix", default="", help="appended to the base model's chat prompt, e.g. 'Answer:'")
     g.add_argument("--seed", type=int, default=0, help="engine seed for requests without their own")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV blocks of shared prompt prefixes in both models (default: on)")
 
 
 def _positive_float(text: str) -> float:
@@ -95,7 +97,7 @@ def _make_engine(args):
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_bytes,
               num_blocks=args.num_blocks,
               base_template=args.base_template, response_prefix=args.response_prefix,
-              seed=args.seed)
+              seed=args.seed, enable_prefix_caching=args.enable_prefix_caching)
     return NudgeEngine(args.base, args.nudger, **kw)
 
 

@@ -59,6 +59,7 @@ class NudgeEngine:
         base_template: str | None = None,      # None: the base model's chat template when alone
         response_prefix: str = "",
         seed: int = 0,
+        enable_prefix_caching: bool = True,   # reuse the KV of shared prompt prefixes (README: Prefix caching)
     ):
         self.defaults = NudgeParams(gamma=gamma, draft_tokens=draft_tokens, resume_on_agreement=resume_on_agreement,
                                     adaptive_drafting=adaptive_drafting)
@@ -70,7 +71,8 @@ class NudgeEngine:
         self.paths = [Path(base)] + ([Path(nudger)] if nudger is not None else [])
         self.models = load_models(self.paths, self.device, self.dtype, attention_backend=attention_backend,
                                   block_size=block_size, kv_cache_bytes=kv_cache_bytes, num_blocks=num_blocks,
-                                  max_num_batched_tokens=max_num_batched_tokens)
+                                  max_num_batched_tokens=max_num_batched_tokens,
+                                  enable_prefix_caching=enable_prefix_caching)
         self.scheduler = _core.Scheduler([m.pool for m in self.models], max_num_seqs, max_num_batched_tokens)
         self.eos_ids = frozenset(itertools.chain.from_iterable(m.config.eos_token_ids for m in self.models))
         self.requests: dict = {}
