@@ -119,6 +119,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("enable_prefix_caching", &BlockPool::prefix_caching)
       .def_property_readonly("prefix_cache_hit_tokens", &BlockPool::hit_tokens)
       .def_property_readonly("prefix_cache_query_tokens", &BlockPool::query_tokens)
+      .def_property_readonly("prefix_cache_evictions", &BlockPool::evictions)
       .def_property_readonly("num_blocks", &BlockPool::num_blocks)
       .def_property_readonly("block_size", &BlockPool::block_size)
       .def("__repr__", [](const BlockPool& p) {

@@ -43,6 +43,7 @@ int32_t BlockPool::allocate() {
   } else {
     block = cache_.evict_lru();
     if (block < 0) throw std::runtime_error("KV block pool exhausted");
+    ++evictions_;
   }
   ref_counts_[block] = 1;
   return block;

@@ -55,6 +55,7 @@ class BlockPool {
   int64_t num_evictable() const { return cache_.num_evictable(); }
   int64_t hit_tokens() const { return hit_tokens_; }
   int64_t query_tokens() const { return query_tokens_; }
+  int64_t evictions() const { return evictions_; }
   int64_t num_free() const {
     return static_cast<int64_t>(free_blocks_.size()) + cache_.num_evictable();
   }
@@ -71,6 +72,7 @@ class BlockPool {
   PrefixCache cache_;
   int64_t query_tokens_ = 0;  // prompt tokens looked up in the cache
   int64_t hit_tokens_ = 0;    // of those, found
+  int64_t evictions_ = 0;     // cached blocks allocate() took back
   // Uncached free blocks, used as a stack: the most recently freed is reused first (warm memory).
   std::vector<int32_t> free_blocks_;
 };
