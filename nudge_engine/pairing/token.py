@@ -206,7 +206,9 @@ class TokenPairing(Pairing):
             # Recomputed after a preemption: the positions already recorded are not recorded again.
             done = len(req.prompt_logprobs) - 1 if req.prompt_logprobs is not None else 0
             if req.prompt_logprobs is not None and max(computed, done) < len(req.base_prompt) - 1:
-                upto = min(computed + total, len(req.base_prompt)) - 1  # row at position p predicts token p + 1
+                # The row at position p predicts prompt token p + 1: positions up to the prompt's last but one
+                # (a chunk's last position too: its next token is known).
+                upto = min(computed + total, len(req.base_prompt) - 1)
                 frm = max(computed, done)
                 rows.extend(range(start + frm - computed, start + max(upto, frm) - computed))
                 prompt_rows.append((req, frm, len(rows) - first, first))
