@@ -97,6 +97,19 @@ def run_setting(pair, device, dtype, prompts, args, caching: bool, log) -> tuple
     return row, [o.token_ids for o in outs]
 
 
+def tiny_long_pair(agreement: float, context: int) -> common.Pair:
+    """The benchmarks' tiny pair (common.TINY_BASE shapes) with a context long enough for the prefix."""
+    import tempfile
+    from nudge_engine.testing import make_tiny_pair
+    folder = Path(tempfile.mkdtemp(prefix="nudge-bench-prefix-"))
+    positions = max(512, 1 << (context - 1).bit_length())
+    base, nudger = make_tiny_pair(folder, "llama", "llama", "bytelevel", agreement,
+                                  nudger_overrides={"num_layers": common.TINY_NUDGER_LAYERS},
+                                  max_position_embeddings=positions, **common.TINY_BASE)
+    return common.Pair("tiny", base, nudger, "llama", agreement, 0.0, str(folder),
+                       [f"tiny factory pair {common.TINY_BASE}, context {positions}"])
+
+
 def dtype_of(name: str):
     from nudge_engine.model.loader import resolve_dtype
     return resolve_dtype(name)
@@ -117,8 +130,11 @@ def main(argv=None) -> int:
     env = common.environment(device)
     agreement = args.agreement if args.agreement is not None else common.DEFAULT_AGREEMENT[
         "tiny" if models == "tiny" else "real"]
-    pair = common.make_pair(models, agreement, device, dtype, shrink=args.shrink,
-                            work_dir=Path(args.work_dir) if args.work_dir else None, log=log)
+    if models == "tiny":
+        pair = tiny_long_pair(agreement, args.prefix_len + args.suffix_len + args.max_tokens)
+    else:
+        pair = common.make_pair(models, agreement, device, dtype, shrink=args.shrink,
+                                work_dir=Path(args.work_dir) if args.work_dir else None, log=log)
     from nudge_engine.model.tokenizer import Tokenizer
     prompts = make_prompts(Tokenizer(pair.base), args)
     rows, outputs = [], []
@@ -153,6 +169,8 @@ def main(argv=None) -> int:
     json_path, md_path = common.write_results(args.out, device, SUITE, models, data, md)
     print(md)
     print(f"wrote {json_path} and {md_path}")
+    if models == "tiny":
+        common.remove_pair(pair)
     return 0 if same else 1
 
 
