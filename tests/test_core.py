@@ -1018,3 +1018,30 @@ def test_prefix_cache_pool_against_a_python_model_over_random_operations():
     assert hits > 200 and pool.prefix_cache_evictions > 20
     live.clear()
     assert pool.all_free()
+
+
+def test_scheduler_takes_cached_prefixes_at_admission_gives_them_back_when_it_cannot_admit():
+    pool = BlockPool(8, 4, enable_prefix_caching=True)
+    sched = Scheduler([pool], max_num_seqs=4, max_num_batched_tokens=64)
+    a = make_seq(pool, 10, first_token=1)
+    sched.add_request(0, [a])
+    assert sched.schedule().num_new_tokens == [[10]]
+    a.set_num_computed(10)
+    sched.finish(0)
+    assert pool.all_free() and pool.num_cached == 2
+    c = make_seq(pool, 20, first_token=100)           # runs on, holding 5 blocks
+    sched.add_request(1, [c])
+    assert sched.schedule().num_new_tokens == [[20]]
+    c.set_num_computed(20)
+    d = make_seq(pool, 17, first_token=1)             # 2 cached blocks + 3 new: only 1 other block is free
+    sched.add_request(2, [d])
+    step = sched.schedule()
+    assert step.req_ids == [] and sched.waiting_ids() == [2]
+    assert d.block_table == [] and d.num_computed == 0 and pool.num_evictable == 2
+    assert (pool.prefix_cache_hit_tokens, pool.prefix_cache_query_tokens) == (0, 30)   # a and c looked up
+    sched.finish(1)
+    step = sched.schedule()
+    assert step.req_ids == [2] and step.num_new_tokens == [[9]] and d.num_computed == 8
+    assert (pool.prefix_cache_hit_tokens, pool.prefix_cache_query_tokens) == (8, 47)
+    sched.finish(2)
+    assert pool.all_free()
