@@ -163,3 +163,18 @@ def test_metrics_export_hit_tokens_and_rate_per_model():
     assert 'nudge_prefix_cache_query_tokens_total{model="base",model_name="m"} 120.0' in text
     assert 'nudge_prefix_cache_hit_rate{model="base",model_name="m"} 0.25' in text
     assert 'nudge_prefix_cache_hit_rate{model="nudger",model_name="m"} 0.0' in text
+
+
+def test_aborted_request_leaves_its_blocks_cached_and_correct(tiny_pair, check_pools):
+    base, nudger = tiny_pair("llama", "llama", "bytelevel", 0.5)
+    off, on = _pair_engines(base, nudger, check_pools)
+    prompt = SHARED + QUESTIONS[0]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    stream = on.stream(prompt, params)
+    next(stream)
+    stream.close()                                   # aborts: every block goes back, the full ones cached
+    assert not on.has_unfinished() and on.pools_all_free() and on.base.pool.num_cached > 0
+    hits = on.base.pool.prefix_cache_hit_tokens
+    got, want = on.generate(prompt, params)[0], off.generate(prompt, params)[0]
+    assert on.base.pool.prefix_cache_hit_tokens > hits
+    assert (got.token_ids, got.sources) == (want.token_ids, want.sources)
