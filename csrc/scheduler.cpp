@@ -35,6 +35,10 @@ Scheduler::Scheduler(std::vector<std::shared_ptr<BlockPool>> pools, int64_t max_
     size_t owner = m;
     for (size_t k = 0; k < m; ++k) {
       if (pools_[k] == pools_[m]) {
+        // The cache keys blocks by tokens alone: the K/V of two models must never meet there.
+        if (pools_[m]->prefix_caching()) {
+          throw std::invalid_argument("Scheduler: a pool with prefix caching must serve one model only");
+        }
         owner = k;
         break;
       }

@@ -1045,3 +1045,11 @@ def test_scheduler_takes_cached_prefixes_at_admission_gives_them_back_when_it_ca
     assert (pool.prefix_cache_hit_tokens, pool.prefix_cache_query_tokens) == (8, 47)
     sched.finish(2)
     assert pool.all_free()
+
+
+def test_a_caching_pool_serves_one_model_only():
+    shared = BlockPool(4, 2)
+    Scheduler([shared, shared], max_num_seqs=1, max_num_batched_tokens=8)     # fine without caching
+    caching = BlockPool(4, 2, enable_prefix_caching=True)
+    with pytest.raises(ValueError, match="one model only"):
+        Scheduler([caching, caching], max_num_seqs=1, max_num_batched_tokens=8)
