@@ -7,7 +7,8 @@
 #                      to end, host syncs per engine round (torch.cuda.set_sync_debug_mode), tensor
 #                      parallel 1 (and 2 over NCCL on a machine with two GPUs: benchmarks/tp_check.py)
 #   stage 2:           kernel benchmarks against copy bandwidth (bench_kernels.py: attention, handoff,
-#                      top-1; bench_fused.py: the fused per-layer steps beside the torch steps)
+#                      top-1; bench_fused.py: the fused per-layer steps beside the torch steps), and
+#                      prefix caching on vs off (benchmarks/prefix_cache.py, tiny pair)
 #   stage 3:           latency and throughput suites (OLMo-2-7B + 1B shapes, random weights)
 #
 #   bash benchmarks/gpu_check.sh [--quick] [--stages 1,2,3] [--dry-run]
@@ -186,6 +187,10 @@ if want 2; then
     copy_results kernels.md kernels.md
     run_part "fused kernel benchmark" $([ -n "$QUICK" ] && echo 45 || echo 120) $PY benchmarks/bench_fused.py $QUICK
     append_results fused.md kernels.md
+    # Prefix caching on vs off (64 requests, 1,000-token shared prefix), the tiny pair on the GPU.
+    run_part "prefix cache benchmark" $([ -n "$QUICK" ] && echo 45 || echo 120) $PY -m benchmarks.prefix_cache \
+        --device cuda --models tiny $QUICK
+    append_results prefix_cache.md kernels.md
     bundle_results
     end_stage "kernel benchmarks vs copy bandwidth"
 fi

@@ -96,7 +96,8 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<BlockPool, std::shared_ptr<BlockPool>>(m, "BlockPool",
                                                     "Fixed set of KV blocks with reference counts.")
-      .def(py::init<int64_t, int64_t>(), py::arg("num_blocks"), py::arg("block_size"))
+      .def(py::init<int64_t, int64_t, bool>(), py::arg("num_blocks"), py::arg("block_size"),
+           py::arg("enable_prefix_caching") = false)
       .def("allocate", &BlockPool::allocate,
            "Take a free block (ref count 1). RuntimeError when the pool is exhausted.")
       .def("incref", &BlockPool::incref, py::arg("block"))
@@ -105,13 +106,27 @@ PYBIND11_MODULE(_core, m) {
       .def("ref_count", &BlockPool::ref_count, py::arg("block"))
       .def("all_free", &BlockPool::all_free)
       .def("can_allocate", &BlockPool::can_allocate, py::arg("n"))
-      .def_property_readonly("num_free", &BlockPool::num_free)
+      .def("is_cached", &BlockPool::is_cached, py::arg("block"),
+           "Whether the block is registered in the prefix cache (referenced or not).")
+      .def("reset_prefix_cache", &BlockPool::reset_prefix_cache,
+           "Forget every unreferenced cached block (they stay free). Returns how many.")
+      .def_property_readonly("num_free", &BlockPool::num_free,
+                             "Blocks nobody references: uncached free ones and evictable cached ones.")
+      .def_property_readonly("num_cached", &BlockPool::num_cached,
+                             "Blocks registered in the prefix cache, referenced or not.")
+      .def_property_readonly("num_evictable", &BlockPool::num_evictable,
+                             "Cached blocks nobody references (counted in num_free).")
+      .def_property_readonly("enable_prefix_caching", &BlockPool::prefix_caching)
+      .def_property_readonly("prefix_cache_hit_tokens", &BlockPool::hit_tokens)
+      .def_property_readonly("prefix_cache_query_tokens", &BlockPool::query_tokens)
+      .def_property_readonly("prefix_cache_evictions", &BlockPool::evictions)
       .def_property_readonly("num_blocks", &BlockPool::num_blocks)
       .def_property_readonly("block_size", &BlockPool::block_size)
       .def("__repr__", [](const BlockPool& p) {
         return "BlockPool(num_blocks=" + std::to_string(p.num_blocks()) +
                ", block_size=" + std::to_string(p.block_size()) +
-               ", num_free=" + std::to_string(p.num_free()) + ")";
+               ", num_free=" + std::to_string(p.num_free()) +
+               ", num_cached=" + std::to_string(p.num_cached()) + ")";
       });
 
   py::class_<Sequence, std::shared_ptr<Sequence>>(
@@ -127,6 +142,14 @@ PYBIND11_MODULE(_core, m) {
       .def("reserve", &Sequence::reserve, py::arg("total_slots"),
            "Give positions [0, total_slots) slots. All-or-nothing: False when the pool is short.")
       .def("release", &Sequence::release, "Free every block; num_computed = 0; tokens kept.")
+      .def("match_cached_prefix", &Sequence::match_cached_prefix,
+           "With no block yet: take the cached full blocks of the tokens (never the last token). "
+           "Returns the tokens taken.")
+      .def_property("reuse_cached_prefix", &Sequence::reuse_cached_prefix,
+                    &Sequence::set_reuse_cached_prefix,
+                    "False: never take cached blocks (still registers its own).")
+      .def_property_readonly("num_cached_tokens", &Sequence::num_cached_tokens)
+      .def_property_readonly("num_hashed_blocks", &Sequence::num_hashed_blocks)
       .def_property_readonly("tokens", &Sequence::tokens)
       .def_property_readonly("block_table", &Sequence::block_table)
       .def_property_readonly("pool", &Sequence::pool)

@@ -6,7 +6,10 @@
 
 namespace nudge {
 
-BlockPool::BlockPool(int64_t num_blocks, int64_t block_size) : block_size_(block_size) {
+BlockPool::BlockPool(int64_t num_blocks, int64_t block_size, bool enable_prefix_caching)
+    : block_size_(block_size),
+      prefix_caching_(enable_prefix_caching),
+      cache_(num_blocks > 0 && num_blocks <= std::numeric_limits<int32_t>::max() ? num_blocks : 0) {
   // Block ids travel as int32 in block tables, and slot ids (block * block_size + offset)
   // must fit an int64 comfortably, so both are capped at the int32 range.
   constexpr int64_t kMaxInt32 = std::numeric_limits<int32_t>::max();
@@ -33,11 +36,46 @@ int32_t BlockPool::checked_block(int64_t block) const {
 }
 
 int32_t BlockPool::allocate() {
-  if (free_blocks_.empty()) throw std::runtime_error("KV block pool exhausted");
-  const int32_t block = free_blocks_.back();
-  free_blocks_.pop_back();
+  int32_t block;
+  if (!free_blocks_.empty()) {
+    block = free_blocks_.back();
+    free_blocks_.pop_back();
+  } else {
+    block = cache_.evict_lru();
+    if (block < 0) throw std::runtime_error("KV block pool exhausted");
+    ++evictions_;
+  }
   ref_counts_[block] = 1;
   return block;
+}
+
+int32_t BlockPool::acquire_cached(uint64_t hash, uint64_t parent, const int64_t* tokens, int64_t n) {
+  if (!prefix_caching_) return kNoBlock;
+  const int32_t block = cache_.lookup(hash, parent, tokens, n);
+  if (block < 0) return kNoBlock;
+  if (ref_counts_[block] == 0) cache_.remove_evictable(block);
+  ++ref_counts_[block];
+  return block;
+}
+
+bool BlockPool::register_block(int64_t block, uint64_t hash, uint64_t parent, const int64_t* tokens,
+                               int64_t n) {
+  const int32_t b = checked_block(block);
+  if (!prefix_caching_) return false;
+  if (ref_counts_[b] == 0) throw std::invalid_argument("register_block of free block " + std::to_string(block));
+  return cache_.insert(b, hash, parent, tokens, n);
+}
+
+void BlockPool::unregister_block(int64_t block) {
+  const int32_t b = checked_block(block);
+  if (ref_counts_[b] == 0) throw std::invalid_argument("unregister_block of free block " + std::to_string(block));
+  cache_.erase(b);
+}
+
+int64_t BlockPool::reset_prefix_cache() {
+  const std::vector<int32_t> dropped = cache_.evict_all();
+  free_blocks_.insert(free_blocks_.end(), dropped.begin(), dropped.end());
+  return static_cast<int64_t>(dropped.size());
 }
 
 void BlockPool::incref(int64_t block) {
@@ -56,7 +94,13 @@ void BlockPool::decref(int64_t block) {
     throw std::invalid_argument("decref of free block " + std::to_string(block) +
                                 " (double free)");
   }
-  if (--ref_counts_[b] == 0) free_blocks_.push_back(b);
+  if (--ref_counts_[b] > 0) return;
+  // A cached block stays findable until allocate() needs its memory.
+  if (cache_.is_registered(b)) {
+    cache_.push_evictable(b);
+  } else {
+    free_blocks_.push_back(b);
+  }
 }
 
 int64_t BlockPool::ref_count(int64_t block) const { return ref_counts_[checked_block(block)]; }

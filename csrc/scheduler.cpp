@@ -35,6 +35,10 @@ Scheduler::Scheduler(std::vector<std::shared_ptr<BlockPool>> pools, int64_t max_
     size_t owner = m;
     for (size_t k = 0; k < m; ++k) {
       if (pools_[k] == pools_[m]) {
+        // The cache keys blocks by tokens alone: the K/V of two models must never meet there.
+        if (pools_[m]->prefix_caching()) {
+          throw std::invalid_argument("Scheduler: a pool with prefix caching must serve one model only");
+        }
         owner = k;
         break;
       }
@@ -42,6 +46,7 @@ Scheduler::Scheduler(std::vector<std::shared_ptr<BlockPool>> pools, int64_t max_
     pool_owner_[m] = owner;
   }
   blocks_wanted_.resize(pools_.size());
+  cache_tried_.resize(pools_.size());
 }
 
 Scheduler::Request& Scheduler::find(int64_t req_id) {
@@ -224,6 +229,29 @@ void Scheduler::record(const Request& req, const StepPlan& plan, ScheduledStep* 
   step->is_final_chunk.push_back(plan.is_final);
 }
 
+void Scheduler::take_cached_prefixes(Request& req) {
+  for (size_t m = 0; m < pools_.size(); ++m) {
+    Sequence& seq = *req.seqs[m];
+    const bool fresh = seq.block_table().empty() && seq.num_computed() == 0 && seq.num_tokens() > 0;
+    cache_tried_[m] = -1;
+    if (fresh && seq.pool()->prefix_caching() && seq.reuse_cached_prefix()) {
+      cache_tried_[m] = seq.match_cached_prefix();
+    }
+  }
+}
+
+void Scheduler::count_cache_lookups(const Request& req) const {
+  for (size_t m = 0; m < pools_.size(); ++m) {
+    if (cache_tried_[m] >= 0) pools_[m]->record_lookup(req.seqs[m]->num_tokens(), cache_tried_[m]);
+  }
+}
+
+void Scheduler::undo_cached_prefixes(Request& req) const {
+  for (size_t m = 0; m < pools_.size(); ++m) {
+    if (cache_tried_[m] > 0) req.seqs[m]->release();
+  }
+}
+
 void Scheduler::preempt_newest(ScheduledStep* step) {
   Request* victim = running_.back();
   running_.pop_back();
@@ -251,6 +279,10 @@ ScheduledStep Scheduler::schedule() {
   for (size_t i = 0; i < running_.size(); ++i) {
     if (static_cast<int64_t>(step.req_ids.size()) >= max_num_seqs_ || budget <= 0) break;
     Request* req = running_[i];
+    // A running request's sequence may have got its first tokens just now (the nudger reads
+    // its prompt lazily); the lookup counts at once: the blocks stay with a running request.
+    take_cached_prefixes(*req);
+    count_cache_lookups(*req);
     if (!plan_step(*req, budget, &plan)) continue;
     bool preempted_self = false;
     while (!can_reserve(*req, plan)) {
@@ -271,8 +303,15 @@ ScheduledStep Scheduler::schedule() {
            static_cast<int64_t>(running_.size()) < max_num_seqs_ &&
            static_cast<int64_t>(step.req_ids.size()) < max_num_seqs_) {
       Request* req = waiting_.front();
-      // Stop at the first that does not fit, so later requests never overtake it.
-      if (!plan_step(*req, budget, &plan) || !can_reserve(*req, plan)) break;
+      // Its cached prefix first: what is cached needs neither budget nor new blocks.
+      take_cached_prefixes(*req);
+      // Stop at the first that does not fit, so later requests never overtake it. A waiting
+      // request holds no blocks, so it gives back what the lookup took.
+      if (!plan_step(*req, budget, &plan) || !can_reserve(*req, plan)) {
+        undo_cached_prefixes(*req);
+        break;
+      }
+      count_cache_lookups(*req);
       reserve(*req, plan);
       waiting_.pop_front();
       running_.push_back(req);

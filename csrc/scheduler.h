@@ -69,6 +69,13 @@ class Scheduler {
   bool can_reserve(const Request& req, const StepPlan& plan) const;
   void reserve(Request& req, const StepPlan& plan);
   void record(const Request& req, const StepPlan& plan, ScheduledStep* step) const;
+  // Prefix caching: each sequence of the request that holds no block yet takes the cached full
+  // blocks of its tokens. cache_tried_[m] says which did (and, -1 = none, what they found).
+  void take_cached_prefixes(Request& req);
+  // Counts the lookups of take_cached_prefixes() in the pools (once the request really runs).
+  void count_cache_lookups(const Request& req) const;
+  // Gives back what take_cached_prefixes() took (the request was not admitted after all).
+  void undo_cached_prefixes(Request& req) const;
   // Releases the most recently admitted running request and puts it first in line.
   void preempt_newest(ScheduledStep* step);
   // Throws `Error` when positions [0, num_tokens + lookahead) can never fit the pools.
@@ -81,6 +88,7 @@ class Scheduler {
   // [model]: the first model that uses the same pool, so models sharing a pool pool their needs.
   std::vector<size_t> pool_owner_;
   mutable std::vector<int64_t> blocks_wanted_;  // scratch of can_reserve(), indexed like pools_
+  std::vector<int64_t> cache_tried_;            // scratch of take_cached_prefixes(), [model]
   int64_t max_num_seqs_;
   int64_t max_num_batched_tokens_;
   // Requests live here; the queues point into it (node-based map: pointers stay valid).

@@ -1,5 +1,6 @@
 #include "sequence.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -49,7 +50,11 @@ void Sequence::set_num_computed(int64_t n) {
                                 std::to_string(num_reserved_slots()) +
                                 " slots are reserved; reserve() first");
   }
+  if (n < num_computed_) invalidate_from(n);
   num_computed_ = n;
+  // invalidate_from may have cut shared blocks off the table, and with them computed slots.
+  num_computed_ = std::min(num_computed_, num_reserved_slots());
+  register_computed_blocks();
 }
 
 void Sequence::truncate(int64_t n) {
@@ -58,9 +63,13 @@ void Sequence::truncate(int64_t n) {
                                 std::to_string(num_tokens()) + "] (num_tokens)");
   }
   tokens_.resize(static_cast<size_t>(n));
-  if (num_computed_ > n) num_computed_ = n;
   const int64_t keep = blocks_for_slots(n, block_size());
+  // Whole blocks past the end hold valid K/V of their hash: they go back to the pool still cached.
   if (keep < static_cast<int64_t>(block_table_.size())) free_blocks_from(static_cast<size_t>(keep));
+  if (num_computed_ > n) {
+    invalidate_from(n);
+    num_computed_ = std::min(n, num_reserved_slots());
+  }
 }
 
 int64_t Sequence::blocks_needed(int64_t total_slots) const {
@@ -86,7 +95,58 @@ void Sequence::release() {
   num_computed_ = 0;
 }
 
+int64_t Sequence::match_cached_prefix() {
+  num_cached_tokens_ = 0;
+  if (!pool_->prefix_caching() || !reuse_cached_prefix_ || !block_table_.empty() || num_computed_ != 0) {
+    return 0;
+  }
+  const int64_t bs = block_size();
+  const int64_t max_blocks = num_tokens() > 0 ? (num_tokens() - 1) / bs : 0;  // last token stays pending
+  for (int64_t i = 0; i < max_blocks; ++i) {
+    const int64_t* tokens = tokens_.data() + i * bs;
+    const uint64_t parent = parent_hash(static_cast<size_t>(i));
+    const uint64_t hash = hash_block_tokens(parent, tokens, bs);
+    const int32_t block = pool_->acquire_cached(hash, parent, tokens, bs);
+    if (block == kNoBlock) break;
+    block_table_.push_back(block);
+    block_hashes_.push_back(hash);
+  }
+  num_computed_ = num_reserved_slots();
+  num_cached_tokens_ = num_computed_;
+  return num_cached_tokens_;
+}
+
+void Sequence::register_computed_blocks() {
+  if (!pool_->prefix_caching()) return;
+  const int64_t bs = block_size();
+  const size_t full = static_cast<size_t>(num_computed_ / bs);
+  for (size_t i = block_hashes_.size(); i < full; ++i) {
+    const int64_t* tokens = tokens_.data() + static_cast<int64_t>(i) * bs;
+    const uint64_t parent = parent_hash(i);
+    const uint64_t hash = hash_block_tokens(parent, tokens, bs);
+    // False when another block holds this prefix already: ours then stays private; the chain
+    // still records the hash so the blocks after it can be found.
+    pool_->register_block(block_table_[i], hash, parent, tokens, bs);
+    block_hashes_.push_back(hash);
+  }
+}
+
+void Sequence::invalidate_from(int64_t pos) {
+  const size_t first = static_cast<size_t>(pos / block_size());
+  for (size_t i = first; i < block_hashes_.size() && i < block_table_.size(); ++i) {
+    const int32_t block = block_table_[i];
+    if (pool_->ref_count(block) > 1) {
+      // Shared: never written. It and what follows leave the table; recomputed elsewhere.
+      free_blocks_from(i);
+      break;
+    }
+    pool_->unregister_block(block);
+  }
+  if (block_hashes_.size() > first) block_hashes_.resize(first);
+}
+
 void Sequence::free_blocks_from(size_t keep) {
+  if (block_hashes_.size() > keep) block_hashes_.resize(keep);
   // From the end: a block table only ever grows and shrinks at its end.
   while (block_table_.size() > keep) {
     pool_->decref(block_table_.back());

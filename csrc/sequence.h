@@ -15,6 +15,14 @@ namespace nudge {
 // Tokens beyond num_computed are "pending": known, but their K/V are not in the cache yet.
 // Blocks are only ever added at the end of the block table and removed from the end, so the
 // slot of position p is fixed for as long as the sequence holds it.
+//
+// Prefix caching (when the pool has it on): every full block inside [0, num_computed) is
+// registered in the pool under its hash chain as soon as it is computed (block_hashes_ holds
+// the chain of those blocks, so they are always a prefix of the table). When num_computed drops
+// below a hashed block (truncate after a draft rollback, a lowered set_num_computed) the block's
+// slots will be rewritten, so it stops being cached first: a block only this sequence holds is
+// unregistered; a block another sequence shares is never written: it and every block after it
+// leave the table and num_computed drops to its start (recomputed into fresh blocks).
 class Sequence {
  public:
   explicit Sequence(std::shared_ptr<BlockPool> pool);
@@ -36,6 +44,16 @@ class Sequence {
   bool reserve(int64_t total_slots);
   // Frees every block and forgets what was computed; tokens stay (recomputed after preemption).
   void release();
+  // With an empty block table and nothing computed: takes the longest run of cached full blocks
+  // that match the tokens, leaving at least the last token to compute (it must give logits).
+  // Returns the tokens taken (0 when caching is off, reuse is off, or the table is not empty).
+  int64_t match_cached_prefix();
+  // False: this sequence never takes cached blocks (it still registers its own), e.g. when the
+  // caller needs every prompt position computed (prompt logprobs).
+  bool reuse_cached_prefix() const { return reuse_cached_prefix_; }
+  void set_reuse_cached_prefix(bool on) { reuse_cached_prefix_ = on; }
+  int64_t num_cached_tokens() const { return num_cached_tokens_; }  // taken by the last match
+  int64_t num_hashed_blocks() const { return static_cast<int64_t>(block_hashes_.size()); }
 
   const std::vector<int64_t>& tokens() const { return tokens_; }
   const std::vector<int32_t>& block_table() const { return block_table_; }
@@ -51,11 +69,21 @@ class Sequence {
  private:
   // Drops the blocks at table positions >= keep, newest first.
   void free_blocks_from(size_t keep);
+  // Registers the full blocks below num_computed that have no hash yet.
+  void register_computed_blocks();
+  // Slots from position pos on will be rewritten: no block there may stay shared or cached.
+  void invalidate_from(int64_t pos);
+  uint64_t parent_hash(size_t block_index) const {
+    return block_index == 0 ? kRootBlockHash : block_hashes_[block_index - 1];
+  }
 
   std::shared_ptr<BlockPool> pool_;  // shared: the pool outlives every sequence that uses it
   std::vector<int64_t> tokens_;
   std::vector<int32_t> block_table_;
   int64_t num_computed_ = 0;
+  std::vector<uint64_t> block_hashes_;  // [i]: hash chain of block i, for i < num_hashed_blocks
+  bool reuse_cached_prefix_ = true;
+  int64_t num_cached_tokens_ = 0;
 };
 
 }  // namespace nudge

@@ -53,11 +53,17 @@ def tiny_pair(tmp_path_factory):
 
 @pytest.fixture
 def check_pools():
-    """Register engines; after the test every block of every pool must be free."""
+    """Register engines; after the test every block of every pool must be free. Cached blocks that no
+    sequence references count as free (the prefix cache keeps them until the pool needs them); a block
+    anything still references does not."""
     engines = []
     yield engines.append
     for engine in engines:
         assert not engine.has_unfinished(), "requests left unfinished"
+        for m in engine.models:
+            pool = m.pool
+            assert pool.num_free == pool.num_blocks, f"KV blocks leaked: {pool!r}"
+            assert pool.num_evictable == pool.num_cached, f"a cached block is still referenced: {pool!r}"
         assert engine.pools_all_free(), "KV blocks leaked"
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from nudge_engine import _core
 from nudge_engine._core import NO_BLOCK, NO_LOGITS, BlockPool, Scheduler, Sequence, build_batch
 
 
@@ -788,3 +789,267 @@ def test_build_batch_bad_input():
     assert empty.query_start_loc.tolist() == [0, 0] and empty.seq_lens.tolist() == [2]
     seq.release()
     assert_pools_free(pool)
+
+
+# ---------------------------------------------------------------- prefix caching
+def test_prefix_cache_shares_full_computed_blocks_and_keeps_freed_ones_until_needed():
+    pool = _core.BlockPool(num_blocks=6, block_size=4, enable_prefix_caching=True)
+    a = _core.Sequence(pool)
+    a.append(list(range(1, 11)))                    # 10 tokens: two full blocks and a partial one
+    assert a.reserve(10)
+    a.set_num_computed(10)
+    assert pool.num_cached == 2 and [pool.is_cached(b) for b in a.block_table] == [True, True, False]
+    b = _core.Sequence(pool)
+    b.append(list(range(1, 9)) + [99])              # shares both full blocks
+    assert b.match_cached_prefix() == 8 and b.num_computed == 8
+    assert b.block_table == a.block_table[:2] and [pool.ref_count(x) for x in b.block_table] == [2, 2]
+    c = _core.Sequence(pool)
+    c.append(list(range(1, 9)))                     # 8 tokens: the last one must stay to compute
+    assert c.match_cached_prefix() == 4
+    shared = a.block_table[:2]
+    a.release(), b.release(), c.release()
+    assert pool.all_free() and pool.num_evictable == 2 and pool.num_cached == 2
+    # The free list goes first; the cached blocks are taken back last, least recently used first.
+    grab = _core.Sequence(pool)
+    assert grab.reserve(4 * 4) and set(grab.block_table).isdisjoint(shared)
+    assert grab.reserve(5 * 4) and grab.block_table[-1] == shared[1]   # unreferenced first (b let go)
+    assert pool.prefix_cache_evictions == 1 and pool.num_cached == 1
+
+
+def test_prefix_cache_off_registers_nothing_and_matches_nothing():
+    pool = _core.BlockPool(num_blocks=4, block_size=2)
+    a = _core.Sequence(pool)
+    a.append([1, 2, 3, 4, 5])
+    assert a.reserve(5)
+    a.set_num_computed(5)
+    b = _core.Sequence(pool)
+    b.append([1, 2, 3, 4, 5])
+    assert pool.num_cached == 0 and b.match_cached_prefix() == 0 and b.block_table == []
+
+
+def test_rollback_into_a_shared_block_never_writes_it():
+    pool = _core.BlockPool(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    a, b = _core.Sequence(pool), _core.Sequence(pool)
+    a.append(list(range(1, 10)))
+    assert a.reserve(9)
+    a.set_num_computed(9)                           # drafts included: blocks 0 and 1 registered
+    b.append(list(range(1, 10)))
+    assert b.match_cached_prefix() == 8
+    a.truncate(6)                                   # a rejected drafts inside the shared block 1
+    assert a.block_table == b.block_table[:1] and a.num_computed == 4 and a.num_tokens == 6
+    assert pool.ref_count(b.block_table[1]) == 1 and pool.is_cached(b.block_table[1])
+    b.truncate(6)                                   # now b holds block 1 alone: it stops being cached
+    assert b.num_computed == 6 and not pool.is_cached(b.block_table[1]) and pool.num_cached == 1
+
+
+def _slot(table, p, bs):
+    return table[p // bs] * bs + p % bs
+
+
+class _PoolModel:
+    """The obvious pool: a free stack, an LRU list of unreferenced cached blocks, a dict of cached prefixes."""
+
+    def __init__(self, n):
+        self.free, self.ref, self.lru = list(range(n - 1, -1, -1)), [0] * n, []
+        self.key_of, self.by_key = {}, {}
+
+    def num_free(self):
+        return len(self.free) + len(self.lru)
+
+    def allocate(self):
+        b = self.free.pop() if self.free else self.lru.pop(0)
+        self.by_key.pop(self.key_of.pop(b, None), None)
+        self.ref[b] = 1
+        return b
+
+    def decref(self, b):
+        self.ref[b] -= 1
+        if self.ref[b] == 0:
+            (self.lru if b in self.key_of else self.free).append(b)
+
+    def acquire(self, key):
+        b = self.by_key.get(key)
+        if b is not None:
+            if self.ref[b] == 0:
+                self.lru.remove(b)
+            self.ref[b] += 1
+        return b
+
+    def register(self, b, key):
+        if b not in self.key_of and key not in self.by_key:
+            self.key_of[b], self.by_key[key] = key, b
+
+    def unregister(self, b):
+        if b in self.key_of:
+            del self.by_key[self.key_of.pop(b)]
+
+    def reset(self):
+        for b in self.lru:
+            del self.by_key[self.key_of.pop(b)]
+        self.free.extend(self.lru)
+        self.lru = []
+
+
+class _SeqModel:
+    def __init__(self, pool, bs):
+        self.pool, self.bs, self.tokens, self.table, self.computed, self.hashed = pool, bs, [], [], 0, 0
+
+    def key(self, i):
+        return tuple(self.tokens[:(i + 1) * self.bs])
+
+    def free_from(self, keep):
+        self.hashed = min(self.hashed, keep)
+        while len(self.table) > keep:
+            self.pool.decref(self.table.pop())
+
+    def invalidate_from(self, pos):
+        first = pos // self.bs
+        for i in range(first, min(self.hashed, len(self.table))):
+            if self.pool.ref[self.table[i]] > 1:
+                self.free_from(i)
+                break
+            self.pool.unregister(self.table[i])
+        self.hashed = min(self.hashed, first)
+
+    def set_computed(self, n):
+        if n < self.computed:
+            self.invalidate_from(n)
+        self.computed = min(n, len(self.table) * self.bs)
+        for i in range(self.hashed, self.computed // self.bs):
+            self.pool.register(self.table[i], self.key(i))
+        self.hashed = max(self.hashed, self.computed // self.bs)
+
+    def truncate(self, n):
+        self.tokens = self.tokens[:n]
+        keep = -(-n // self.bs)
+        if keep < len(self.table):
+            self.free_from(keep)
+        if self.computed > n:
+            self.invalidate_from(n)
+            self.computed = min(n, len(self.table) * self.bs)
+
+    def reserve(self, total):
+        need = max(0, -(-total // self.bs) - len(self.table))
+        if need > self.pool.num_free():
+            return False
+        self.table += [self.pool.allocate() for _ in range(need)]
+        return True
+
+    def match(self):
+        if self.table or self.computed:
+            return 0
+        for i in range((len(self.tokens) - 1) // self.bs if self.tokens else 0):
+            b = self.pool.acquire(self.key(i))
+            if b is None:
+                break
+            self.table.append(b)
+        self.computed = self.hashed = len(self.table)
+        self.computed *= self.bs
+        return self.computed
+
+
+def test_prefix_cache_pool_against_a_python_model_over_random_operations():
+    """Random allocate / share (match) / compute / rollback / free / evict on real sequences and on the
+    Python model: same blocks, counts and cache; and every computed slot of every live sequence holds
+    the K/V of its own context (a shared block is never overwritten; a cached block is never stale)."""
+    rng = random.Random(19)
+    bs, n_blocks = 4, 14
+    pool = _core.BlockPool(n_blocks, bs, enable_prefix_caching=True)
+    model = _PoolModel(n_blocks)
+    stems = [[rng.randrange(1, 5) for _ in range(16)] for _ in range(3)]
+    kv = {}                                          # slot -> the context whose K/V it holds
+    live = []                                        # (real, model)
+    hits = 0
+    for _ in range(4000):
+        op = rng.random()
+        if op < 0.12 or not live:
+            real, mod = _core.Sequence(pool), _SeqModel(model, bs)
+            toks = rng.choice(stems)[: rng.randrange(1, 17)] + [rng.randrange(1, 5) for _ in range(rng.randrange(0, 4))]
+            real.append(toks)
+            mod.tokens = list(toks)
+            live.append((real, mod))
+            continue
+        real, mod = live[rng.randrange(len(live))]
+        if op < 0.30:
+            got = real.match_cached_prefix()
+            assert got == mod.match()
+            hits += got
+        elif op < 0.55:
+            if mod.computed < len(mod.tokens):
+                new = mod.computed + rng.randrange(1, len(mod.tokens) - mod.computed + 1)
+                ok = real.reserve(new)
+                assert ok == mod.reserve(new)
+                if ok:
+                    for p in range(mod.computed, new):
+                        kv[_slot(mod.table, p, bs)] = tuple(mod.tokens[:p + 1])
+                    real.set_num_computed(new)
+                    mod.set_computed(new)
+        elif op < 0.67:
+            toks = [rng.randrange(1, 5) for _ in range(rng.randrange(1, 4))]
+            real.append(toks)
+            mod.tokens += toks
+        elif op < 0.79:
+            n = rng.randrange(0, len(mod.tokens) + 1)
+            real.truncate(n)
+            mod.truncate(n)
+        elif op < 0.85:
+            n = rng.randrange(0, mod.computed + 1)
+            real.set_num_computed(n)
+            mod.set_computed(n)
+        elif op < 0.90:
+            real.release()
+            mod.free_from(0)
+            mod.computed = 0
+        elif op < 0.99:
+            live.remove((real, mod))
+            del real                                 # the destructor gives the blocks back, newest first
+            for b in reversed(mod.table):
+                model.decref(b)
+        else:
+            pool.reset_prefix_cache()
+            model.reset()
+        for real, mod in live:
+            assert (real.block_table, real.num_computed, real.tokens) == (mod.table, mod.computed, mod.tokens)
+            for p in range(mod.computed):
+                assert kv[_slot(mod.table, p, bs)] == tuple(mod.tokens[:p + 1]), "a computed slot was overwritten"
+        assert (pool.num_free, pool.num_evictable, pool.num_cached) == (model.num_free(), len(model.lru),
+                                                                        len(model.key_of))
+        assert [pool.ref_count(b) for b in range(n_blocks)] == model.ref
+    assert hits > 200 and pool.prefix_cache_evictions > 20
+    live.clear()
+    assert pool.all_free()
+
+
+def test_scheduler_takes_cached_prefixes_at_admission_gives_them_back_when_it_cannot_admit():
+    pool = BlockPool(8, 4, enable_prefix_caching=True)
+    sched = Scheduler([pool], max_num_seqs=4, max_num_batched_tokens=64)
+    a = make_seq(pool, 10, first_token=1)
+    sched.add_request(0, [a])
+    assert sched.schedule().num_new_tokens == [[10]]
+    a.set_num_computed(10)
+    sched.finish(0)
+    assert pool.all_free() and pool.num_cached == 2
+    c = make_seq(pool, 20, first_token=100)           # runs on, holding 5 blocks
+    sched.add_request(1, [c])
+    assert sched.schedule().num_new_tokens == [[20]]
+    c.set_num_computed(20)
+    d = make_seq(pool, 17, first_token=1)             # 2 cached blocks + 3 new: only 1 other block is free
+    sched.add_request(2, [d])
+    step = sched.schedule()
+    assert step.req_ids == [] and sched.waiting_ids() == [2]
+    assert d.block_table == [] and d.num_computed == 0 and pool.num_evictable == 2
+    assert (pool.prefix_cache_hit_tokens, pool.prefix_cache_query_tokens) == (0, 30)   # a and c looked up
+    sched.finish(1)
+    step = sched.schedule()
+    assert step.req_ids == [2] and step.num_new_tokens == [[9]] and d.num_computed == 8
+    assert (pool.prefix_cache_hit_tokens, pool.prefix_cache_query_tokens) == (8, 47)
+    sched.finish(2)
+    assert pool.all_free()
+
+
+def test_a_caching_pool_serves_one_model_only():
+    shared = BlockPool(4, 2)
+    Scheduler([shared, shared], max_num_seqs=1, max_num_batched_tokens=8)     # fine without caching
+    caching = BlockPool(4, 2, enable_prefix_caching=True)
+    with pytest.raises(ValueError, match="one model only"):
+        Scheduler([caching, caching], max_num_seqs=1, max_num_batched_tokens=8)

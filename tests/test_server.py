@@ -394,7 +394,8 @@ def test_metrics_names(server):
     for name in ("nudge_requests_running", "nudge_requests_waiting", 'nudge_kv_blocks_free{model="base"}',
                  'nudge_kv_blocks_free{model="nudger"}', 'nudge_generated_tokens_total{source="base"}',
                  'nudge_generated_tokens_total{source="nudger"}', "nudge_handoffs_total", "nudge_preemptions_total",
-                 "nudge_time_to_first_token_seconds_count", "nudge_inter_token_latency_seconds_count"):
+                 "nudge_time_to_first_token_seconds_count", "nudge_inter_token_latency_seconds_count",
+                 'nudge_prefix_cache_hit_tokens_total{model="base"}', 'nudge_prefix_cache_hit_rate{model="nudger"}'):
         assert name in m, name
     assert m["nudge_time_to_first_token_seconds_count"] > 0 and m['nudge_generated_tokens_total{source="nudger"}'] > 0
 

@@ -35,6 +35,7 @@ class LaunchSpec:
     num_blocks: int | None
     max_num_batched_tokens: int
     timeout_s: float
+    enable_prefix_caching: bool = False   # rank 0's block pools (the scheduler's) only
 
     @property
     def tp_models(self) -> list[str]:

@@ -179,7 +179,8 @@ def start(spec: LaunchSpec) -> TensorParallelGroup:
             if index < len(spec.tp_models):
                 runner = BroadcastingRunner(runner, index, group)
             group.models.append(LoadedModel(Path(path), runner, Tokenizer(Path(path)),
-                                            _core.BlockPool(runner.num_blocks, runner.block_size)))
+                                            _core.BlockPool(runner.num_blocks, runner.block_size,
+                                                            spec.enable_prefix_caching)))
     except BaseException:
         group.broken = "loading failed"
         group.close()

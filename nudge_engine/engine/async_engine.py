@@ -142,6 +142,7 @@ class EngineSnapshot:
     waiting: int = 0
     kv_free: dict[str, int] = field(default_factory=dict)
     kv_total: dict[str, int] = field(default_factory=dict)
+    prefix_cache: dict[str, tuple[int, int]] = field(default_factory=dict)  # model -> (hit, query) tokens
     counters: dict[str, int] = field(default_factory=dict)
 
 
@@ -418,6 +419,8 @@ class AsyncEngine:
             waiting=int(e.scheduler.num_waiting),
             kv_free={name: int(m.pool.num_free) for name, m in zip(self.names, e.models)},
             kv_total={name: int(m.pool.num_blocks) for name, m in zip(self.names, e.models)},
+            prefix_cache={name: (int(m.pool.prefix_cache_hit_tokens), int(m.pool.prefix_cache_query_tokens))
+                          for name, m in zip(self.names, e.models)},
             counters={
                 "rounds": s.rounds, "drafted_tokens": s.drafted_tokens, "accepted_tokens": s.accepted_tokens,
                 "base_tokens": s.base_tokens, "nudger_tokens": s.nudger_tokens, "handoffs": s.handoffs,

@@ -61,6 +61,7 @@ class NudgeEngine:
         seed: int = 0,
         tensor_parallel_size: int = 1,          # > 1: the base sharded over that many processes/GPUs
         nudger_placement: str = "rank0",        # "rank0" (whole, rank 0 only) or "tensor" (see distributed/)
+        enable_prefix_caching: bool = True,   # reuse the KV of shared prompt prefixes (README: Prefix caching)
     ):
         self.defaults = NudgeParams(gamma=gamma, draft_tokens=draft_tokens, resume_on_agreement=resume_on_agreement,
                                     adaptive_drafting=adaptive_drafting)
@@ -74,12 +75,13 @@ class NudgeEngine:
         if tensor_parallel_size != 1:
             self._tp = _start_tensor_parallel(tensor_parallel_size, nudger_placement, self.paths, device, dtype,
                                               attention_backend, block_size, kv_cache_bytes, num_blocks,
-                                              max_num_batched_tokens)
+                                              max_num_batched_tokens, enable_prefix_caching)
             self.models = self._tp.models
         else:
             self.models = load_models(self.paths, self.device, self.dtype, attention_backend=attention_backend,
                                       block_size=block_size, kv_cache_bytes=kv_cache_bytes, num_blocks=num_blocks,
-                                      max_num_batched_tokens=max_num_batched_tokens)
+                                      max_num_batched_tokens=max_num_batched_tokens,
+                                      enable_prefix_caching=enable_prefix_caching)
         self.scheduler = _core.Scheduler([m.pool for m in self.models], max_num_seqs, max_num_batched_tokens)
         self.eos_ids = frozenset(itertools.chain.from_iterable(m.config.eos_token_ids for m in self.models))
         self.requests: dict = {}
@@ -244,11 +246,12 @@ class NudgeEngine:
 
 
 def _start_tensor_parallel(size: int, placement: str, paths: list[Path], device, dtype, attention_backend: str,
-                           block_size: int, kv_cache_bytes, num_blocks, max_num_batched_tokens: int):
+                           block_size: int, kv_cache_bytes, num_blocks, max_num_batched_tokens: int,
+                           enable_prefix_caching: bool):
     """Starts the workers (nudge_engine/distributed/) and loads rank 0's shards -> TensorParallelGroup."""
     from ..distributed.group import LaunchSpec, collective_timeout_s
     from ..distributed.launch import start
     spec = LaunchSpec(size, str(paths[0]), str(paths[1]) if len(paths) > 1 else None, placement, str(device),
                       str(dtype).removeprefix("torch."), attention_backend, block_size, kv_cache_bytes, num_blocks,
-                      max_num_batched_tokens, collective_timeout_s())
+                      max_num_batched_tokens, collective_timeout_s(), enable_prefix_caching)
     return start(spec)

@@ -54,13 +54,14 @@ class LoadedModel:
 
 def load_models(paths: list[Path], device: torch.device, dtype: torch.dtype, *, attention_backend: str,
                 block_size: int, kv_cache_bytes: int | None, num_blocks: int | None,
-                max_num_batched_tokens: int) -> list[LoadedModel]:
-    """One LoadedModel per path; every pool gets the same number of blocks (sizing.py says why)."""
+                max_num_batched_tokens: int, enable_prefix_caching: bool = False) -> list[LoadedModel]:
+    """One LoadedModel per path; every pool gets the same number of blocks (sizing.py says why) and, with
+    enable_prefix_caching, its own prefix cache (a block's KV depends on its model, so caches never mix)."""
     loaded = [load_causal_lm(p, device, dtype) for p in paths]
     blocks = num_blocks or size_kv_pools(loaded, device, dtype, block_size, kv_cache_bytes,
                                          max_num_batched_tokens, attention_backend)
     return [
         LoadedModel(path, ModelRunner(model, config, device, dtype, blocks, block_size, attention_backend),
-                    Tokenizer(path), _core.BlockPool(blocks, block_size))
+                    Tokenizer(path), _core.BlockPool(blocks, block_size, enable_prefix_caching))
         for path, (model, config) in zip(paths, loaded)
     ]

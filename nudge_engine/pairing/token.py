@@ -80,6 +80,9 @@ class TokenPairing(Pairing):
             req.prompt_logprobs = [None]
         req.base_seq = _core.Sequence(self.base.pool)
         req.base_seq.append(base_ids)
+        # Prompt logprobs need a logits row at every prompt position: the base never takes cached
+        # blocks for such a request (it still caches its own for others).
+        req.base_seq.reuse_cached_prefix = params.prompt_logprobs is None
         seqs = [req.base_seq]
         if nudger is not None:
             req.nudger_seq = _core.Sequence(nudger.pool)
@@ -200,10 +203,15 @@ class TokenPairing(Pairing):
             total = n + (len(d) if f else 0)
             computed = req.base_seq.num_computed
             first = len(rows)
-            if req.prompt_logprobs is not None and computed < len(req.base_prompt):
-                upto = min(computed + total, len(req.base_prompt)) - 1  # row at position p predicts token p + 1
-                rows.extend(range(start, start + upto - computed))
-                prompt_rows.append((req, computed, len(rows) - first, first))
+            # Recomputed after a preemption: the positions already recorded are not recorded again.
+            done = len(req.prompt_logprobs) - 1 if req.prompt_logprobs is not None else 0
+            if req.prompt_logprobs is not None and max(computed, done) < len(req.base_prompt) - 1:
+                # The row at position p predicts prompt token p + 1: positions up to the prompt's last but one
+                # (a chunk's last position too: its next token is known).
+                upto = min(computed + total, len(req.base_prompt) - 1)
+                frm = max(computed, done)
+                rows.extend(range(start + frm - computed, start + max(upto, frm) - computed))
+                prompt_rows.append((req, frm, len(rows) - first, first))
             else:
                 prompt_rows.append(None)
             walk_first = len(rows)

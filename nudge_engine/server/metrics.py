@@ -50,6 +50,7 @@ class _EngineCollector:
             total.add_metric(name + [model], snap.kv_total[model])
         yield free
         yield total
+        yield from _prefix_cache_metrics(snap.prefix_cache, label, name)
         tokens = CounterMetricFamily("nudge_generated_tokens", "Emitted tokens by source model.",
                                      labels=label + ["source"])
         tokens.add_metric(name + ["base"], c.get("base_tokens", 0))
@@ -69,6 +70,23 @@ class _EngineCollector:
             if key.startswith("finished_"):
                 finished.add_metric(name + [key[len("finished_"):]], v)
         yield finished
+
+
+def _prefix_cache_metrics(prefix_cache: dict, label: list[str], name: list[str]):
+    """Prompt tokens found in each model's prefix cache, of those looked up, and the hit rate."""
+    hits = CounterMetricFamily("nudge_prefix_cache_hit_tokens", "Prompt tokens whose KV came from the prefix "
+                               "cache, per model.", labels=label + ["model"])
+    queries = CounterMetricFamily("nudge_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix "
+                                  "cache, per model.", labels=label + ["model"])
+    rate = GaugeMetricFamily("nudge_prefix_cache_hit_rate", "Hit tokens / looked-up tokens since start, per model "
+                             "(0 before any lookup).", labels=label + ["model"])
+    for model, (hit, query) in prefix_cache.items():
+        hits.add_metric(name + [model], hit)
+        queries.add_metric(name + [model], query)
+        rate.add_metric(name + [model], hit / query if query else 0.0)
+    yield hits
+    yield queries
+    yield rate
 
 
 class ServerMetrics:
