@@ -56,15 +56,12 @@ def _engine_options(p: argparse.ArgumentParser, nudger_required: bool) -> None:
                    "nudger, giving it replaces the base model's own chat template")
     g.add_argument("--response-prefix", default="", help="appended to the base model's chat prompt, e.g. 'Answer:'")
     g.add_argument("--seed", type=int, default=0, help="engine seed for requests without their own")
-<<<<<<< HEAD
     g.add_argument("--tensor-parallel-size", type=int, default=1, help="shard the base over N processes (one GPU "
                    "each on CUDA, gloo on the CPU); under torchrun, N is its --nproc-per-node (default: 1)")
     g.add_argument("--nudger-placement", choices=("rank0", "tensor"), default="rank0",
                    help="with --tensor-parallel-size: the nudger whole on rank 0 (default) or sharded like the base")
-=======
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV blocks of shared prompt prefixes in both models (default: on)")
->>>>>>> i19
 
 
 def _positive_float(text: str) -> float:
@@ -104,12 +101,8 @@ def _make_engine(args):
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_bytes,
               num_blocks=args.num_blocks,
               base_template=args.base_template, response_prefix=args.response_prefix,
-<<<<<<< HEAD
               seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
-              nudger_placement=args.nudger_placement)
-=======
-              seed=args.seed, enable_prefix_caching=args.enable_prefix_caching)
->>>>>>> i19
+              nudger_placement=args.nudger_placement, enable_prefix_caching=args.enable_prefix_caching)
     return NudgeEngine(args.base, args.nudger, **kw)
 
 
