@@ -56,6 +56,8 @@ def _engine_options(p: argparse.ArgumentParser, nudger_required: bool) -> None:
                    "nudger, giving it replaces the base model's own chat template")
     g.add_argument("--response-prefix", default="", help="appended to the base model's chat prompt, e.g. 'Answer:'")
     g.add_argument("--seed", type=int, default=0, help="engine seed for requests without their own")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs: run decode passes eagerly (graphs are on by default on CUDA)")
 
 
 def _positive_float(text: str) -> float:
@@ -95,7 +97,7 @@ def _make_engine(args):
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_bytes,
               num_blocks=args.num_blocks,
               base_template=args.base_template, response_prefix=args.response_prefix,
-              seed=args.seed)
+              seed=args.seed, enforce_eager=True if args.enforce_eager else None)
     return NudgeEngine(args.base, args.nudger, **kw)
 
 

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from .. import _core
 from ..model.loader import resolve_device, resolve_dtype
 from ..model.model_pair import LoadedModel, load_models
+from ..model.graph_runner import attach_graphs, graph_mode, graph_reserve_tokens
 from ..model.model_runner import DEFAULT_BLOCK_SIZE
 from ..pairing import BASE_MODEL, NUDGER_MODEL, Pairing
 from ..pairing.text import TextPairing
@@ -59,6 +60,7 @@ class NudgeEngine:
         base_template: str | None = None,      # None: the base model's chat template when alone
         response_prefix: str = "",
         seed: int = 0,
+        enforce_eager: bool | None = None,     # None: CUDA graphs on CUDA, eager on the CPU (graph_runner.py)
     ):
         self.defaults = NudgeParams(gamma=gamma, draft_tokens=draft_tokens, resume_on_agreement=resume_on_agreement,
                                     adaptive_drafting=adaptive_drafting)
@@ -67,10 +69,14 @@ class NudgeEngine:
         self.chat_format = ChatFormat(base_template or DEFAULT_BASE_TEMPLATE, response_prefix, base_template is None)
         self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.graph_mode = graph_mode(enforce_eager, self.device)
         self.paths = [Path(base)] + ([Path(nudger)] if nudger is not None else [])
         self.models = load_models(self.paths, self.device, self.dtype, attention_backend=attention_backend,
                                   block_size=block_size, kv_cache_bytes=kv_cache_bytes, num_blocks=num_blocks,
-                                  max_num_batched_tokens=max_num_batched_tokens)
+                                  max_num_batched_tokens=max_num_batched_tokens,
+                                  graph_tokens=graph_reserve_tokens(self.graph_mode, max_num_seqs,
+                                                                    len(self.paths), draft_tokens))
+        attach_graphs(self.models, self.graph_mode, max_num_seqs, draft_tokens)
         self.scheduler = _core.Scheduler([m.pool for m in self.models], max_num_seqs, max_num_batched_tokens)
         self.eos_ids = frozenset(itertools.chain.from_iterable(m.config.eos_token_ids for m in self.models))
         self.requests: dict = {}

@@ -19,6 +19,7 @@ class LoadedModel:
     runner: ModelRunner
     tokenizer: Tokenizer
     pool: _core.BlockPool
+    graphs: object = None  # GraphRunner for decode-shaped passes, or None (eager)
 
     @property
     def config(self):
@@ -28,6 +29,9 @@ class LoadedModel:
         """One pass over `num_new[i]` new tokens of each sequence; float32 logits at `rows` of the flat
         batch (a list or tensor), by default at each sequence's last new token."""
         batch = _core.build_batch(seqs, num_new, self.runner.block_size)
+        key = self.graphs.padded_size(batch) if self.graphs is not None else None
+        if key is not None:
+            return self.graphs.run(batch, key, None if rows is None else torch.as_tensor(rows, dtype=torch.long))
         inputs = StepInputs.from_batch(batch, self.runner.device)
         index = torch.from_numpy(batch.logits_indices) if rows is None else torch.as_tensor(rows, dtype=torch.long)
         return self.runner.forward(inputs, index.to(self.runner.device))
@@ -54,11 +58,11 @@ class LoadedModel:
 
 def load_models(paths: list[Path], device: torch.device, dtype: torch.dtype, *, attention_backend: str,
                 block_size: int, kv_cache_bytes: int | None, num_blocks: int | None,
-                max_num_batched_tokens: int) -> list[LoadedModel]:
+                max_num_batched_tokens: int, graph_tokens: int = 0) -> list[LoadedModel]:
     """One LoadedModel per path; every pool gets the same number of blocks (sizing.py says why)."""
     loaded = [load_causal_lm(p, device, dtype) for p in paths]
     blocks = num_blocks or size_kv_pools(loaded, device, dtype, block_size, kv_cache_bytes,
-                                         max_num_batched_tokens, attention_backend)
+                                         max_num_batched_tokens, attention_backend, graph_tokens=graph_tokens)
     return [
         LoadedModel(path, ModelRunner(model, config, device, dtype, blocks, block_size, attention_backend),
                     Tokenizer(path), _core.BlockPool(blocks, block_size))
