@@ -52,6 +52,16 @@ void Sequence::set_num_computed(int64_t n) {
   num_computed_ = n;
 }
 
+void Sequence::overwrite(int64_t start, const std::vector<int64_t>& tokens) {
+  const int64_t end = start + static_cast<int64_t>(tokens.size());
+  if (start < 0 || end > num_tokens()) {
+    throw std::invalid_argument("overwrite(" + std::to_string(start) + ", " + std::to_string(tokens.size()) +
+                                " tokens): must lie within [0, " + std::to_string(num_tokens()) + ")");
+  }
+  for (int64_t t : tokens) check_token(t);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens_[static_cast<size_t>(start) + i] = tokens[i];
+}
+
 void Sequence::truncate(int64_t n) {
   if (n < 0 || n > num_tokens()) {
     throw std::invalid_argument("truncate(" + std::to_string(n) + "): must be in [0, " +

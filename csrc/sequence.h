@@ -29,6 +29,9 @@ class Sequence {
   void set_num_computed(int64_t n);
   // Keeps tokens[:n] and the blocks that hold their slots; the rest go back to the pool.
   void truncate(int64_t n);
+  // tokens[start:start + len(tokens)] = tokens, in place (no block or num_computed change): the
+  // drafts a round appended as placeholders get their values after the walk's one host read.
+  void overwrite(int64_t start, const std::vector<int64_t>& tokens);
 
   // Blocks to add so positions [0, total_slots) have slots (0 when they already do).
   int64_t blocks_needed(int64_t total_slots) const;

@@ -22,6 +22,7 @@ from ..model.model_pair import LoadedModel, load_models
 from ..model.graph_runner import attach_graphs, graph_mode, graph_reserve_tokens
 from ..model.model_runner import DEFAULT_BLOCK_SIZE
 from ..pairing import BASE_MODEL, NUDGER_MODEL, Pairing
+from ..pairing.host_read import HostReads
 from ..pairing.text import TextPairing
 from ..pairing.token import FAILED, TokenPairing
 from .prompts import DEFAULT_BASE_TEMPLATE, ChatFormat, Prompt
@@ -205,7 +206,9 @@ class NudgeEngine:
         self.stats.preemptions += len(sched.preempted)
         if not sched.req_ids:
             return ended
+        reads = HostReads.count
         touched = self._pair.run_round([self.requests[i] for i in sched.req_ids], sched)
+        self.stats.host_reads += HostReads.count - reads
         return ended + touched + self._end_failed()
 
     def guard(self, req, fn, *args):

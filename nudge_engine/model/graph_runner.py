@@ -122,7 +122,7 @@ class GraphRunner:
         self._qsl = {q: torch.arange(max_bs + 1, **i32) * q for q in self.query_lens}       # q -> [max_bs + 1]
         self._graphs: dict[tuple[int, int], tuple[Callable, dict]] = {}
         self.capture_seconds = 0.0
-        self.replays = 0
+        self.replays: dict[tuple[int, int], int] = {}   # (padded batch size, query length) -> replays
 
     # ------------------------------------------------------------------ capture
     def capture_all(self) -> None:
@@ -157,8 +157,9 @@ class GraphRunner:
             return None
         return next(s for s in self.sizes if s >= n), q
 
-    def run(self, batch, key: tuple[int, int], rows: torch.Tensor | None) -> torch.Tensor:
-        """The batch's logits at `rows` of its flat tokens (default: each sequence's last token)."""
+    def run(self, batch, key: tuple[int, int], rows: torch.Tensor | None, override=None) -> torch.Tensor:
+        """The batch's logits at `rows` of its flat tokens (default: each sequence's last token);
+        override as in LoadedModel.forward (device-side input ids)."""
         bs, q = key
         n = len(batch.seq_lens)
         t = n * q
@@ -167,6 +168,9 @@ class GraphRunner:
             dst.copy_(torch.from_numpy(a), non_blocking=True)
 
         put(self.input_ids[:t], batch.input_ids)
+        if override is not None:
+            index, values = override
+            self.input_ids[:t][slice(None) if index is None else index] = values
         put(self.positions[:t], batch.positions)
         put(self.slot_mapping[:t], batch.slot_mapping)
         w = batch.block_tables.shape[1]
@@ -176,7 +180,7 @@ class GraphRunner:
         self._reset_pad(n, bs, q)
         replay, out = self._graphs[key]
         replay(n)
-        self.replays += 1
+        self.replays[key] = self.replays.get(key, 0) + 1
         if rows is None:
             rows = torch.from_numpy(batch.logits_indices)
         return out["logits"][rows.to(self.runner.device)]

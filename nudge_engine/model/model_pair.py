@@ -25,14 +25,20 @@ class LoadedModel:
     def config(self):
         return self.runner.config
 
-    def forward(self, seqs: list, num_new: list[int], rows=None) -> torch.Tensor:
+    def forward(self, seqs: list, num_new: list[int], rows=None, override=None) -> torch.Tensor:
         """One pass over `num_new[i]` new tokens of each sequence; float32 logits at `rows` of the flat
-        batch (a list or tensor), by default at each sequence's last new token."""
+        batch (a list or tensor), by default at each sequence's last new token.
+        override: (index [m] or None for all, values [m] int64 on the device): input ids that only the
+        device knows (drafts), written over the host's placeholders at those flat positions."""
         batch = _core.build_batch(seqs, num_new, self.runner.block_size)
         key = self.graphs.padded_size(batch) if self.graphs is not None else None
         if key is not None:
-            return self.graphs.run(batch, key, None if rows is None else torch.as_tensor(rows, dtype=torch.long))
+            return self.graphs.run(batch, key, None if rows is None else torch.as_tensor(rows, dtype=torch.long),
+                                   override)
         inputs = StepInputs.from_batch(batch, self.runner.device)
+        if override is not None:
+            index, values = override
+            inputs.input_ids[slice(None) if index is None else index] = values
         index = torch.from_numpy(batch.logits_indices) if rows is None else torch.as_tensor(rows, dtype=torch.long)
         return self.runner.forward(inputs, index.to(self.runner.device))
 

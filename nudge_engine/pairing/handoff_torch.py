@@ -129,7 +129,7 @@ class HandoffStep:
     num_pos: int
 
     def to_host(self) -> "HandoffResult":
-        host = self.packed.cpu()
+        host = self.packed if self.packed.device.type == "cpu" else self.packed.cpu()  # read once (host_read)
         r, p = self.num_req, self.num_pos
         return HandoffResult(
             num_accepted=host[0:r],
