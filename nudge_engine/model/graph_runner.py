@@ -20,6 +20,7 @@ buffers, so the padding and static-buffer logic runs in CPU tests. Only torch.cu
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Callable
 
@@ -34,18 +35,18 @@ log = logging.getLogger("nudge_engine")
 PAD_SLOT = NO_SLOT   # slot of a padded row: its K/V is not stored
 PAD_BLOCK = 0        # block a padded row reads its (junk, never used) context from
 PAD_TOKEN = 0        # input id of a padded row
+CPU_GRAPHS_ENV = "NUDGE_CPU_GRAPHS"   # "replay": the CPU engine's default becomes the replay emulation
 SMALL_BATCH_SIZES = (1, 2, 4, 8)
 BATCH_SIZE_STEP = 16
 
 
 def capture_batch_sizes(max_num_seqs: int) -> list[int]:
     """1, 2, 4, 8, 16, 32, ... up to the first size that holds max_num_seqs."""
-    sizes = []
-    size = 0
-    while size < max_num_seqs:
-        size = SMALL_BATCH_SIZES[len(sizes)] if len(sizes) < len(SMALL_BATCH_SIZES) else size + BATCH_SIZE_STEP
-        size = max(size, 1)
-        sizes.append(size)
+    sizes: list[int] = []
+    while not sizes or sizes[-1] < max_num_seqs:
+        n = len(sizes)
+        sizes.append(SMALL_BATCH_SIZES[n] if n < len(SMALL_BATCH_SIZES)
+                     else BATCH_SIZE_STEP * (n - len(SMALL_BATCH_SIZES) + 1))
     return sizes
 
 
@@ -214,13 +215,16 @@ def make_graph_runner(runner: ModelRunner, mode: str, max_num_seqs: int, query_l
 
 
 def graph_mode(enforce_eager: bool | None, device: torch.device) -> str:
-    """enforce_eager (vLLM's name): None = graphs on CUDA, eager on the CPU; False on the CPU = the
-    replay emulation (tests); True = eager everywhere."""
+    """enforce_eager (vLLM's name): None = graphs on CUDA, eager on the CPU (or the replay emulation
+    when the environment sets NUDGE_CPU_GRAPHS=replay: whole test files run under it); False on
+    the CPU = the replay emulation; True = eager everywhere."""
     if enforce_eager:
         return "eager"
     if device.type == "cuda":
         return "cuda"
-    return "eager" if enforce_eager is None else "replay"
+    if enforce_eager is None:
+        return "replay" if os.environ.get(CPU_GRAPHS_ENV) == "replay" else "eager"
+    return "replay"
 
 
 def graph_query_lens(num_models: int, draft_tokens: int) -> list[list[int]]:
