@@ -29,10 +29,12 @@ class Handoff:
         self.word_start_host = word_start                  # [vocab] bool
         self.word_start = word_start.to(device)            # [vocab] bool
         self._step = handoff_step_torch
+        self._walk_bound = True   # the torch walk takes its loop bound from the host (no device read)
         self._no_token = torch.full((1,), NO_TOKEN, dtype=torch.long, device=device)  # [1]
         if use_triton:  # with the Triton attention backend: on CUDA, or interpreted in tests
             from ..kernels.handoff_step import handoff_step
             self._step = handoff_step
+            self._walk_bound = False
 
     def decide(
         self,
@@ -100,6 +102,7 @@ class Handoff:
             torch.tensor([reqs[i].gamma for i in idx], dtype=torch.float32, device=dev),
             torch.tensor([reqs[i].resume_on_agreement for i in idx], dtype=torch.bool, device=dev),
             self.word_start,
+            **({"max_len": max(b - a for a, b in zip(starts, starts[1:]))} if self._walk_bound else {}),
         )
         # The round's one small device-to-host copy: the walk's packed result and the drafts' values.
         host = host_read(torch.cat([step.packed, flat_drafts.to(torch.int32)]))
