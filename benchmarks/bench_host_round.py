@@ -82,7 +82,7 @@ def noop_table(pair, device, quick: bool) -> list[dict]:
     vocab = NudgeEngine(pair[0], enforce_eager=True, num_blocks=4).base.config.vocab_size
     with noop_forwards(vocab):
         for n in REQUESTS:
-            rounds = {1: 200, 16: 60, 256: 12}[n] // (4 if quick else 1)
+            rounds = {1: 80, 16: 40, 256: 12}[n] // (4 if quick else 1)   # (rounds + 8) * 5 tokens fit 512
             blocks = n * (-(-(PROMPT_LEN + (rounds + 8) * (DRAFTS + 1) + 8) // 16) + 1)
             for nudged in (False, True):
                 row = {"requests": n, "pairing": "nudged k=4" if nudged else "base alone"}
@@ -99,7 +99,7 @@ def noop_table(pair, device, quick: bool) -> list[dict]:
 
 def gpu_table(pair, device, quick: bool) -> list[dict]:
     rows = []
-    rounds = 30 if quick else 100
+    rounds = 30 if quick else 80
     for nudged in (False, True):
         row = {"requests": 1, "pairing": "nudged k=4" if nudged else "base alone"}
         for mode, eager in (("eager", True), ("graphs", False)):

@@ -6,7 +6,8 @@
 #   stage 1 (< 2 min): environment, build, kernel tests on CUDA, Triton backend == torch backend end
 #                      to end, host syncs per engine round (torch.cuda.set_sync_debug_mode)
 #   stage 2:           kernel benchmarks against copy bandwidth (bench_kernels.py: attention, handoff,
-#                      top-1; bench_fused.py: the fused per-layer steps beside the torch steps)
+#                      top-1; bench_fused.py: the fused per-layer steps beside the torch steps);
+#                      ms/token at batch 1, eager against CUDA graphs (bench_host_round.py --gpu)
 #   stage 3:           latency and throughput suites (OLMo-2-7B + 1B shapes, random weights)
 #
 #   bash benchmarks/gpu_check.sh [--quick] [--stages 1,2,3] [--dry-run]
@@ -170,6 +171,10 @@ if want 2; then
     copy_results kernels.md kernels.md
     run_part "fused kernel benchmark" $([ -n "$QUICK" ] && echo 45 || echo 120) $PY benchmarks/bench_fused.py $QUICK
     append_results fused.md kernels.md
+    # ms/token of the base alone and nudged at batch 1, eager against CUDA graphs (issue 16).
+    run_part "eager vs CUDA graphs at batch 1" $([ -n "$QUICK" ] && echo 60 || echo 120) \
+        $PY -m benchmarks.bench_host_round --gpu $QUICK
+    append_results graphs_batch1.md kernels.md
     bundle_results
     end_stage "kernel benchmarks vs copy bandwidth"
 fi
