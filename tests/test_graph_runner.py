@@ -145,3 +145,16 @@ def test_padded_replay_writes_no_kv_for_padded_rows_and_matches_eager(engines, n
         for s in seqs:
             s.release()
         assert model.pool.all_free()
+
+
+def test_enforce_eager_flag_reaches_the_engine(tiny_pair, monkeypatch):
+    from nudge_engine import cli
+    base, nudger = tiny_pair("llama", "llama", "bytelevel", agreement=0.6)
+    for flag, want in (([], None), (["--enforce-eager"], True)):
+        args = cli.build_parser().parse_args(["generate", "--base", str(base), "--nudger", str(nudger),
+                                              "--prompt", "hi", *flag])
+        seen = {}
+        monkeypatch.setattr("nudge_engine.engine.engine.NudgeEngine.__init__",
+                            lambda self, *a, **kw: seen.update(kw))
+        cli._make_engine(args)
+        assert seen["enforce_eager"] is want
