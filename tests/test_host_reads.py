@@ -90,3 +90,23 @@ def test_no_read_in_a_round_before_the_walk(tiny_pair, check_pools, monkeypatch,
         steps += 1
     assert steps > 5 and engine.stats.drafted_tokens > 0
     assert not state["early"], state["early"][:10]
+
+
+def test_sequence_overwrite_replaces_placeholders_in_place():
+    """Sequence.overwrite (csrc/sequence.cpp): the drafts' values over their placeholders, with the
+    blocks and num_computed untouched; out of range or invalid tokens raise and change nothing."""
+    from nudge_engine import _core
+    pool = _core.BlockPool(4, 4)
+    seq = _core.Sequence(pool)
+    seq.append([7, 8, 9, 0, 0])
+    assert seq.reserve(5)
+    seq.set_num_computed(5)
+    table = list(seq.block_table)
+    seq.overwrite(3, [11, 12])
+    assert list(seq.tokens) == [7, 8, 9, 11, 12] and list(seq.block_table) == table and seq.num_computed == 5
+    for start, tokens in ((4, [1, 2]), (-1, [1]), (0, [-3])):
+        with pytest.raises(ValueError):
+            seq.overwrite(start, tokens)
+    assert list(seq.tokens) == [7, 8, 9, 11, 12]
+    seq.release()
+    assert pool.all_free()
