@@ -7,7 +7,8 @@
 #                      to end, host syncs per engine round (torch.cuda.set_sync_debug_mode), tensor
 #                      parallel 1 (and 2 over NCCL on a machine with two GPUs: benchmarks/tp_check.py)
 #   stage 2:           kernel benchmarks against copy bandwidth (bench_kernels.py: attention, handoff,
-#                      top-1; bench_fused.py: the fused per-layer steps beside the torch steps), and
+#                      top-1; bench_fused.py: the fused per-layer steps beside the torch steps);
+#                      ms/token at batch 1, eager against CUDA graphs (bench_host_round.py --gpu); and
 #                      prefix caching on vs off (benchmarks/prefix_cache.py, tiny pair)
 #   stage 3:           latency and throughput suites (OLMo-2-7B + 1B shapes, random weights)
 #
@@ -191,6 +192,10 @@ if want 2; then
     run_part "prefix cache benchmark" $([ -n "$QUICK" ] && echo 45 || echo 120) $PY -m benchmarks.prefix_cache \
         --device cuda --models tiny $QUICK
     append_results prefix_cache.md kernels.md
+    # ms/token of the base alone and nudged at batch 1, eager against CUDA graphs (issue 16).
+    run_part "eager vs CUDA graphs at batch 1" $([ -n "$QUICK" ] && echo 60 || echo 120) \
+        $PY -m benchmarks.bench_host_round --gpu $QUICK
+    append_results graphs_batch1.md kernels.md
     bundle_results
     end_stage "kernel benchmarks vs copy bandwidth"
 fi

@@ -24,6 +24,7 @@ from nudge_engine.testing import make_tiny_pair
 
 def count_round_syncs(engine: NudgeEngine, rounds: int) -> tuple[list[int], collections.Counter]:
     per_round, where = [], collections.Counter()
+    draft_syncs = _spy_draft_loop()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         for _ in range(rounds):
@@ -38,7 +39,36 @@ def count_round_syncs(engine: NudgeEngine, rounds: int) -> tuple[list[int], coll
                 where[f"{w.filename.rsplit('/', 1)[-1]}:{w.lineno}"] += 1
     finally:
         torch.cuda.set_sync_debug_mode("default")
+        draft_syncs.restore()
+    where["draft loop (must be 0)"] = draft_syncs.count
     return per_round, where
+
+
+def _spy_draft_loop():
+    """Counts the syncs raised inside the nudger's draft loop (pairing/device_drafts.py), which
+    must have none: its picks and inputs stay on the device (issue 16)."""
+    from nudge_engine.pairing import token
+
+    real = token.draft_on_device
+
+    class Spy:
+        count = 0
+
+        @staticmethod
+        def restore():
+            token.draft_on_device = real
+
+    def spy(*args, **kwargs):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = real(*args, **kwargs)
+        Spy.count += sum(1 for w in caught if "synchroniz" in str(w.message))
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)  # still counted per round
+        return out
+
+    token.draft_on_device = spy
+    return Spy
 
 
 def main(argv=None) -> int:
@@ -63,7 +93,8 @@ def main(argv=None) -> int:
             while engine.has_unfinished():
                 engine.step()
             report[f"draft_tokens={k}"] = {"syncs_per_round": per_round, "where": dict(where.most_common(10))}
-            print(f"draft_tokens={k}: host syncs per round {per_round}; top sites {where.most_common(5)}")
+            print(f"draft_tokens={k}: host syncs per round {per_round}; top sites {where.most_common(5)}; "
+                  f"in the draft loop {where['draft loop (must be 0)']}")
         assert engine.pools_all_free()
     if args.out:
         with open(args.out, "w") as f:

@@ -136,6 +136,10 @@ PYBIND11_MODULE(_core, m) {
       .def("append", py::overload_cast<const std::vector<int64_t>&>(&Sequence::append),
            py::arg("ids"))
       .def("set_num_computed", &Sequence::set_num_computed, py::arg("n"))
+      .def("append_provisional", &Sequence::append_provisional, py::arg("placeholders"),
+           "Append drafts picked on the device (values unknown here): not cached until overwrite().")
+      .def("overwrite", &Sequence::overwrite, py::arg("start"), py::arg("tokens"),
+           "tokens[start:start + len(tokens)] = tokens (placeholder drafts get their values).")
       .def("truncate", &Sequence::truncate, py::arg("n"),
            "Keep tokens[:n]; free the blocks not needed for n slots.")
       .def("blocks_needed", &Sequence::blocks_needed, py::arg("total_slots"))

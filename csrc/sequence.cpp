@@ -57,12 +57,33 @@ void Sequence::set_num_computed(int64_t n) {
   register_computed_blocks();
 }
 
+void Sequence::overwrite(int64_t start, const std::vector<int64_t>& tokens) {
+  const int64_t end = start + static_cast<int64_t>(tokens.size());
+  if (start < 0 || end > num_tokens()) {
+    throw std::invalid_argument("overwrite(" + std::to_string(start) + ", " + std::to_string(tokens.size()) +
+                                " tokens): must lie within [0, " + std::to_string(num_tokens()) + ")");
+  }
+  for (int64_t t : tokens) check_token(t);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens_[static_cast<size_t>(start) + i] = tokens[i];
+  if (provisional_from_ >= start && provisional_from_ < end) {
+    provisional_from_ = end < num_tokens() ? end : kNoProvisional;
+    register_computed_blocks();
+  }
+}
+
+void Sequence::append_provisional(const std::vector<int64_t>& placeholders) {
+  if (placeholders.empty()) return;
+  provisional_from_ = std::min(provisional_from_, num_tokens());
+  append(placeholders);
+}
+
 void Sequence::truncate(int64_t n) {
   if (n < 0 || n > num_tokens()) {
     throw std::invalid_argument("truncate(" + std::to_string(n) + "): must be in [0, " +
                                 std::to_string(num_tokens()) + "] (num_tokens)");
   }
   tokens_.resize(static_cast<size_t>(n));
+  if (provisional_from_ >= n) provisional_from_ = kNoProvisional;
   const int64_t keep = blocks_for_slots(n, block_size());
   // Whole blocks past the end hold valid K/V of their hash: they go back to the pool still cached.
   if (keep < static_cast<int64_t>(block_table_.size())) free_blocks_from(static_cast<size_t>(keep));
@@ -119,7 +140,7 @@ int64_t Sequence::match_cached_prefix() {
 void Sequence::register_computed_blocks() {
   if (!pool_->prefix_caching()) return;
   const int64_t bs = block_size();
-  const size_t full = static_cast<size_t>(num_computed_ / bs);
+  const size_t full = static_cast<size_t>(std::min(num_computed_, provisional_from_) / bs);
   for (size_t i = block_hashes_.size(); i < full; ++i) {
     const int64_t* tokens = tokens_.data() + static_cast<int64_t>(i) * bs;
     const uint64_t parent = parent_hash(i);

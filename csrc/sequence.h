@@ -1,6 +1,7 @@
 // One model's view of one request: the tokens it knows and the KV blocks that hold them.
 #pragma once
 
+#include <climits>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -23,6 +24,9 @@ namespace nudge {
 // slots will be rewritten, so it stops being cached first: a block only this sequence holds is
 // unregistered; a block another sequence shares is never written: it and every block after it
 // leave the table and num_computed drops to its start (recomputed into fresh blocks).
+// No provisional token in the sequence.
+constexpr int64_t kNoProvisional = INT64_MAX;
+
 class Sequence {
  public:
   explicit Sequence(std::shared_ptr<BlockPool> pool);
@@ -37,6 +41,14 @@ class Sequence {
   void set_num_computed(int64_t n);
   // Keeps tokens[:n] and the blocks that hold their slots; the rest go back to the pool.
   void truncate(int64_t n);
+  // Appends tokens whose values the host does not know yet (drafts picked on the device): their
+  // K/V are computed from the device's values, so no block holding one is cached (its hash would
+  // be the placeholder's) until overwrite() gives the values.
+  void append_provisional(const std::vector<int64_t>& placeholders);
+  // tokens[start:start + len(tokens)] = tokens, in place (no block or num_computed change): the
+  // drafts a round appended as placeholders get their values after the walk's one host read.
+  // Provisional tokens it covers become known, and their computed full blocks are cached.
+  void overwrite(int64_t start, const std::vector<int64_t>& tokens);
 
   // Blocks to add so positions [0, total_slots) have slots (0 when they already do).
   int64_t blocks_needed(int64_t total_slots) const;
@@ -84,6 +96,8 @@ class Sequence {
   std::vector<uint64_t> block_hashes_;  // [i]: hash chain of block i, for i < num_hashed_blocks
   bool reuse_cached_prefix_ = true;
   int64_t num_cached_tokens_ = 0;
+  // Position of the first provisional token (see append_provisional); kNoProvisional when none.
+  int64_t provisional_from_ = kNoProvisional;
 };
 
 }  // namespace nudge

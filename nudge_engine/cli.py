@@ -62,6 +62,8 @@ def _engine_options(p: argparse.ArgumentParser, nudger_required: bool) -> None:
                    help="with --tensor-parallel-size: the nudger whole on rank 0 (default) or sharded like the base")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV blocks of shared prompt prefixes in both models (default: on)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs: run decode passes eagerly (graphs are on by default on CUDA)")
 
 
 def _positive_float(text: str) -> float:
@@ -102,7 +104,8 @@ def _make_engine(args):
               num_blocks=args.num_blocks,
               base_template=args.base_template, response_prefix=args.response_prefix,
               seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
-              nudger_placement=args.nudger_placement, enable_prefix_caching=args.enable_prefix_caching)
+              nudger_placement=args.nudger_placement, enable_prefix_caching=args.enable_prefix_caching,
+              enforce_eager=True if args.enforce_eager else None)
     return NudgeEngine(args.base, args.nudger, **kw)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nudge_engine.pairing import token as engine_module
+from nudge_engine.pairing import device_drafts
 from nudge_engine.engine import NudgeEngine
 from nudge_engine.engine.request import RequestFailedError
 from nudge_engine.engine.sampling_params import NudgeParams, SamplingParams
@@ -140,14 +140,14 @@ def test_request_larger_than_a_pool_is_refused_at_admission(pair):
 def test_a_failure_in_one_requests_work_ends_that_request_alone(engine, alone, monkeypatch):
     """A request whose own sampling raises ends with finish_reason "error"; the batch goes on."""
     poisoned = 424242
-    real_draw = engine_module.draw
+    real_draw = device_drafts._sample    # the nudger's draft draw (it stays on the device)
 
     def draw(probs, generator):
         if generator.initial_seed() == poisoned:
             raise RuntimeError("planted failure")
         return real_draw(probs, generator)
 
-    monkeypatch.setattr(engine_module, "draw", draw)
+    monkeypatch.setattr(device_drafts, "_sample", draw)
     bad = SamplingParams(max_tokens=8, temperature=1.0, seed=poisoned)
     out = _beside(engine, alone, bad, NudgeParams(gamma=1.5))        # the nudger samples its first token
     assert out.finish_reason == "error" and "planted failure" in out.error

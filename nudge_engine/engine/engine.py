@@ -19,8 +19,10 @@ from tqdm import tqdm
 from .. import _core
 from ..model.loader import resolve_device, resolve_dtype
 from ..model.model_pair import LoadedModel, load_models
+from ..model.graph_runner import attach_graphs, graph_mode, graph_reserve_tokens
 from ..model.model_runner import DEFAULT_BLOCK_SIZE
 from ..pairing import BASE_MODEL, NUDGER_MODEL, Pairing
+from ..pairing.host_read import HostReads
 from ..pairing.text import TextPairing
 from ..pairing.token import FAILED, TokenPairing
 from .prompts import DEFAULT_BASE_TEMPLATE, ChatFormat, Prompt
@@ -62,6 +64,7 @@ class NudgeEngine:
         tensor_parallel_size: int = 1,          # > 1: the base sharded over that many processes/GPUs
         nudger_placement: str = "rank0",        # "rank0" (whole, rank 0 only) or "tensor" (see distributed/)
         enable_prefix_caching: bool = True,   # reuse the KV of shared prompt prefixes (README: Prefix caching)
+        enforce_eager: bool | None = None,     # None: CUDA graphs on CUDA, eager on the CPU (graph_runner.py)
     ):
         self.defaults = NudgeParams(gamma=gamma, draft_tokens=draft_tokens, resume_on_agreement=resume_on_agreement,
                                     adaptive_drafting=adaptive_drafting)
@@ -70,9 +73,13 @@ class NudgeEngine:
         self.chat_format = ChatFormat(base_template or DEFAULT_BASE_TEMPLATE, response_prefix, base_template is None)
         self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.graph_mode = graph_mode(enforce_eager, self.device)
         self.paths = [Path(base)] + ([Path(nudger)] if nudger is not None else [])
         self._tp = None
         if tensor_parallel_size != 1:
+            # Graphs are not captured across ranks yet (the workers' passes would need the same replay):
+            # a tensor-parallel engine runs eagerly.
+            self.graph_mode = graph_mode(True, self.device)
             self._tp = _start_tensor_parallel(tensor_parallel_size, nudger_placement, self.paths, device, dtype,
                                               attention_backend, block_size, kv_cache_bytes, num_blocks,
                                               max_num_batched_tokens, enable_prefix_caching)
@@ -81,7 +88,10 @@ class NudgeEngine:
             self.models = load_models(self.paths, self.device, self.dtype, attention_backend=attention_backend,
                                       block_size=block_size, kv_cache_bytes=kv_cache_bytes, num_blocks=num_blocks,
                                       max_num_batched_tokens=max_num_batched_tokens,
-                                      enable_prefix_caching=enable_prefix_caching)
+                                      enable_prefix_caching=enable_prefix_caching,
+                                      graph_tokens=graph_reserve_tokens(self.graph_mode, max_num_seqs,
+                                                                        len(self.paths), draft_tokens))
+            attach_graphs(self.models, self.graph_mode, max_num_seqs, draft_tokens)
         self.scheduler = _core.Scheduler([m.pool for m in self.models], max_num_seqs, max_num_batched_tokens)
         self.eos_ids = frozenset(itertools.chain.from_iterable(m.config.eos_token_ids for m in self.models))
         self.requests: dict = {}
@@ -215,7 +225,9 @@ class NudgeEngine:
         self.stats.preemptions += len(sched.preempted)
         if not sched.req_ids:
             return ended
+        reads = HostReads.count
         touched = self._pair.run_round([self.requests[i] for i in sched.req_ids], sched)
+        self.stats.host_reads += HostReads.count - reads
         return ended + touched + self._end_failed()
 
     def guard(self, req, fn, *args):

@@ -26,7 +26,8 @@ def processed_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
     top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)
     top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
     min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
-    if bool((top_k < vocab).any() | (top_p < 1).any() | (min_p > 0).any()):
+    # Decided from the settings on the host: a branch on device values would sync the device.
+    if any(0 < p.top_k < vocab or p.top_p < 1 or p.min_p > 0 for p in params):
         ordered, order = probs.sort(dim=-1, descending=True)
         keep = torch.arange(vocab, device=dev)[None, :] < top_k[:, None]
         ordered = torch.where(keep, ordered, 0.0)
@@ -38,10 +39,8 @@ def processed_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
         probs = probs / probs.sum(-1, keepdim=True)
     total = probs.sum(-1)
     one_hot_rows = greedy | ~torch.isfinite(total) | (total <= 0)
-    if bool(one_hot_rows.any()):
-        one_hot = torch.nn.functional.one_hot(logits.argmax(-1), vocab).to(probs.dtype)
-        probs = torch.where(one_hot_rows[:, None], one_hot, probs)
-    return probs
+    one_hot = torch.nn.functional.one_hot(logits.argmax(-1), vocab).to(probs.dtype)  # always: no sync
+    return torch.where(one_hot_rows[:, None], one_hot, probs)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator) -> int:

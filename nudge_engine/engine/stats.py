@@ -16,6 +16,7 @@ class EngineStats:
     handoffs: int = 0
     preemptions: int = 0
     failed_requests: int = 0      # requests ended alone because their own work raised
+    host_reads: int = 0           # device-to-host reads of the rounds (pairing/host_read.py)
 
     def record_round(self, drafted: int, accepted: int, sources: list[int], mode_changed: bool) -> None:
         self.rounds += 1

@@ -2,7 +2,8 @@
 
 config.py (config.json / GGUF metadata -> ModelConfig), loader.py (safetensors and GGUF weights,
 family registry), families/ (Llama/Llama-3, Qwen2, Gemma-2, OLMo, OLMo-2 on one decoder),
-model_runner.py (paged-KV forward of a batch), byte_alphabet.py, sizing.py (KV pool sizes), model_pair.py (the loaded
+model_runner.py (paged-KV forward of a batch), graph_runner.py (decode-shaped passes from captured CUDA graphs,
+or their CPU replay emulation), byte_alphabet.py, sizing.py (KV pool sizes), model_pair.py (the loaded
 models with their pools), scoring.py (load_model: log-likelihood scoring), tokenizer.py and
 gguf_*.py, real_model.py (the real test model's fetcher), errors.py.
 

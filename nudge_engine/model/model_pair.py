@@ -19,16 +19,26 @@ class LoadedModel:
     runner: ModelRunner
     tokenizer: Tokenizer
     pool: _core.BlockPool
+    graphs: object = None  # GraphRunner for decode-shaped passes, or None (eager)
 
     @property
     def config(self):
         return self.runner.config
 
-    def forward(self, seqs: list, num_new: list[int], rows=None) -> torch.Tensor:
+    def forward(self, seqs: list, num_new: list[int], rows=None, override=None) -> torch.Tensor:
         """One pass over `num_new[i]` new tokens of each sequence; float32 logits at `rows` of the flat
-        batch (a list or tensor), by default at each sequence's last new token."""
+        batch (a list or tensor), by default at each sequence's last new token.
+        override: (index [m] or None for all, values [m] int64 on the device): input ids that only the
+        device knows (drafts), written over the host's placeholders at those flat positions."""
         batch = _core.build_batch(seqs, num_new, self.runner.block_size)
+        key = self.graphs.padded_size(batch) if self.graphs is not None else None
+        if key is not None:
+            return self.graphs.run(batch, key, None if rows is None else torch.as_tensor(rows, dtype=torch.long),
+                                   override)
         inputs = StepInputs.from_batch(batch, self.runner.device)
+        if override is not None:
+            index, values = override
+            inputs.input_ids[slice(None) if index is None else index] = values
         index = torch.from_numpy(batch.logits_indices) if rows is None else torch.as_tensor(rows, dtype=torch.long)
         return self.runner.forward(inputs, index.to(self.runner.device))
 
@@ -54,12 +64,13 @@ class LoadedModel:
 
 def load_models(paths: list[Path], device: torch.device, dtype: torch.dtype, *, attention_backend: str,
                 block_size: int, kv_cache_bytes: int | None, num_blocks: int | None,
-                max_num_batched_tokens: int, enable_prefix_caching: bool = False) -> list[LoadedModel]:
+                max_num_batched_tokens: int, enable_prefix_caching: bool = False,
+                graph_tokens: int = 0) -> list[LoadedModel]:
     """One LoadedModel per path; every pool gets the same number of blocks (sizing.py says why) and, with
     enable_prefix_caching, its own prefix cache (a block's KV depends on its model, so caches never mix)."""
     loaded = [load_causal_lm(p, device, dtype) for p in paths]
     blocks = num_blocks or size_kv_pools(loaded, device, dtype, block_size, kv_cache_bytes,
-                                         max_num_batched_tokens, attention_backend)
+                                         max_num_batched_tokens, attention_backend, graph_tokens=graph_tokens)
     return [
         LoadedModel(path, ModelRunner(model, config, device, dtype, blocks, block_size, attention_backend),
                     Tokenizer(path), _core.BlockPool(blocks, block_size, enable_prefix_caching))

@@ -44,13 +44,17 @@ def _warmup_peak_bytes(runner_args: list[tuple], device: torch.device, dtype: to
 
 def size_kv_pools(loaded: list[tuple], device: torch.device, dtype: torch.dtype, block_size: int,
                   kv_cache_bytes: int | None, max_num_batched_tokens: int, attention_backend: str = "auto",
-                  gpu_memory_fraction: float = DEFAULT_GPU_MEMORY_FRACTION) -> int:
-    """loaded: [(model, config)] per model -> blocks per pool."""
+                  gpu_memory_fraction: float = DEFAULT_GPU_MEMORY_FRACTION, graph_tokens: int = 0) -> int:
+    """loaded: [(model, config)] per model -> blocks per pool. graph_tokens: the largest captured
+    decode pass (graph_runner.py); its activations live in the graphs' own pool, so they are
+    reserved on top of the eager warm-up's."""
     per_block = sum(kv_bytes_per_block(config, block_size, dtype) for _, config in loaded)
     if kv_cache_bytes is None:
         if device.type == "cuda":
             activations = _warmup_peak_bytes(loaded, device, dtype, block_size, max_num_batched_tokens,
                                              attention_backend)
+            if graph_tokens:
+                activations += _warmup_peak_bytes(loaded, device, dtype, block_size, graph_tokens, attention_backend)
             free, total = torch.cuda.mem_get_info(device)
             kv_cache_bytes = int(free - (1 - gpu_memory_fraction) * total) - activations
         else:

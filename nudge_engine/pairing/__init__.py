@@ -9,6 +9,8 @@ statistics; it picks ONE pairing at construction and hands it the per-round work
             the output text, each model reads the other's finished words);
   handoff.py, handoff_torch.py, sampling_walk.py: the token path's decision rules (greedy walk,
             fused top-1/handoff step and its torch reference, rejection-sampling walk);
+  device_drafts.py: the token path's draft passes, kept on the device (placeholders on the host);
+  host_read.py: the one counted door from the device to the host in a round;
   wordpieces.py, spans.py, text_request.py: the text path's word pieces, span text and request.
 
 A pairing implements the small interface below and reads the engine it serves (models, scheduler,

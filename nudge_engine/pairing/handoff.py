@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .handoff_torch import NO_TOKEN, handoff_step_torch, top1_stats_torch
+from .handoff_torch import NO_TOKEN, HandoffStep, handoff_step_torch, top1_stats_torch
 from ..engine.request import Mode, Request, Source
 from ..engine.sampler import processed_probs
+from .host_read import host_read
 from .sampling_walk import sampling_walk
 
 
@@ -28,9 +29,12 @@ class Handoff:
         self.word_start_host = word_start                  # [vocab] bool
         self.word_start = word_start.to(device)            # [vocab] bool
         self._step = handoff_step_torch
+        self._walk_bound = True   # the torch walk takes its loop bound from the host (no device read)
+        self._no_token = torch.full((1,), NO_TOKEN, dtype=torch.long, device=device)  # [1]
         if use_triton:  # with the Triton attention backend: on CUDA, or interpreted in tests
             from ..kernels.handoff_step import handoff_step
             self._step = handoff_step
+            self._walk_bound = False
 
     def decide(
         self,
@@ -39,16 +43,22 @@ class Handoff:
         walk_rows: list[slice],              # each request's rows in base_logits: k + 1 of them
         base_logits: torch.Tensor,           # [rows, vocab] float32
         draft_logits: list[list[torch.Tensor]],  # per request, per draft: the nudger's raw logits [vocab]
+        draft_values: list[torch.Tensor] | None = None,  # per request [len(drafts[i])] int64 on the device
     ) -> list[Decision | Exception]:
         """One Decision per request, or the exception that ended that request's own part of the walk
-        (its sampling walk or its logprobs): a request's failure is not the others'."""
+        (its sampling walk or its logprobs): a request's failure is not the others'.
+
+        With draft_values the drafts' values live on the device (pairing/device_drafts.py) and
+        `drafts` holds placeholders: the walk's one host read brings the values, written into
+        `drafts` in place."""
         decisions: list[Decision | Exception | None] = [None] * len(reqs)
         greedy = [i for i, r in enumerate(reqs) if r.greedy]
         if greedy:
-            self._decide_greedy(greedy, reqs, drafts, walk_rows, base_logits, decisions)
+            self._decide_greedy(greedy, reqs, drafts, walk_rows, base_logits, decisions, draft_values)
         sampled = [i for i, r in enumerate(reqs) if not r.greedy]
         if sampled:
-            self._decide_sampled(sampled, reqs, drafts, walk_rows, base_logits, draft_logits, decisions)
+            self._decide_sampled(sampled, reqs, drafts, walk_rows, base_logits, draft_logits, decisions,
+                                 draft_values)
         for i, r in enumerate(reqs):
             if r.logprobs is not None and isinstance(decisions[i], Decision):
                 try:
@@ -58,30 +68,47 @@ class Handoff:
                     decisions[i] = e
         return decisions
 
-    def _decide_greedy(self, idx, reqs, drafts, walk_rows, base_logits, decisions) -> None:
+    def _flat_drafts(self, idx, drafts, draft_values) -> tuple[torch.Tensor, list[int]]:
+        """Each request's drafts then NO_TOKEN, concatenated: ([P] int64 on the device, starts [R + 1])."""
+        starts = [0]
+        for i in idx:
+            starts.append(starts[-1] + len(drafts[i]) + 1)
+        if draft_values is None:
+            host = [t for i in idx for t in drafts[i] + [NO_TOKEN]]
+            return torch.tensor(host, dtype=torch.int64, device=self.device), starts
+        return torch.cat([t for i in idx for t in (draft_values[i].to(self.device), self._no_token)]), starts
+
+    @staticmethod
+    def _settle(idx, drafts, values: list[int], starts: list[int]) -> None:
+        for j, i in enumerate(idx):
+            drafts[i][:] = values[starts[j]:starts[j] + len(drafts[i])]
+
+    def _decide_greedy(self, idx, reqs, drafts, walk_rows, base_logits, decisions, draft_values=None) -> None:
         if all(not drafts[i] and reqs[i].gamma <= 0 for i in idx):
             # No drafts and a base that always writes (top1 >= 0): the walk is the argmax.
             rows = torch.tensor([walk_rows[i].start for i in idx], device=base_logits.device)
-            for i, tok in zip(idx, base_logits[rows].argmax(-1).tolist()):
+            for i, tok in zip(idx, host_read(base_logits[rows].argmax(-1)).tolist()):
                 decisions[i] = Decision(0, tok, int(reqs[i].mode), reqs[i].run, [], None)
             return
         rows = torch.cat([torch.arange(walk_rows[i].start, walk_rows[i].stop) for i in idx]).to(self.device)
-        flat_drafts = []
-        starts = [0]
-        for i in idx:
-            flat_drafts.extend(drafts[i] + [NO_TOKEN])
-            starts.append(len(flat_drafts))
+        flat_drafts, starts = self._flat_drafts(idx, drafts, draft_values)
         dev = self.device
-        result = self._step(
+        step = self._step(
             base_logits[rows],
-            torch.tensor(flat_drafts, dtype=torch.int64, device=dev),
+            flat_drafts,
             torch.tensor(starts, dtype=torch.int32, device=dev),
             torch.tensor([int(reqs[i].mode) for i in idx], dtype=torch.int32, device=dev),
             torch.tensor([reqs[i].run for i in idx], dtype=torch.int32, device=dev),
             torch.tensor([reqs[i].gamma for i in idx], dtype=torch.float32, device=dev),
             torch.tensor([reqs[i].resume_on_agreement for i in idx], dtype=torch.bool, device=dev),
             self.word_start,
-        ).to_host()  # the round's one small device-to-host copy
+            **({"max_len": max(b - a for a, b in zip(starts, starts[1:]))} if self._walk_bound else {}),
+        )
+        # The round's one small device-to-host copy: the walk's packed result and the drafts' values.
+        host = host_read(torch.cat([step.packed, flat_drafts.to(torch.int32)]))
+        result = HandoffStep(host[:step.packed.shape[0]], step.num_req, step.num_pos).to_host()
+        if draft_values is not None:
+            self._settle(idx, drafts, host[step.packed.shape[0]:].tolist(), starts)
         accepted = result.num_accepted.tolist()
         emitted = result.emit_token.tolist()
         modes, runs = result.new_mode.tolist(), result.new_run.tolist()
@@ -91,18 +118,30 @@ class Handoff:
             decisions[i] = Decision(m, None if emitted[j] == NO_TOKEN else emitted[j], modes[j], runs[j],
                                     sources[starts[j]:starts[j] + m], None)
 
-    def _decide_sampled(self, idx, reqs, drafts, walk_rows, base_logits, draft_logits, decisions) -> None:
-        """Rejection sampling per request, on distributions computed for all of them at once."""
+    def _decide_sampled(self, idx, reqs, drafts, walk_rows, base_logits, draft_logits, decisions,
+                        draft_values=None) -> None:
+        """Rejection sampling per request on the host, on distributions computed for all of them
+        at once; one host read brings the base rows, the drafts' rows and the drafts' values."""
         rows = torch.cat([torch.arange(walk_rows[i].start, walk_rows[i].stop) for i in idx])
-        logits = base_logits[rows.to(base_logits.device)].cpu()                # [rows, vocab]
+        dev = base_logits.device
+        base_rows = base_logits[rows.to(dev)]                                    # [rows, vocab]
+        vocab = base_rows.shape[-1]
+        flat_rows = [row.to(dev) for i in idx for row in draft_logits[i]]
+        draft_rows = torch.stack(flat_rows) if flat_rows else base_rows.new_empty(0, vocab)  # [drafts, vocab]
+        values = (torch.cat([draft_values[i].to(dev) for i in idx]) if draft_values is not None
+                  else torch.empty(0, dtype=torch.long, device=dev))
+        # Token ids ride as float32: exact below 2**24, far above any vocabulary.
+        host = host_read(torch.cat([base_rows.float().flatten(), draft_rows.float().flatten(), values.float()]))
+        logits = host[:base_rows.numel()].view(-1, vocab)
+        draft_host = host[base_rows.numel():base_rows.numel() + draft_rows.numel()].view(-1, vocab)
+        if draft_values is not None:
+            flat_values = host[base_rows.numel() + draft_rows.numel():].long().tolist()
+            self._settle(idx, drafts, flat_values, [sum(len(drafts[i]) for i in idx[:j]) for j in range(len(idx))])
         row_max, argmax, lse, _ = top1_stats_torch(logits)
         top1 = torch.exp(row_max - lse)                                          # raw: the handoff test
         base_probs = processed_probs(logits, [reqs[i].params for i in idx for _ in range(len(drafts[i]) + 1)])
-        flat_drafts = [row for i in idx for row in draft_logits[i]]
-        vocab = logits.shape[-1]
-        draft_probs = (processed_probs(torch.stack(flat_drafts).cpu(),
-                                       [reqs[i].nudger_params for i in idx for _ in draft_logits[i]])
-                       if flat_drafts else torch.empty(0, vocab))
+        draft_probs = (processed_probs(draft_host, [reqs[i].nudger_params for i in idx for _ in draft_logits[i]])
+                       if flat_rows else torch.empty(0, vocab))
         at, dat = 0, 0
         for i in idx:
             r, k = reqs[i], len(drafts[i])
@@ -124,7 +163,7 @@ def _decision_logprobs(d: Decision, drafts: list[int], base_rows: torch.Tensor, 
     sources = d.accepted_sources + [Source.BASE]
     for pos, (tok, src) in enumerate(zip(tokens, sources)):
         row = draft_rows[pos] if src == Source.NUDGER else base_rows[pos]
-        lp = torch.log_softmax(row.float().cpu(), dim=-1)
+        lp = torch.log_softmax(host_read(row.float()), dim=-1)
         entry = {int(tok): float(lp[tok])}
         if top_n > 0:
             vals, ids = lp.topk(top_n)

@@ -75,6 +75,7 @@ def handoff_walk_torch(
     gamma: torch.Tensor,                # [R] float32
     resume_on_agreement: torch.Tensor,  # [R] bool / int
     word_start: torch.Tensor,           # [vocab] bool / int8
+    max_len: int | None = None,         # max(pos_start diffs) when the host knows it: no device read
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(num_accepted [R] int32, emit_token [R] int64, new_mode [R] int32, new_run [R] int32,
     accepted_source [P] int8: SRC_BASE / SRC_NUDGER where accepted, NO_SOURCE elsewhere).
@@ -95,7 +96,8 @@ def handoff_walk_torch(
     num_accepted = torch.zeros(num_req, dtype=torch.int32, device=device)
     emit_token = torch.full((num_req,), NO_TOKEN, dtype=torch.int64, device=device)
     source = torch.full((num_pos,), NO_SOURCE, dtype=torch.int8, device=device)
-    max_len = int(lens.max()) if num_req > 0 else 0
+    if max_len is None:
+        max_len = int(lens.max()) if num_req > 0 else 0
 
     for j in range(max_len):
         walking &= j < lens
@@ -129,7 +131,7 @@ class HandoffStep:
     num_pos: int
 
     def to_host(self) -> "HandoffResult":
-        host = self.packed.cpu()
+        host = self.packed if self.packed.device.type == "cpu" else self.packed.cpu()  # read once (host_read)
         r, p = self.num_req, self.num_pos
         return HandoffResult(
             num_accepted=host[0:r],
@@ -166,12 +168,13 @@ def handoff_step_torch(
     gamma: torch.Tensor,                # [R] float32
     resume_on_agreement: torch.Tensor,  # [R] bool / int
     word_start: torch.Tensor,           # [vocab] bool / int8
+    max_len: int | None = None,         # as in handoff_walk_torch
 ) -> HandoffStep:
     """Stats + walk with the packed result of the Triton `handoff_step` (the CPU engine's path)."""
     row_max, base_argmax, lse, _ = top1_stats_torch(logits)
     base_top1 = torch.exp(row_max - lse)
     acc, emit, new_mode, new_run, source = handoff_walk_torch(
-        base_argmax, base_top1, drafts, pos_start, mode, run, gamma, resume_on_agreement, word_start)
+        base_argmax, base_top1, drafts, pos_start, mode, run, gamma, resume_on_agreement, word_start, max_len)
     r, p = mode.shape[0], drafts.shape[0]
     packed = new_packed(r, p, logits.device)
     packed[0:r] = acc

@@ -16,10 +16,11 @@ import torch
 
 from .. import _core
 from ..engine.draft_policy import DraftPolicy
+from .device_drafts import draft_on_device, settle
 from .handoff import Handoff
+from .host_read import host_read
 from ..engine.prompts import tokenize_prompt
 from ..engine.request import Mode, Request, Source
-from ..engine.sampler import draw, processed_probs
 from ..model.tokenizer import IncrementalDetokenizer
 from . import BASE_MODEL, NUDGER_MODEL, Pairing
 
@@ -94,17 +95,19 @@ class TokenPairing(Pairing):
         final = list(sched.is_final_chunk)
         drafts_k = [r.planned_drafts if f else 0 for r, f in zip(reqs, final)]
         started = time.perf_counter()
-        drafts, draft_logits = self._draft(reqs, sched.num_new_tokens[NUDGER_MODEL] if self.nudger else None,
-                                           drafts_k, final)
+        drafts, draft_logits, values = draft_on_device(
+            self, reqs, sched.num_new_tokens[NUDGER_MODEL] if self.nudger else None, drafts_k, final)
         drafted = time.perf_counter()
-        base_logits, walk_rows, prompt_rows = self._verify(reqs, sched.num_new_tokens[BASE_MODEL], drafts, final)
+        base_logits, walk_rows, prompt_rows = self._verify(reqs, sched.num_new_tokens[BASE_MODEL], drafts, final,
+                                                           values)
         for entry in prompt_rows:
             if entry is not None:
                 e.guard(entry[0], self._record_prompt_logprobs, entry, base_logits)
         finals = [i for i, f in enumerate(final) if f and reqs[i].id not in e.failed]
         decisions = self.handoff.decide([reqs[i] for i in finals], [drafts[i] for i in finals],
                                         [walk_rows[i] for i in finals], base_logits,
-                                        [draft_logits[i] for i in finals])
+                                        [draft_logits[i] for i in finals],
+                                        None if values is None else [values.of(i, len(drafts[i])) for i in finals])
         if max(drafts_k, default=0) > 0:  # the walk's copy back has waited for the base pass
             self.draft_policy.observe_pass_times((drafted - started) / max(drafts_k),
                                                  time.perf_counter() - drafted)
@@ -150,56 +153,16 @@ class TokenPairing(Pairing):
                 req.nudger_seq.append(req.output[seen:])
         self.scheduler.set_lookahead(req.id, [k, max(k - 1, 0)])
 
-    def _draft(self, reqs: list[Request], num_new: list[int] | None, k: list[int], final: list[bool]):
-        """Nudger passes: catch-up + first draft, then one draft token per pass.
-
-        A request that does not draft this round computes nothing in the nudger (lazy catch-up),
-        except prefill chunks, which always keep the newest token pending.
-        """
-        drafts: list[list[int]] = [[] for _ in reqs]
-        logits: list[list[torch.Tensor]] = [[] for _ in reqs]  # raw nudger logits row per draft
-        if num_new is None:
-            return drafts, logits
-        active = [i for i, n in enumerate(num_new) if n > 0 and (k[i] > 0 or not final[i])]
-        step_new = {i: num_new[i] for i in active}
-        for j in range(max(k, default=0) + 1):
-            if not active:
-                break
-            seqs = [reqs[i].nudger_seq for i in active]
-            out = self.nudger.forward(seqs, [step_new[i] for i in active])
-            picks = [i for i in active if len(drafts[i]) < k[i]]
-            tokens = self._pick_drafts([reqs[i] for i in picks], out[[active.index(i) for i in picks]])
-            for i in active:
-                seq = reqs[i].nudger_seq
-                seq.set_num_computed(seq.num_computed + step_new[i])
-            for i, (tok, row) in zip(picks, tokens):
-                if tok is FAILED:
-                    continue
-                drafts[i].append(tok)
-                logits[i].append(row)
-                reqs[i].nudger_seq.append(tok)
-            active = [i for i in picks if len(drafts[i]) < k[i] and reqs[i].id not in self.engine.failed]
-            step_new = {i: 1 for i in active}
-        return drafts, logits
-
-    def _pick_drafts(self, reqs: list[Request], rows: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-        if not reqs:
-            return []
-        tokens = rows.argmax(-1).tolist()
-        sampled = [j for j, r in enumerate(reqs) if not r.nudger_params.greedy]
-        if sampled:
-            probs = processed_probs(rows[sampled].cpu(), [reqs[j].nudger_params for j in sampled])
-            for j, p in zip(sampled, probs):
-                tokens[j] = self.engine.guard(reqs[j], draw, p, reqs[j].generator)
-        return list(zip(tokens, rows))
-
-    def _verify(self, reqs: list[Request], num_new: list[int], drafts: list[list[int]], final: list[bool]):
-        """The base pass: pending + draft tokens of every request; logits rows for the walk."""
+    def _verify(self, reqs: list[Request], num_new: list[int], drafts: list[list[int]], final: list[bool],
+                values=None):
+        """The base pass: pending + draft tokens of every request; logits rows for the walk.
+        values (RoundDrafts): the drafts' values on the device, over the placeholders in `drafts`."""
         nums, rows, walk_rows, prompt_rows = [], [], [], []
+        draft_pos, draft_req = [], []   # flat positions of the drafts, and whose drafts they are
         start = 0
         for req, n, d, f in zip(reqs, num_new, drafts, final):
             if f and d:
-                req.base_seq.append(d)
+                req.base_seq.append_provisional(d)
             total = n + (len(d) if f else 0)
             computed = req.base_seq.num_computed
             first = len(rows)
@@ -218,9 +181,17 @@ class TokenPairing(Pairing):
             if f:
                 rows.extend(range(start + total - len(d) - 1, start + total))
             walk_rows.append(slice(walk_first, len(rows)))
+            if f and d:
+                draft_pos.extend(range(start + total - len(d), start + total))
+                draft_req.append(len(nums))
             nums.append(total)
             start += total
-        logits = self.base.forward([r.base_seq for r in reqs], nums, rows)
+        override = None
+        if values is not None and draft_pos:
+            dev = self.base.runner.device
+            override = (torch.tensor(draft_pos, device=dev),
+                        values.flat(draft_req, [len(drafts[i]) for i in draft_req]).to(dev))
+        logits = self.base.forward([r.base_seq for r in reqs], nums, rows, override)
         for req, n in zip(reqs, nums):
             req.base_seq.set_num_computed(req.base_seq.num_computed + n)
         return logits, walk_rows, prompt_rows
@@ -230,7 +201,7 @@ class TokenPairing(Pairing):
         req, computed, count, first = entry
         if count <= 0:
             return
-        lp = torch.log_softmax(logits[first:first + count], dim=-1).cpu()
+        lp = host_read(torch.log_softmax(logits[first:first + count], dim=-1))
         targets = req.base_prompt[computed + 1: computed + 1 + count]
         req.prompt_logprobs.extend(_top_logprobs(lp, targets, req.params.prompt_logprobs))
 
@@ -253,6 +224,7 @@ class TokenPairing(Pairing):
             return
         # The nudger's sequence holds this round's tokens only if it drafted (lazy catch-up otherwise).
         for seq in [req.base_seq] + ([req.nudger_seq] if drafts else []):
+            settle(seq, drafts)   # the drafts' values over their placeholders
             seq.truncate(seq.num_tokens - (len(drafts) - m))
             if emit is not None:
                 seq.append(emit)
