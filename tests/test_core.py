@@ -816,6 +816,39 @@ def test_prefix_cache_shares_full_computed_blocks_and_keeps_freed_ones_until_nee
     assert pool.prefix_cache_evictions == 1 and pool.num_cached == 1
 
 
+def test_provisional_drafts_are_cached_only_once_overwrite_gives_their_values():
+    """Drafts picked on the device sit on the host as placeholders (0) until the walk's read: a block
+    holding one must not be cached under the placeholder's hash, or a prompt that really holds 0s
+    there would take K/V computed for other tokens."""
+    pool = _core.BlockPool(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    a = _core.Sequence(pool)
+    a.append([5, 6, 7])
+    a.append_provisional([0, 0, 0])                 # block 0 ends with a draft, block 1 starts with two
+    assert a.reserve(6)
+    a.set_num_computed(6)
+    assert pool.num_cached == 0
+    probe = _core.Sequence(pool)
+    probe.append([5, 6, 7, 0, 1])
+    assert probe.match_cached_prefix() == 0
+    a.overwrite(3, [8, 9, 10])                      # the walk's values: block 0 is now known and computed
+    assert pool.num_cached == 1 and pool.is_cached(a.block_table[0])
+    hit = _core.Sequence(pool)
+    hit.append([5, 6, 7, 8, 1])
+    assert hit.match_cached_prefix() == 4
+    a.truncate(4)                                   # rejected drafts roll back
+    a.append_provisional([0, 0, 0, 0])
+    assert a.reserve(8)
+    a.set_num_computed(8)
+    assert pool.num_cached == 1                     # block 1 waits for its values
+    a.overwrite(4, [1, 2])                          # only part: block 1 still holds placeholders
+    assert pool.num_cached == 1
+    a.overwrite(6, [3, 4])
+    assert pool.num_cached == 2
+    for seq in (a, probe, hit):
+        seq.release()
+    assert pool.all_free()
+
+
 def test_prefix_cache_off_registers_nothing_and_matches_nothing():
     pool = _core.BlockPool(num_blocks=4, block_size=2)
     a = _core.Sequence(pool)
