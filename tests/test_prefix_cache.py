@@ -103,9 +103,9 @@ def _count_computed(engine) -> dict[str, int]:
     for name, m in zip(("base", "nudger"), engine.models):
         counts[name] = 0
 
-        def spy(seqs, num_new, rows=None, _f=m.forward, _name=name):
+        def spy(seqs, num_new, *args, _f=m.forward, _name=name, **kwargs):
             counts[_name] += sum(num_new)
-            return _f(seqs, num_new, rows)
+            return _f(seqs, num_new, *args, **kwargs)
 
         m.forward = spy
     return counts
