@@ -226,10 +226,6 @@ def test_pairing_is_picked_logged_and_limits_are_clear(tiny_model, caplog):
         same = NudgeEngine(a, a)
     assert (cross.pairing, same.pairing) == ("cross-tokenizer", "same-tokenizer")
     assert "cross-tokenizer text path" in caplog.text and "same-tokenizer token path" in caplog.text
-    with pytest.raises(ValueError, match="greedy only"):
-        cross.add_request("hi", SamplingParams(temperature=0.7))
-    with pytest.raises(ValueError, match="greedy only"):
-        cross.add_request("hi", SamplingParams(temperature=0), NudgeParams(nudger_temperature=0.5))
     with pytest.raises(ValueError, match="token ids"):
         cross.add_request([5, 6, 7], SamplingParams(temperature=0))
     assert not cross.has_unfinished()

@@ -11,8 +11,10 @@ One round for the scheduled requests:
   2. ONE base pass (batched): BASE mode: its pending token + the drafts' text in base tokens;
      NUDGE mode: the nudger's new finished words, with a logits row at every word start;
   3. a walk per request applies the section 7 rules in order and rolls back what was not used.
-k = 0 drafts nothing in BASE mode (lazy catch-up) and one token per round while nudging.
-Greedy only: the text-level handoff has no exact rejection-sampling form here.
+k = 0 drafts nothing in BASE mode (lazy catch-up) and one token per round while nudging. With
+adaptive_drafting the BASE-mode k of each round is DraftPolicy's pick (up to draft_tokens).
+Sampling (per-model settings, seeded per request) is exact for every k: text_sampling.py says why.
+Logprobs and prompt_logprobs: text_logprobs.py says what they mean here.
 
 Where section 7 leaves a detail open, this file (and tests/reference_cross.py) fix it so:
   - a word start is a nudger token whose bytes begin with ASCII whitespace, or the nudger's EOS;
@@ -31,10 +33,13 @@ import torch
 
 from .. import _core
 from .text_request import CrossRequest, ReadWork
+from .text_sampling import base_token, nudger_tokens, start_nudge_run
 from .text_stops import TextStops
 from .spans import BASE, NUDGER
 from .wordpieces import WHITESPACE, WordPieces, starts_word
+from ..engine.draft_policy import DraftPolicy
 from ..engine.prompts import tokenize_prompt
+from ..engine.sampler import request_generator
 from ..engine.request import Mode
 from . import BASE_MODEL, NUDGER_MODEL, Pairing
 
@@ -49,10 +54,11 @@ MAX_DRAFT_TOKENS = 64     # NudgeParams' bound on draft_tokens
 # that drafts and the agreement lookahead always fit. It also ends nudger runs of text-less
 # special tokens, which max_tokens (base tokens of the text) would never count.
 NUDGER_HEADROOM = MAX_DRAFT_TOKENS + AGREE_LOOKAHEAD
+MIN_COST_RATIO = 0.05     # a nudger pass is never free (as on the token path)
 
 
 class TextPairing(TextStops, Pairing):
-    """Tokenizers that differ: the text path. Greedy only; no logprobs; a fixed draft count."""
+    """Tokenizers that differ: the text path, with the token path's request features."""
 
     name = "cross-tokenizer"
 
@@ -64,15 +70,13 @@ class TextPairing(TextStops, Pairing):
         self.wp = [WordPieces(m.tokenizer) for m in self.models]      # [model]
         self.eos = [frozenset(m.config.eos_token_ids) for m in self.models]  # [model]: each model's own EOS
         self.nudger_context_limit = self.nudger.config.max_position_embeddings - NUDGER_HEADROOM
+        ratio = self.nudger.num_parameters / self.base.num_parameters
+        self.draft_policy = DraftPolicy(cost_ratio=max(ratio, MIN_COST_RATIO))
         log.info("cross-tokenizer text path: base %s, nudger %s, %d KV blocks of %d tokens "
                  "per model", e.paths[0], e.paths[1], self.base.pool.num_blocks, e.block_size)
 
     def new_request(self, prompt, params, nudge):
         e = self.engine
-        nudger_params = nudge.nudger_sampling(params)
-        if not (params.greedy and nudger_params.greedy):
-            raise ValueError("the cross-tokenizer text path is greedy only: use temperature=0 "
-                             "(and nudger_temperature 0 or unset)")
         if params.logprobs is not None or params.prompt_logprobs is not None:
             raise ValueError("logprobs are not available on the cross-tokenizer path (tokens are per model)")
         if isinstance(prompt, list):
@@ -87,6 +91,7 @@ class TextPairing(TextStops, Pairing):
         for m, p, role in zip(self.models, ids, ("base", "nudger")):
             m.check_fits(role, len(p), params.max_tokens)
         d = e.defaults
+        seed, base_gen = request_generator(params.seed, e._seed_gen)
         req = CrossRequest(
             id=e.new_id(), params=params,
             gamma=d.gamma if nudge.gamma is None else nudge.gamma,
@@ -94,6 +99,9 @@ class TextPairing(TextStops, Pairing):
             resume_on_agreement=d.resume_on_agreement if nudge.resume_on_agreement is None else nudge.resume_on_agreement,
             prompts=(list(ids[BASE]), list(ids[NUDGER])),
             seqs=(_core.Sequence(self.base.pool), _core.Sequence(self.nudger.pool)),
+            nudger_params=nudge.nudger_sampling(params), seed=seed, base_gen=base_gen,
+            nudger_gen=torch.Generator(),
+            adaptive_drafting=d.adaptive_drafting if nudge.adaptive_drafting is None else nudge.adaptive_drafting,
         )
         req.seqs[BASE].append(req.prompts[BASE])
         return req, list(req.seqs)
@@ -129,7 +137,12 @@ class TextPairing(TextStops, Pairing):
         return touched
 
     def prepare(self, req: CrossRequest) -> None:
-        """Before scheduling: the nudger reads the base's new words; scratch for BASE-mode drafts."""
+        """Before scheduling: the BASE-mode draft count, then the nudger reads the base's new words;
+        scratch for BASE-mode drafts."""
+        req.planned_drafts = req.draft_tokens
+        if req.mode == Mode.BASE and req.adaptive_drafting:
+            # Exact for every k (greedy and sampled alike), so measured timings may choose it.
+            req.planned_drafts = self.draft_policy.choose(req.draft_stats, req.draft_tokens, measured=True)
         dc = req.draft_count()
         n = req.seqs[NUDGER]
         extra = [0, 0]
@@ -220,7 +233,8 @@ class TextPairing(TextStops, Pairing):
                 break
             idx = list(active)
             logits = self.models[NUDGER].forward([reqs[i].seqs[NUDGER] for i in idx], [active[i] for i in idx])
-            tokens = logits.argmax(-1).tolist()
+            tokens = nudger_tokens([reqs[i] for i in idx], logits,
+                                   [final[i] and reqs[i].mode == Mode.NUDGE for i in idx])
             nxt = {}
             for i, t in zip(idx, tokens):
                 req = reqs[i]
@@ -281,7 +295,7 @@ class TextPairing(TextStops, Pairing):
         for (req, _), num in zip(seqs, nums):
             self._computed(req, BASE, num)
         top1, arg = torch.softmax(logits, -1).max(-1)
-        stats = iter(zip(top1.tolist(), arg.tolist()))
+        stats = iter(zip(top1.tolist(), arg.tolist(), logits))     # row logits [vocab]: sampling
         out = []
         for req, plan in zip(reqs, plans):
             if plan is None:
@@ -290,6 +304,7 @@ class TextPairing(TextStops, Pairing):
                 out.append((plan[0], [next(stats) for _ in plan[1]]))
             else:
                 out.append((plan[0], {q: (*next(stats), ntok, off) for q, _, ntok, off in plan[1]}))
+        # (per NUDGE check: top1, argmax, row logits, base tokens up to it, text offset)
         return out
 
     def _room(self, seq, want: int) -> int:
@@ -319,22 +334,26 @@ class TextPairing(TextStops, Pairing):
     # ------------------------------------------------------------------ walks
     def _walk_base(self, req: CrossRequest, drafts: list[int], check) -> None:
         """Section 2 in BASE mode on the verified rows: accept drafts the base agrees with, emit its
-        own token at the first disagreement (or bonus), switch to NUDGE where top1 < gamma."""
+        own token at the first disagreement (or bonus), switch to NUDGE where top1 < gamma. The
+        base's token is its argmax or its sample; a draft only passes if it equals it (exact match)."""
         new, stats = check
         accepted, emitted = 0, None
-        for j, (top1, a) in enumerate(stats):
+        for j, (top1, a, row) in enumerate(stats):
             if top1 < req.gamma:
                 req.mode, req.run = Mode.NUDGE, 0
+                start_nudge_run(req)
                 break
-            agreed = j < len(new) and a == new[j]
-            self._write(req, BASE, a)
+            t = base_token(req, row, a)
+            agreed = j < len(new) and t == new[j]
+            self._write(req, BASE, t)
             if not agreed:
-                emitted = a               # a correction, or the bonus token after every draft
+                emitted = t               # a correction, or the bonus token after every draft
                 break
             accepted += 1
             if req.finished:
                 break
         req.accepted += accepted
+        self._observe_drafts(req, len(new), accepted, emitted is not None and accepted < len(new))
         b = req.seqs[BASE]
         b.truncate(len(req.prompts[BASE]) + len(req.base_out) - (emitted is not None))
         if emitted is not None:
@@ -365,7 +384,7 @@ class TextPairing(TextStops, Pairing):
             if req.run > 0 and self._is_word_start(t):
                 if q not in checks:
                     break                     # not verified this round (pool short): next round
-                top1, a, ntok, off = checks[q]
+                top1, a, row, ntok, off = checks[q]
                 # The words before this point are final: they join the base's context.
                 req.base_out += words[kept:ntok]
                 req.base_src += [NUDGER] * (ntok - kept)
@@ -375,7 +394,7 @@ class TextPairing(TextStops, Pairing):
                 if resume is UNDECIDED:
                     break                     # keep the queue from here; draft more next round
                 if resume:
-                    resumed = a
+                    resumed = base_token(req, row, a)   # a fresh token from the base's own p'
                     break
             self._write(req, NUDGER, t)
             req.stable += 1
@@ -391,6 +410,16 @@ class TextPairing(TextStops, Pairing):
             req.seqs[NUDGER].truncate(req.stable)
             b.append(resumed)
             self._write(req, BASE, resumed)
+
+    @staticmethod
+    def _observe_drafts(req: CrossRequest, drafted: int, accepted: int, rejected: bool) -> None:
+        """Acceptance history for adaptive drafting (a switch to nudging rejects nothing)."""
+        stats = req.draft_stats
+        if drafted == 0:
+            stats.rounds_without_draft += 1
+            return
+        stats.rounds_without_draft = 0
+        stats.observe(accepted, int(rejected))
 
     def _settle(self, req: CrossRequest) -> None:
         """Between rounds the newest token of each model is pending: the next pass gets its logits."""

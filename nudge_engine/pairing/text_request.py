@@ -5,6 +5,9 @@ import codecs
 import time
 from dataclasses import dataclass, field
 
+import torch
+
+from ..engine.draft_policy import DraftStats
 from ..engine.request import Mode, RequestOutput, StreamDelta
 from ..engine.sampling_params import SamplingParams
 from .spans import BASE, WRITER_NAMES, SpanText, decode_spans
@@ -36,6 +39,14 @@ class CrossRequest:
     resume_on_agreement: bool
     prompts: tuple[list[int], list[int]]                # [model]
     seqs: tuple                                         # [model] _core.Sequence
+    nudger_params: SamplingParams = None                # the nudger's own sampling settings
+    seed: int = 0                                       # the request's seed, or one drawn for it
+    base_gen: torch.Generator = None                    # one draw per base-written token (text_sampling.py)
+    nudger_gen: torch.Generator = None                  # reseeded at every nudge run
+    nudge_runs: int = 0
+    adaptive_drafting: bool = False
+    draft_stats: DraftStats = field(default_factory=DraftStats)
+    planned_drafts: int = 0                             # BASE-mode drafts this round (the policy's pick)
     text: SpanText = field(default_factory=SpanText)
     mode: Mode = Mode.BASE
     run: int = 0
@@ -113,6 +124,7 @@ class CrossRequest:
                            self.finish_reason, self.stop_reason)
 
     def draft_count(self) -> int:
-        if self.draft_tokens > 0:
-            return self.draft_tokens
-        return 1 if self.mode == Mode.NUDGE else 0
+        """BASE mode: the drafts planned for this round; NUDGE mode: the nudger writes >= 1 token."""
+        if self.mode == Mode.BASE:
+            return self.planned_drafts
+        return max(self.draft_tokens, 1)
