@@ -1,0 +1,168 @@
+"""Sampling on the cross-tokenizer text path (NUDGING.md section 7, last paragraph; text_sampling.py).
+
+The engine's distribution of output texts over a short horizon (a few base tokens: nudging, handing
+back, drafts verified by exact match) must equal the slow sequential reference's
+(tests/reference_cross.py with sampling: full forwards, contexts rebuilt by the section 7 rule),
+by a two-sample chi-square test at significance 1e-3. Seeds are fixed, so the test is
+deterministic. Control: the same test rejects an engine with a planted bug (the base keeps its raw
+argmax at a handback instead of a fresh sample). Floors prove that nudging, handbacks and draft
+acceptance really happened in the samples tested.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+import types
+from collections import Counter
+from dataclasses import dataclass
+
+import pytest
+import torch
+from scipy.stats import chi2_contingency
+
+import nudge_engine.pairing.text
+from nudge_engine.engine import NudgeEngine
+from nudge_engine.engine.sampling_params import NudgeParams, SamplingParams
+
+from reference import eos_ids
+from reference_cross import Sampling, TokenizerBytes, cross_nudging
+from test_cross_tokenizer import twin_with_another_tokenizer
+
+NUM_SAMPLES = 2000
+SIGNIFICANCE = 1e-3
+CONTROL_SIGNIFICANCE = 1e-6     # a control must fail by far, not by luck
+MIN_EXPECTED = 5.0
+PROMPT = "The quick brown fox"
+
+
+@dataclass(frozen=True)
+class Case:
+    pair: str                    # "cross": unrelated tiny models; "twin": one model, two tokenizers
+    gamma: float
+    draft_tokens: int
+    max_tokens: int = 4
+    base: tuple = (0.7, 1.0, 8)  # temperature, top_p, top_k
+    nudger: tuple = (0.9, 1.0, 8)
+
+    def params(self, seed: int) -> SamplingParams:
+        t, p, k = self.base
+        return SamplingParams(max_tokens=self.max_tokens, temperature=t, top_p=p, top_k=k, seed=seed)
+
+    def nudge(self, **kw) -> NudgeParams:
+        t, p, k = self.nudger
+        return NudgeParams(**{"gamma": self.gamma, "draft_tokens": self.draft_tokens, "adaptive_drafting": False,
+                              "nudger_temperature": t, "nudger_top_p": p, "nudger_top_k": k, **kw})
+
+
+CASES = {
+    # Nudge runs that end in handbacks to the base, drafts of a nudger that rarely agrees.
+    "cross-nudge-handback": Case("cross", gamma=0.3, draft_tokens=2, base=(1.3, 1.0, 8)),
+    # An agreeing drafter: BASE-mode speculation by exact match passes often; top-p on the base.
+    "twin-speculation": Case("twin", gamma=0.25, draft_tokens=4, base=(1.0, 0.9, 0), nudger=(0.6, 1.0, 0)),
+}
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_model, tmp_path_factory):
+    base, nudger = tiny_model("llama", "bytelevel"), tiny_model("llama3", "metaspace")
+    twin = twin_with_another_tokenizer(base, tmp_path_factory.mktemp("twin") / "twin")
+    return {"cross": (base, nudger, NudgeEngine(base, nudger, max_num_seqs=256)),
+            "twin": (base, twin, NudgeEngine(base, twin, max_num_seqs=256))}
+
+
+_REFERENCE_TEXTS: dict[str, Counter] = {}
+
+
+def reference_texts(pairs, name: str) -> Counter:
+    """The sequential reference's output texts over NUM_SAMPLES draws (computed once per case)."""
+    if name not in _REFERENCE_TEXTS:
+        case = CASES[name]
+        base, nudger, engine = pairs[case.pair]
+        ids = (engine.base.tokenizer.encode(PROMPT), engine.nudger.tokenizer.encode(PROMPT))
+        wps = (TokenizerBytes(base), TokenizerBytes(nudger))
+        gen, cache = torch.Generator().manual_seed(12345), {}
+        texts = Counter()
+        for _ in range(NUM_SAMPLES):
+            r = cross_nudging((base, nudger), wps, ids, case.gamma, True, case.max_tokens,
+                              (eos_ids(base), eos_ids(nudger)), engine.nudger_context_limit,
+                              Sampling(case.base, case.nudger, gen, cache))
+            texts[r.text] += 1
+        _REFERENCE_TEXTS[name] = texts
+    return _REFERENCE_TEXTS[name]
+
+
+def two_sample_pvalue(a: Counter, b: Counter) -> float:
+    """Chi-square test of homogeneity; texts expected fewer than MIN_EXPECTED times pooled in one cell."""
+    keys = sorted(set(a) | set(b))
+    table = torch.tensor([[a[k] for k in keys], [b[k] for k in keys]], dtype=torch.float64)
+    rare = table.sum(0) * table.sum(1).min() / table.sum() < MIN_EXPECTED
+    table = torch.cat([table[:, ~rare], table[:, rare].sum(1, keepdim=True)], 1)
+    return float(chi2_contingency(table.numpy())[1])
+
+
+def run_engine(pairs, name: str, **nudge):
+    case = CASES[name]
+    engine = pairs[case.pair][2]
+    return engine.generate([PROMPT] * NUM_SAMPLES, [case.params(s) for s in range(NUM_SAMPLES)], case.nudge(**nudge))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_text_distribution_matches_the_sequential_reference(name, pairs, check_pools):
+    engine = pairs[CASES[name].pair][2]
+    check_pools(engine)
+    outs = run_engine(pairs, name)
+    pvalue = two_sample_pvalue(Counter(o.text for o in outs), reference_texts(pairs, name))
+    writers = [tuple(w for _, w in o.spans) for o in outs]
+    handbacks = sum(any(p == ("nudger", "base") for p in zip(w, w[1:])) for w in writers)
+    nudged = sum("nudger" in w for w in writers)
+    accepted = sum(o.accepted_tokens for o in outs)
+    print(f"{name}: p = {pvalue:.3g}, nudged {nudged}, handbacks {handbacks}, accepted drafts {accepted}")
+    assert pvalue > SIGNIFICANCE
+    assert nudged >= 0.2 * NUM_SAMPLES and nudged <= 0.95 * NUM_SAMPLES
+    if CASES[name].pair == "cross":
+        assert handbacks >= 0.05 * NUM_SAMPLES
+    else:   # BASE-mode speculation across tokenizers really passed drafts
+        assert accepted >= 0.5 * NUM_SAMPLES
+
+
+def mutated_pairing(old: str, new: str, monkeypatch):
+    """text.py's TextPairing with one planted bug (its source, edited and re-run)."""
+    source = inspect.getsource(nudge_engine.pairing.text)
+    assert source.count(old) == 1, old
+    module = types.ModuleType("nudge_engine.pairing._mutated_text")
+    module.__package__ = "nudge_engine.pairing"
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(source.replace(old, new), "<mutated text.py>", "exec"), module.__dict__)
+    return module.TextPairing
+
+
+def test_the_distribution_test_rejects_a_handback_without_a_fresh_sample(pairs, monkeypatch):
+    """The test above can fail: the base taking its raw argmax at a handback is rejected by far."""
+    name = "cross-nudge-handback"
+    engine = pairs["cross"][2]
+    bad = mutated_pairing("resumed = base_token(req, row, a)", "resumed = a", monkeypatch)
+    monkeypatch.setattr(engine._pair, "_walk_nudge", types.MethodType(bad._walk_nudge, engine._pair))
+    outs = run_engine(pairs, name)
+    pvalue = two_sample_pvalue(Counter(o.text for o in outs), reference_texts(pairs, name))
+    print(f"control: p = {pvalue:.3g}")
+    assert pvalue < CONTROL_SIGNIFICANCE
+
+
+def test_a_seed_fixes_the_text_whatever_the_batch_and_the_drafting(pairs, check_pools):
+    case = dataclasses.replace(CASES["cross-nudge-handback"], max_tokens=16)   # several nudge runs each
+    engine = pairs["cross"][2]
+    check_pools(engine)
+    seeds = list(range(40))
+    alone = {s: engine.generate(PROMPT, case.params(s), case.nudge(draft_tokens=0))[0] for s in seeds}
+    others = ["x", "Once upon a time", "日本 and the sea\n"]
+    for k, adaptive in ((1, False), (5, False), (5, True)):
+        prompts = [PROMPT] * len(seeds) + others
+        params = [case.params(s) for s in seeds] + [SamplingParams(max_tokens=6, temperature=1.0)] * len(others)
+        outs = engine.generate(prompts, params, case.nudge(draft_tokens=k, adaptive_drafting=adaptive))
+        for s, out in zip(seeds, outs):
+            assert (out.text, out.spans) == (alone[s].text, alone[s].spans), (s, k, adaptive)
+    # The texts really differ by seed and the seeds cover both handoff directions.
+    assert len({o.text for o in alone.values()}) >= 10
+    writers = {tuple(w for _, w in o.spans) for o in alone.values()}
+    assert any("nudger" in w[1:] and "base" in w[w.index("nudger"):] for w in writers), writers
