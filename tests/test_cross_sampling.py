@@ -166,3 +166,42 @@ def test_a_seed_fixes_the_text_whatever_the_batch_and_the_drafting(pairs, check_
     assert len({o.text for o in alone.values()}) >= 10
     writers = {tuple(w for _, w in o.spans) for o in alone.values()}
     assert any("nudger" in w[1:] and "base" in w[w.index("nudger"):] for w in writers), writers
+
+
+# Each SamplingParams field on the text path: what shows that it works, or that it is refused.
+WORKS = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
+         "include_stop_str_in_output"}
+REFUSED = {"logprobs", "prompt_logprobs"}
+
+
+def test_every_sampling_params_field_works_or_is_refused(pairs, check_pools):
+    # A field added to SamplingParams fails here until the text path handles or refuses it.
+    assert {f.name for f in dataclasses.fields(SamplingParams)} == WORKS | REFUSED
+    engine = pairs["cross"][2]
+    check_pools(engine)
+    nudge = NudgeParams(gamma=0.3, draft_tokens=2)
+    greedy = engine.generate(PROMPT, SamplingParams(max_tokens=8, temperature=0), nudge)[0]
+    # Filters that keep only the top token make sampling greedy (so each filter is applied), for both models.
+    for kw in ({"top_k": 1}, {"top_p": 1e-6}, {"min_p": 1.0}):
+        both = NudgeParams(gamma=0.3, draft_tokens=2, **{"nudger_" + k: v for k, v in kw.items()})
+        out = engine.generate(PROMPT, SamplingParams(max_tokens=8, temperature=1.5, seed=3, **kw), both)[0]
+        assert (out.text, out.spans) == (greedy.text, greedy.spans), kw
+    seeds = [engine.generate(PROMPT, SamplingParams(max_tokens=8, temperature=1.5, seed=s), nudge)[0] for s in range(6)]
+    assert len({o.text for o in seeds}) >= 3 and len(greedy.token_ids) <= 8
+    sampled = seeds[0]
+    word = sampled.text[len(sampled.text) // 2:][:2]
+    for include in (False, True):
+        out = engine.generate(PROMPT, SamplingParams(max_tokens=8, temperature=1.5, seed=0, stop=[word],
+                                                     include_stop_str_in_output=include), nudge)[0]
+        cut = sampled.text.index(word) + len(word) * include
+        assert (out.text, out.finish_reason, out.stop_reason) == (sampled.text[:cut], "stop", word)
+    base_written = [t for t, s in zip(greedy.token_ids, greedy.sources) if s == "base"]
+    out = engine.generate(PROMPT, SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[base_written[-1]]),
+                          nudge)[0]
+    assert (out.finish_reason, out.stop_reason) == ("stop", base_written[-1]) and out.token_ids[-1] == base_written[-1]
+    out = engine.generate(PROMPT, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), nudge)[0]
+    assert out.text.startswith(greedy.text) and out.finish_reason == "length"
+    for name in REFUSED:
+        with pytest.raises(ValueError, match=f"{name} is not available on the cross-tokenizer"):
+            engine.add_request(PROMPT, SamplingParams(**{name: 1}), nudge)
+    assert not engine.has_unfinished()

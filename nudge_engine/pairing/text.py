@@ -14,7 +14,8 @@ One round for the scheduled requests:
 k = 0 drafts nothing in BASE mode (lazy catch-up) and one token per round while nudging. With
 adaptive_drafting the BASE-mode k of each round is DraftPolicy's pick (up to draft_tokens).
 Sampling (per-model settings, seeded per request) is exact for every k: text_sampling.py says why.
-Logprobs and prompt_logprobs: text_logprobs.py says what they mean here.
+Every SamplingParams field works as on the token path except logprobs and prompt_logprobs, which
+are refused with a clear error (REFUSED_FIELDS): not yet built here (see the README).
 
 Where section 7 leaves a detail open, this file (and tests/reference_cross.py) fix it so:
   - a word start is a nudger token whose bytes begin with ASCII whitespace, or the nudger's EOS;
@@ -55,6 +56,8 @@ MAX_DRAFT_TOKENS = 64     # NudgeParams' bound on draft_tokens
 # special tokens, which max_tokens (base tokens of the text) would never count.
 NUDGER_HEADROOM = MAX_DRAFT_TOKENS + AGREE_LOOKAHEAD
 MIN_COST_RATIO = 0.05     # a nudger pass is never free (as on the token path)
+# SamplingParams fields the text path refuses (every other field works as on the token path).
+REFUSED_FIELDS = ("logprobs", "prompt_logprobs")
 
 
 class TextPairing(TextStops, Pairing):
@@ -77,8 +80,10 @@ class TextPairing(TextStops, Pairing):
 
     def new_request(self, prompt, params, nudge):
         e = self.engine
-        if params.logprobs is not None or params.prompt_logprobs is not None:
-            raise ValueError("logprobs are not available on the cross-tokenizer path (tokens are per model)")
+        for name in REFUSED_FIELDS:
+            if getattr(params, name) is not None:
+                raise ValueError(f"{name} is not available on the cross-tokenizer text path (its output is "
+                                 "written in two vocabularies): leave it unset, or pair models that share a tokenizer")
         if isinstance(prompt, list):
             raise ValueError("token ids mean different things to the two tokenizers: send text, or "
                              "{'base': ids, 'nudger': ids}")
