@@ -118,6 +118,12 @@ MUTATIONS = [
              "n >= AGREE_LOOKAHEAD or len(word) >= len(ab):\n                return False",
              (X + "test_engine_equals_reference_for_every_gamma_and_k_in_one_mixed_batch",
               X + "test_drafts_of_an_agreeing_nudger_are_accepted_and_output_stays_exact")),
+    Mutation("cross sampling: every nudge run continues one random stream (k changes the text)",
+             "nudge_engine/pairing/text_sampling.py", "    req.nudger_gen.manual_seed(", "    (lambda seed: None)(",
+             ("tests/test_cross_sampling.py::test_a_seed_fixes_the_text_whatever_the_batch_and_the_drafting",)),
+    Mutation("cross sampling: the base writes its raw argmax in BASE mode, not a sample", "nudge_engine/pairing/text.py",
+             "t = base_token(req, row, a)", "t = a",
+             ("tests/test_cross_sampling.py::test_text_distribution_matches_the_sequential_reference",)),
     # ---- Triton kernels (interpreted on the CPU)
     Mutation("kernel handoff_walk: top-1 == gamma nudges", "kernels/handoff_walk.py",
              "nudge_now = t1 < gamma ", "nudge_now = t1 <= gamma ",
