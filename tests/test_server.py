@@ -554,4 +554,13 @@ def test_cross_tokenizer_pair_in_process(tiny_model):
             chunks = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
         assert "".join(c["choices"][0]["text"] for c in chunks) == whole["text"]
         assert whole["finish_reason"] == "length" and len(whole["sources"]) == 10
+        # Seeded sampling on the text path: the same seed gives the same text, streamed or not.
+        sampled = {**body, "temperature": 1.0, "top_p": 0.95, "seed": 7, "n": 2}
+        first = [c["text"] for c in http.post("/v1/completions", json=sampled).json()["choices"]]
+        assert first == [c["text"] for c in http.post("/v1/completions", json=sampled).json()["choices"]]
+        with http.stream("POST", "/v1/completions", json={**sampled, "n": 1, "stream": True}) as resp:
+            chunks = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == first[0]
+        refused = http.post("/v1/completions", json={**body, "logprobs": 2})
+        assert refused.status_code == 400 and "logprobs is not available" in refused.text
     assert engine.pools_all_free()
