@@ -6,8 +6,9 @@ once: a handoff costs tokens proportional to the new text, never a prefill of th
 
 One round for the scheduled requests:
   1. nudger passes (batched): catch-up on the base's new words, then draft tokens:
-     NUDGE mode: the nudger writes up to k tokens (its exact greedy tokens; they queue until decided),
-     BASE mode (k > 0): speculative drafts from the base text so far, to be verified by the base;
+     NUDGE mode: the nudger writes up to k tokens (its own greedy or sampled tokens; they queue
+     until decided), BASE mode (k > 0): speculative drafts (its argmax) from the base text so far,
+     verified by exact match against the base's own token (argmax or sample);
   2. ONE base pass (batched): BASE mode: its pending token + the drafts' text in base tokens;
      NUDGE mode: the nudger's new finished words, with a logits row at every word start;
   3. a walk per request applies the section 7 rules in order and rolls back what was not used.
@@ -24,7 +25,9 @@ Where section 7 leaves a detail open, this file (and tests/reference_cross.py) f
   - max_tokens: the base tokens of the text (the unfinished last word as it stands); when a
     nudger token overshoots, the output is cut to the first max_tokens base tokens;
   - the request also ends ("length") when the nudger's context nears its position limit;
-  - stop_token_ids are base-vocabulary ids, checked on tokens the base writes.
+  - stop_token_ids are base-vocabulary ids, checked on tokens the base writes;
+  - with sampling and resume_on_agreement, the nudger's next word is the one it samples next: if
+    the base does not take over, those sampled tokens are the nudger's next tokens (never redrawn).
 """
 from __future__ import annotations
 
