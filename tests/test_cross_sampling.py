@@ -1,4 +1,5 @@
-"""Sampling on the cross-tokenizer text path (NUDGING.md section 7, last paragraph; text_sampling.py).
+"""Sampling and logprobs on the cross-tokenizer text path (NUDGING.md section 7, last paragraph;
+text_sampling.py, text_logprobs.py).
 
 The engine's distribution of output texts over a short horizon (a few base tokens: nudging, handing
 back, drafts verified by exact match) must equal the slow sequential reference's
@@ -25,7 +26,7 @@ import nudge_engine.pairing.text
 from nudge_engine.engine import NudgeEngine
 from nudge_engine.engine.sampling_params import NudgeParams, SamplingParams
 
-from reference import eos_ids
+from reference import eos_ids, hf_model, next_logits
 from reference_cross import Sampling, TokenizerBytes, cross_nudging
 from test_cross_tokenizer import twin_with_another_tokenizer
 
@@ -170,8 +171,8 @@ def test_a_seed_fixes_the_text_whatever_the_batch_and_the_drafting(pairs, check_
 
 # Each SamplingParams field on the text path: what shows that it works, or that it is refused.
 WORKS = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
-         "include_stop_str_in_output"}
-REFUSED = {"logprobs", "prompt_logprobs"}
+         "include_stop_str_in_output", "logprobs"}      # logprobs: test_logprobs_... below
+REFUSED = {"prompt_logprobs"}
 
 
 def test_every_sampling_params_field_works_or_is_refused(pairs, check_pools):
@@ -205,3 +206,43 @@ def test_every_sampling_params_field_works_or_is_refused(pairs, check_pools):
         with pytest.raises(ValueError, match=f"{name} is not available on the cross-tokenizer"):
             engine.add_request(PROMPT, SamplingParams(**{name: 1}), nudge)
     assert not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_logprobs_are_the_writers_on_its_own_context(pairs, check_pools, sampled):
+    """One entry per written token, base's and nudger's alike, equal to an independent log-softmax of
+    a full transformers forward over the writer's context, rebuilt from the output by the section 7
+    rule (own spans as written tokens, the other's converted word by word)."""
+    base, nudger, engine = pairs["cross"]
+    check_pools(engine)
+    folders, wps = (base, nudger), (TokenizerBytes(base), TokenizerBytes(nudger))
+    prompts = ["The quick brown fox", "Once upon a time, é"]
+    params = [SamplingParams(max_tokens=10, temperature=1.0 if sampled else 0.0, top_k=20, seed=s, logprobs=3,
+                             stop=["zz"] if s else []) for s in range(len(prompts))]
+    outs = engine.generate(prompts, params, NudgeParams(gamma=0.3, draft_tokens=2))
+    written_by = Counter()
+    for prompt, out in zip(prompts, outs):
+        ctx0 = (engine.base.tokenizer.encode(prompt), engine.nudger.tokenizer.encode(prompt))
+        assert len(out.logprobs) == len(out.logprob_token_ids) >= len(out.spans)
+        spans: list[list] = []                                  # [writer, bytes, own tokens]
+        for jid, entry in zip(out.logprob_token_ids, out.logprobs):
+            m, t = engine.logprob_vocab.split(jid)
+            written_by[m] += 1
+            ctx = list(ctx0[m])
+            for w, data, own in spans:
+                ctx += own if w == m else wps[m].encode(bytes(data))
+            lp = torch.log_softmax(next_logits(hf_model(folders[m]), ctx), -1)
+            assert list(entry)[0] == jid and entry[jid] == pytest.approx(float(lp[t]), abs=1e-4)
+            offset = jid - t
+            top = lp.topk(3)
+            for v, i in zip(top.values.tolist(), top.indices.tolist()):
+                assert entry[i + offset] == pytest.approx(v, abs=1e-4)
+            assert len(entry) <= 4
+            if not spans or spans[-1][0] != m:
+                spans.append([m, bytearray(), []])
+            spans[-1][1] += wps[m].token_bytes[t]
+            spans[-1][2].append(t)
+        # The entries' tokens are the text, in order (a last token may reach past a length cut).
+        joined = b"".join(bytes(d) for _, d, _ in spans)
+        assert joined.startswith(out.text.encode()) or joined.decode("utf-8", "replace").startswith(out.text)
+    assert written_by[0] >= 3 and written_by[1] >= 3, written_by

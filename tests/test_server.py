@@ -561,6 +561,24 @@ def test_cross_tokenizer_pair_in_process(tiny_model):
         with http.stream("POST", "/v1/completions", json={**sampled, "n": 1, "stream": True}) as resp:
             chunks = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
         assert "".join(c["choices"][0]["text"] for c in chunks) == first[0]
-        refused = http.post("/v1/completions", json={**body, "logprobs": 2})
-        assert refused.status_code == 400 and "logprobs is not available" in refused.text
+        # Logprobs per written token (pairing/text_logprobs.py): well-formed, joined they are the text.
+        for extra in ({}, {"temperature": 1.0, "seed": 3}):
+            lp = http.post("/v1/completions", json={**body, **extra, "logprobs": 2}).json()["choices"][0]
+            got = lp["logprobs"]
+            assert "".join(got["tokens"]).startswith(lp["text"]) and len(got["tokens"]) >= 1
+            assert all(isinstance(v, float) and v <= 0 for v in got["token_logprobs"])
+            assert all(1 <= len(top) <= 3 for top in got["top_logprobs"])
+            assert got["text_offset"] == [sum(map(len, got["tokens"][:i])) for i in range(len(got["tokens"]))]
+            with http.stream("POST", "/v1/completions", json={**body, **extra, "logprobs": 2, "stream": True}) as resp:
+                chunks = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+            streamed = [t for c in chunks if c["choices"][0]["logprobs"] for t in c["choices"][0]["logprobs"]["tokens"]]
+            assert streamed == got["tokens"]
+        chat = http.post("/v1/chat/completions", json={"model": "cross", "max_tokens": 6, "temperature": 0,
+                                                       "messages": [{"role": "user", "content": "Hi"}],
+                                                       "logprobs": True, "top_logprobs": 2}).json()["choices"][0]
+        content = chat["logprobs"]["content"]
+        assert "".join(c["token"] for c in content).startswith(chat["message"]["content"])
+        assert all(isinstance(c["logprob"], float) and len(c["top_logprobs"]) <= 2 for c in content)
+        refused = http.post("/v1/completions", json={**body, "logprobs": 2, "echo": True})
+        assert refused.status_code == 400 and "prompt_logprobs is not available" in refused.text
     assert engine.pools_all_free()

@@ -15,8 +15,8 @@ One round for the scheduled requests:
 k = 0 drafts nothing in BASE mode (lazy catch-up) and one token per round while nudging. With
 adaptive_drafting the BASE-mode k of each round is DraftPolicy's pick (up to draft_tokens).
 Sampling (per-model settings, seeded per request) is exact for every k: text_sampling.py says why.
-Every SamplingParams field works as on the token path except logprobs and prompt_logprobs, which
-are refused with a clear error (REFUSED_FIELDS): not yet built here (see the README).
+Every SamplingParams field works as on the token path except prompt_logprobs, refused with a clear
+error (REFUSED_FIELDS); logprobs are per written token, in each writer's vocabulary (text_logprobs.py).
 
 Where section 7 leaves a detail open, this file (and tests/reference_cross.py) fix it so:
   - a word start is a nudger token whose bytes begin with ASCII whitespace, or the nudger's EOS;
@@ -37,6 +37,7 @@ import torch
 
 from .. import _core
 from .text_request import CrossRequest, ReadWork
+from .text_logprobs import JointVocab, queue_entry, record_queued, record_written
 from .text_sampling import base_token, nudger_tokens, start_nudge_run
 from .text_stops import TextStops
 from .spans import BASE, NUDGER
@@ -60,7 +61,7 @@ MAX_DRAFT_TOKENS = 64     # NudgeParams' bound on draft_tokens
 NUDGER_HEADROOM = MAX_DRAFT_TOKENS + AGREE_LOOKAHEAD
 MIN_COST_RATIO = 0.05     # a nudger pass is never free (as on the token path)
 # SamplingParams fields the text path refuses (every other field works as on the token path).
-REFUSED_FIELDS = ("logprobs", "prompt_logprobs")
+REFUSED_FIELDS = ("prompt_logprobs",)
 
 
 class TextPairing(TextStops, Pairing):
@@ -78,6 +79,7 @@ class TextPairing(TextStops, Pairing):
         self.nudger_context_limit = self.nudger.config.max_position_embeddings - NUDGER_HEADROOM
         ratio = self.nudger.num_parameters / self.base.num_parameters
         self.draft_policy = DraftPolicy(cost_ratio=max(ratio, MIN_COST_RATIO))
+        self.logprob_vocab = JointVocab(self.wp, [m.tokenizer for m in self.models], self.base.config.vocab_size)
         log.info("cross-tokenizer text path: base %s, nudger %s, %d KV blocks of %d tokens "
                  "per model", e.paths[0], e.paths[1], self.base.pool.num_blocks, e.block_size)
 
@@ -112,6 +114,8 @@ class TextPairing(TextStops, Pairing):
             adaptive_drafting=d.adaptive_drafting if nudge.adaptive_drafting is None else nudge.adaptive_drafting,
         )
         req.seqs[BASE].append(req.prompts[BASE])
+        if params.logprobs is not None:
+            req.written = []
         return req, list(req.seqs)
 
     def run_round(self, reqs: list[CrossRequest], sched) -> list[CrossRequest]:
@@ -244,7 +248,7 @@ class TextPairing(TextStops, Pairing):
             tokens = nudger_tokens([reqs[i] for i in idx], logits,
                                    [final[i] and reqs[i].mode == Mode.NUDGE for i in idx])
             nxt = {}
-            for i, t in zip(idx, tokens):
+            for row, i, t in zip(logits, idx, tokens):
                 req = reqs[i]
                 self._computed(req, NUDGER, active[i])
                 if not final[i]:
@@ -252,6 +256,8 @@ class TextPairing(TextStops, Pairing):
                 req.seqs[NUDGER].append(t)
                 req.drafted += 1
                 (drafts[i] if req.mode == Mode.BASE else req.queue).append(t)
+                if req.mode == Mode.NUDGE:
+                    queue_entry(req, self.logprob_vocab, t, row)
                 if self._wants_draft(req, drafts[i]):
                     nxt[i] = 1
             active = nxt
@@ -353,6 +359,7 @@ class TextPairing(TextStops, Pairing):
                 break
             t = base_token(req, row, a)
             agreed = j < len(new) and t == new[j]
+            record_written(req, self.logprob_vocab, BASE, t, row)
             self._write(req, BASE, t)
             if not agreed:
                 emitted = t               # a correction, or the bonus token after every draft
@@ -361,7 +368,7 @@ class TextPairing(TextStops, Pairing):
             if req.finished:
                 break
         req.accepted += accepted
-        self._observe_drafts(req, len(new), accepted, emitted is not None and accepted < len(new))
+        req.observe_drafts(len(new), accepted, emitted is not None and accepted < len(new))
         b = req.seqs[BASE]
         b.truncate(len(req.prompts[BASE]) + len(req.base_out) - (emitted is not None))
         if emitted is not None:
@@ -387,7 +394,7 @@ class TextPairing(TextStops, Pairing):
         base (having read up to there) takes over if top1 >= gamma or it agrees."""
         words, checks = checks if checks is not None else ([], {})
         before = len(req.base_out)
-        kept, consumed, resumed = 0, 0, None
+        kept, consumed, resumed, resumed_row = 0, 0, None, None
         for q, t in enumerate(req.queue):
             if req.run > 0 and self._is_word_start(t):
                 if q not in checks:
@@ -402,8 +409,9 @@ class TextPairing(TextStops, Pairing):
                 if resume is UNDECIDED:
                     break                     # keep the queue from here; draft more next round
                 if resume:
-                    resumed = base_token(req, row, a)   # a fresh token from the base's own p'
+                    resumed, resumed_row = base_token(req, row, a), row   # a fresh token from the base's p'
                     break
+            record_queued(req, self.logprob_vocab, q, t)
             self._write(req, NUDGER, t)
             req.stable += 1
             req.run += 1
@@ -411,23 +419,15 @@ class TextPairing(TextStops, Pairing):
             if req.finished:
                 break
         req.queue = [] if resumed is not None else req.queue[consumed:]
+        req.queue_lp = [] if resumed is not None else req.queue_lp[consumed:]
         b = req.seqs[BASE]
         b.truncate(len(req.prompts[BASE]) + before + kept)
         if resumed is not None:
             req.mode = Mode.BASE
             req.seqs[NUDGER].truncate(req.stable)
             b.append(resumed)
+            record_written(req, self.logprob_vocab, BASE, resumed, resumed_row)
             self._write(req, BASE, resumed)
-
-    @staticmethod
-    def _observe_drafts(req: CrossRequest, drafted: int, accepted: int, rejected: bool) -> None:
-        """Acceptance history for adaptive drafting (a switch to nudging rejects nothing)."""
-        stats = req.draft_stats
-        if drafted == 0:
-            stats.rounds_without_draft += 1
-            return
-        stats.rounds_without_draft = 0
-        stats.observe(accepted, int(rejected))
 
     def _settle(self, req: CrossRequest) -> None:
         """Between rounds the newest token of each model is pending: the next pass gets its logits."""
