@@ -142,7 +142,8 @@ def test_the_distribution_test_rejects_a_handback_without_a_fresh_sample(pairs, 
     """The test above can fail: the base taking its raw argmax at a handback is rejected by far."""
     name = "cross-nudge-handback"
     engine = pairs["cross"][2]
-    bad = mutated_pairing("resumed = base_token(req, row, a)", "resumed = a", monkeypatch)
+    bad = mutated_pairing("resumed, resumed_row = base_token(req, row, a), row", "resumed, resumed_row = a, row",
+                          monkeypatch)
     monkeypatch.setattr(engine._pair, "_walk_nudge", types.MethodType(bad._walk_nudge, engine._pair))
     outs = run_engine(pairs, name)
     pvalue = two_sample_pvalue(Counter(o.text for o in outs), reference_texts(pairs, name))
@@ -171,8 +172,8 @@ def test_a_seed_fixes_the_text_whatever_the_batch_and_the_drafting(pairs, check_
 
 # Each SamplingParams field on the text path: what shows that it works, or that it is refused.
 WORKS = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
-         "include_stop_str_in_output", "logprobs"}      # logprobs: test_logprobs_... below
-REFUSED = {"prompt_logprobs"}
+         "include_stop_str_in_output", "logprobs", "prompt_logprobs"}      # logprobs: tests below
+REFUSED: set[str] = set()
 
 
 def test_every_sampling_params_field_works_or_is_refused(pairs, check_pools):
@@ -246,3 +247,26 @@ def test_logprobs_are_the_writers_on_its_own_context(pairs, check_pools, sampled
         joined = b"".join(bytes(d) for _, d, _ in spans)
         assert joined.startswith(out.text.encode()) or joined.decode("utf-8", "replace").startswith(out.text)
     assert written_by[0] >= 3 and written_by[1] >= 3, written_by
+
+
+def test_prompt_logprobs_are_the_base_models_as_on_the_token_path(pairs, tiny_model, check_pools):
+    """The base scores the prompt, once, whatever the prefill chunks: equal to the base alone (token
+    path) and to transformers' log-softmax over the whole prompt."""
+    base, nudger, engine = pairs["cross"]
+    small = NudgeEngine(base, nudger, max_num_batched_tokens=8)          # prefill in chunks
+    alone = NudgeEngine(base)
+    for e in (engine, small, alone):
+        check_pools(e)
+    prompt = "The quick brown fox jumps over the lazy dog, twice."
+    params = SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=2)
+    want = alone.generate(prompt, params)[0].prompt_logprobs
+    ids = engine.base.tokenizer.encode(prompt)
+    lp = torch.log_softmax(hf_model(base)(torch.tensor([ids])).logits[0].detach().float(), -1)
+    assert len(want) == len(ids) > 8 and want[0] is None
+    for e in (engine, small):
+        got = e.generate(prompt, params, NudgeParams(gamma=0.3))[0].prompt_logprobs
+        assert len(got) == len(ids) and got[0] is None
+        for p, (g, w) in enumerate(zip(got[1:], want[1:]), start=1):
+            assert list(g) == list(w) and list(g)[0] == ids[p]
+            for t, v in g.items():
+                assert v == pytest.approx(w[t], abs=1e-4) and v == pytest.approx(float(lp[p - 1, t]), abs=1e-4)

@@ -579,6 +579,8 @@ def test_cross_tokenizer_pair_in_process(tiny_model):
         content = chat["logprobs"]["content"]
         assert "".join(c["token"] for c in content).startswith(chat["message"]["content"])
         assert all(isinstance(c["logprob"], float) and len(c["top_logprobs"]) <= 2 for c in content)
-        refused = http.post("/v1/completions", json={**body, "logprobs": 2, "echo": True})
-        assert refused.status_code == 400 and "prompt_logprobs is not available" in refused.text
+        echoed = http.post("/v1/completions", json={**body, "logprobs": 2, "echo": True}).json()["choices"][0]
+        prompt_len = len(engine.base.tokenizer.encode("Hello there"))
+        assert echoed["text"].startswith("Hello there") and echoed["logprobs"]["token_logprobs"][0] is None
+        assert all(isinstance(v, float) for v in echoed["logprobs"]["token_logprobs"][1:prompt_len])
     assert engine.pools_all_free()

@@ -15,8 +15,8 @@ One round for the scheduled requests:
 k = 0 drafts nothing in BASE mode (lazy catch-up) and one token per round while nudging. With
 adaptive_drafting the BASE-mode k of each round is DraftPolicy's pick (up to draft_tokens).
 Sampling (per-model settings, seeded per request) is exact for every k: text_sampling.py says why.
-Every SamplingParams field works as on the token path except prompt_logprobs, refused with a clear
-error (REFUSED_FIELDS); logprobs are per written token, in each writer's vocabulary (text_logprobs.py).
+Every SamplingParams field works as on the token path; logprobs are per written token, in each
+writer's vocabulary, and prompt_logprobs the base's (text_logprobs.py).
 
 Where section 7 leaves a detail open, this file (and tests/reference_cross.py) fix it so:
   - a word start is a nudger token whose bytes begin with ASCII whitespace, or the nudger's EOS;
@@ -37,7 +37,7 @@ import torch
 
 from .. import _core
 from .text_request import CrossRequest, ReadWork
-from .text_logprobs import JointVocab, queue_entry, record_queued, record_written
+from .text_logprobs import JointVocab, prompt_rows, queue_entry, record_prompt, record_queued, record_written
 from .text_sampling import base_token, nudger_tokens, start_nudge_run
 from .text_stops import TextStops
 from .spans import BASE, NUDGER
@@ -60,8 +60,6 @@ MAX_DRAFT_TOKENS = 64     # NudgeParams' bound on draft_tokens
 # special tokens, which max_tokens (base tokens of the text) would never count.
 NUDGER_HEADROOM = MAX_DRAFT_TOKENS + AGREE_LOOKAHEAD
 MIN_COST_RATIO = 0.05     # a nudger pass is never free (as on the token path)
-# SamplingParams fields the text path refuses (every other field works as on the token path).
-REFUSED_FIELDS = ("prompt_logprobs",)
 
 
 class TextPairing(TextStops, Pairing):
@@ -85,10 +83,6 @@ class TextPairing(TextStops, Pairing):
 
     def new_request(self, prompt, params, nudge):
         e = self.engine
-        for name in REFUSED_FIELDS:
-            if getattr(params, name) is not None:
-                raise ValueError(f"{name} is not available on the cross-tokenizer text path (its output is "
-                                 "written in two vocabularies): leave it unset, or pair models that share a tokenizer")
         if isinstance(prompt, list):
             raise ValueError("token ids mean different things to the two tokenizers: send text, or "
                              "{'base': ids, 'nudger': ids}")
@@ -116,6 +110,8 @@ class TextPairing(TextStops, Pairing):
         req.seqs[BASE].append(req.prompts[BASE])
         if params.logprobs is not None:
             req.written = []
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]
         return req, list(req.seqs)
 
     def run_round(self, reqs: list[CrossRequest], sched) -> list[CrossRequest]:
@@ -267,7 +263,7 @@ class TextPairing(TextStops, Pairing):
     def _base_pass(self, reqs, final, chunk, drafts) -> list:
         """ONE base forward. -> per request: BASE: (verify tokens, [(top1, argmax)] per row);
         NUDGE: {queue index: (top1, argmax, base tokens up to it, text offset)} plus the tokens."""
-        seqs, nums, rows, plans = [], [], [], []
+        seqs, nums, rows, plans, scored = [], [], [], [], []     # scored: (request, prompt rows)
         start = 0
         for i, req in enumerate(reqs):
             b = req.seqs[BASE]
@@ -299,13 +295,21 @@ class TextPairing(TextStops, Pairing):
                 rows.extend(plan[1] if req.mode == Mode.BASE else [p[1] for p in plan[1]])
             plans.append(plan)
             if num > 0:
+                scored.append((req, prompt_rows(req, b.num_computed, num, start)))
                 seqs.append((req, b))
                 nums.append(num)
                 start += num
         if not seqs:
             return plans
         # Section 2's raw distribution: top1 and argmax of the base's softmax at every row.
-        logits = self.models[BASE].forward([b for _, b in seqs], nums, rows)
+        extra = [r for _, rs in scored for r in rs]
+        logits = self.models[BASE].forward([b for _, b in seqs], nums, rows + extra)
+        at = len(rows)
+        for req, rs in scored:
+            if rs:
+                self.engine.guard(req, record_prompt, req, logits[at:at + len(rs)])
+                at += len(rs)
+        logits = logits[:len(rows)]
         for (req, _), num in zip(seqs, nums):
             self._computed(req, BASE, num)
         top1, arg = torch.softmax(logits, -1).max(-1)

@@ -9,13 +9,15 @@ writer's top-n. Entries are keyed by JOINT ids: a base token's id as is, a nudge
 `nudger_offset` (the base vocabulary's size), so one id names one token of one model;
 `logprob_token_ids` lists the written tokens' joint ids and `JointVocab` gives their text (the
 token's own bytes), so the strings of the entries join to the text. A token that starts past a
-final cut (stop string, max_tokens) has no entry. prompt_logprobs are refused on this path.
+final cut (stop string, max_tokens) has no entry. prompt_logprobs are the base model's, as on the
+token path (scoring a text is the base's job): its prefill rows, each prompt token scored once.
 """
 from __future__ import annotations
 
 import torch
 
 from .spans import BASE, NUDGER
+from .token import _top_logprobs
 
 
 def written_entry(row: torch.Tensor, token: int, top_n: int, offset: int) -> dict[int, float]:
@@ -75,3 +77,21 @@ def record_queued(req, joint: JointVocab, q: int, token: int) -> None:
     """Before the queue's token q joins the text as the nudger's."""
     if req.written is not None:
         _append(req, joint, NUDGER, token, req.queue_lp[q])
+
+
+def prompt_rows(req, computed: int, num: int, start: int) -> list[int]:
+    """Rows of the flat base pass (this request's tokens start at `start`) that score prompt tokens
+    not scored yet: the row at position p predicts token p + 1 (a recompute scores nothing twice)."""
+    if req.prompt_logprobs is None:
+        return []
+    first = max(computed, len(req.prompt_logprobs) - 1)
+    upto = min(computed + num, len(req.prompts[BASE]) - 1)
+    return [start + p - computed for p in range(first, upto)]
+
+
+def record_prompt(req, rows: torch.Tensor) -> None:
+    """rows [n, vocab] base logits from prompt_rows -> the next n prompt tokens' entries."""
+    done = len(req.prompt_logprobs)
+    targets = req.prompts[BASE][done:done + rows.shape[0]]
+    lp = torch.log_softmax(rows.float(), dim=-1).cpu()
+    req.prompt_logprobs.extend(_top_logprobs(lp, targets, req.params.prompt_logprobs))

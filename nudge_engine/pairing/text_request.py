@@ -51,6 +51,7 @@ class CrossRequest:
     planned_drafts: int = 0                             # BASE-mode drafts this round (the policy's pick)
     written: list | None = None        # with logprobs: (text offset, nbytes, joint id, entry) per written token
     queue_lp: list = field(default_factory=list)        # with logprobs: the queue's entries (joint id, entry)
+    prompt_logprobs: list | None = None                 # the base's, [None] first, when asked for
     streamed_written: int = 0
     text: SpanText = field(default_factory=SpanText)
     mode: Mode = Mode.BASE
@@ -114,7 +115,7 @@ class CrossRequest:
             request_id=self.id, prompt_token_ids=list(self.prompts[BASE]), token_ids=list(tokens),
             text=bytes(self.text.data[:end]).decode("utf-8", "replace"),
             sources=[WRITER_NAMES[s] for s in sources], finish_reason=self.finish_reason,
-            stop_reason=self.stop_reason, prompt_logprobs=None, rounds=self.rounds,
+            stop_reason=self.stop_reason, prompt_logprobs=self.prompt_logprobs, rounds=self.rounds,
             logprobs=None if self.written is None else [w[3] for w in self.written_until(end)],
             logprob_token_ids=None if self.written is None else [w[2] for w in self.written_until(end)],
             drafted_tokens=self.drafted, accepted_tokens=self.accepted, arrival_time=self.arrival_time,

@@ -124,6 +124,9 @@ MUTATIONS = [
     Mutation("cross sampling: the base writes its raw argmax in BASE mode, not a sample", "nudge_engine/pairing/text.py",
              "t = base_token(req, row, a)", "t = a",
              ("tests/test_cross_sampling.py::test_text_distribution_matches_the_sequential_reference",)),
+    Mutation("cross logprobs: written tokens scored at temperature 0.9", "nudge_engine/pairing/text_logprobs.py",
+             "lp = torch.log_softmax(row.float().cpu(), dim=-1)", "lp = torch.log_softmax(row.float().cpu() / 0.9, dim=-1)",
+             ("tests/test_cross_sampling.py::test_logprobs_are_the_writers_on_its_own_context",)),
     # ---- Triton kernels (interpreted on the CPU)
     Mutation("kernel handoff_walk: top-1 == gamma nudges", "kernels/handoff_walk.py",
              "nudge_now = t1 < gamma ", "nudge_now = t1 <= gamma ",
