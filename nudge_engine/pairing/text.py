@@ -261,8 +261,9 @@ class TextPairing(TextStops, Pairing):
 
     # ------------------------------------------------------------------ base
     def _base_pass(self, reqs, final, chunk, drafts) -> list:
-        """ONE base forward. -> per request: BASE: (verify tokens, [(top1, argmax)] per row);
-        NUDGE: {queue index: (top1, argmax, base tokens up to it, text offset)} plus the tokens."""
+        """ONE base forward. -> per request: BASE: (verify tokens, [(top1, argmax, logits)] per row);
+        NUDGE: {queue index: (top1, argmax, logits, base tokens up to it, text offset)} plus the
+        tokens. Rows for prompt_logprobs ride along after the walk's rows."""
         seqs, nums, rows, plans, scored = [], [], [], [], []     # scored: (request, prompt rows)
         start = 0
         for i, req in enumerate(reqs):
@@ -322,7 +323,6 @@ class TextPairing(TextStops, Pairing):
                 out.append((plan[0], [next(stats) for _ in plan[1]]))
             else:
                 out.append((plan[0], {q: (*next(stats), ntok, off) for q, _, ntok, off in plan[1]}))
-        # (per NUDGE check: top1, argmax, row logits, base tokens up to it, text offset)
         return out
 
     def _room(self, seq, want: int) -> int:
