@@ -40,7 +40,7 @@ names = [m.name for m in pkgutil.walk_packages(nudge_engine.__path__, "nudge_eng
          if not m.name.endswith("__main__")]      # __main__ runs the CLI
 for name in names:
     importlib.import_module(name)
-needed = {"nudge_engine.pairing.text", "nudge_engine.engine.engine", "nudge_engine.model.loader",
+needed = {"nudge_engine.pairing.text", "nudge_engine.pairing.text_sampling", "nudge_engine.pairing.text_logprobs", "nudge_engine.engine.engine", "nudge_engine.model.loader",
           "nudge_engine.server.app", "nudge_engine.kernels.handoff_step",
           "nudge_engine._core", "nudge_engine.testing.tokenizer_factory", "nudge_engine.distributed.launch",
           "nudge_engine.model.graph_runner", "nudge_engine.pairing.device_drafts", "nudge_engine.pairing.host_read"}

@@ -40,6 +40,20 @@ def eos_ids(folder) -> frozenset[int]:
     return frozenset()
 
 
+def processed(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """logits [..., vocab] -> the sampling distribution: temperature, then top-k, then top-p of the
+    renormalized rest (a token stays while the mass strictly above it is below top_p)."""
+    probs = torch.softmax(logits.double() / temperature, -1)
+    ordered, order = probs.sort(-1, descending=True)
+    rank = torch.arange(probs.shape[-1])
+    keep = rank < top_k if top_k > 0 else torch.ones_like(rank, dtype=torch.bool)
+    ordered = torch.where(keep, ordered, 0.0)
+    ordered = ordered / ordered.sum(-1, keepdim=True)
+    keep = keep & (ordered.cumsum(-1) - ordered < top_p)
+    ordered = torch.where(keep, ordered, 0.0)
+    return torch.zeros_like(probs).scatter(-1, order, ordered / ordered.sum(-1, keepdim=True))
+
+
 @lru_cache(maxsize=16)
 def hf_model(folder) -> torch.nn.Module:
     """A model folder, or a .gguf file (read by transformers' own GGUF loader)."""

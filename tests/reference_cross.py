@@ -1,8 +1,15 @@
-"""Slow obvious reference for cross-tokenizer nudging (NUDGING.md section 7), greedy.
+"""Slow obvious reference for cross-tokenizer nudging (NUDGING.md section 7), greedy or sampled.
 
 No KV cache and no incremental state: before every decision each model's whole context is rebuilt
 from the spans by the rule (own spans as emitted tokens, the other's spans converted word by word)
-and run through a full transformers forward.
+and run through a full transformers forward (memoized per context when a cache is given: the
+same context always gives the same logits).
+
+Sampling (section 7's last paragraph, with section 5's per-model settings): each model samples its
+own tokens from its own processed distribution, one token at a time, in the order the sequential
+process writes them; the handoff tests read the base's raw distribution; at a takeover the base
+samples a fresh token. The nudger's next word, read by the agreement test, is what it samples next:
+if the base does not take over, those tokens are the nudger's next tokens.
 """
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 
-from reference import hf_model, next_logits
+from reference import hf_model, next_logits, processed
 
 BASE, NUDGER = 0, 1
 NAMES = ("base", "nudger")
@@ -79,6 +86,7 @@ class TokenizerBytes:
         self.byte_token = [vocab[chars[b]] if byte_level else vocab[f"<0x{b:02X}>"] for b in range(256)]
         plain = {**_no_prefix_space(spec), "added_tokens": [], "post_processor": None}
         self.tok = HFTokenizer.from_str(json.dumps(plain))
+        self.memo: dict[bytes, list[int]] = {}    # the conversion is a function of the bytes
 
     def bytes_of(self, ids) -> bytes:
         return b"".join(self.token_bytes[t] for t in ids)
@@ -95,6 +103,11 @@ class TokenizerBytes:
         return ids + (self.tok.encode(run, add_special_tokens=False).ids if run else [])
 
     def encode(self, data: bytes) -> list[int]:
+        if data not in self.memo:
+            self.memo[data] = self._encode(data)
+        return list(self.memo[data])
+
+    def _encode(self, data: bytes) -> list[int]:
         cuts = [0] + [i for i in range(1, len(data)) if data[i] in WHITESPACE] + [len(data)]
         return [t for a, b in zip(cuts, cuts[1:]) if b > a for t in self._encode_piece(data[a:b])]
 
@@ -116,12 +129,40 @@ class CrossResult:
     finish_reason: str
 
 
+@dataclass
+class Sampling:
+    """Per-model settings (temperature 0 = greedy) and the random numbers of one sample."""
+    base: tuple[float, float, int]           # temperature, top_p, top_k
+    nudger: tuple[float, float, int]
+    generator: torch.Generator
+    cache: dict                              # (model, context) -> logits, shared across samples
+
+    def pick(self, m: int, logits: torch.Tensor) -> int:
+        temperature, top_p, top_k = (self.base, self.nudger)[m]
+        if temperature == 0:
+            return int(logits.argmax())
+        return int(torch.multinomial(processed(logits, temperature, top_p, top_k), 1, generator=self.generator))
+
+
 @torch.no_grad()
 def cross_nudging(folders, wps: tuple[TokenizerBytes, TokenizerBytes], prompts, gamma: float, resume_on_agreement: bool,
-                  max_tokens: int, eos: tuple[frozenset, frozenset], nudger_limit: int) -> CrossResult:
-    """nudger_limit: the request ends ("length") once the nudger's context holds this many tokens."""
+                  max_tokens: int, eos: tuple[frozenset, frozenset], nudger_limit: int,
+                  sampling: Sampling | None = None) -> CrossResult:
+    """nudger_limit: the request ends ("length") once the nudger's context holds this many tokens.
+    sampling: None = both greedy."""
     models = [hf_model(f) for f in folders]
     spans: list[list] = []        # [writer, bytes, own tokens]
+    pending: list[int] = []       # the nudger's next tokens, sampled by an agreement test's lookahead
+    cache = sampling.cache if sampling is not None else {}
+
+    def logits(m: int, ids: list[int]) -> torch.Tensor:
+        key = (m, tuple(ids))
+        if key not in cache:
+            cache[key] = next_logits(models[m], ids)
+        return cache[key]
+
+    def pick(m: int, lg: torch.Tensor) -> int:
+        return int(lg.argmax()) if sampling is None else sampling.pick(m, lg)
 
     def context(m: int, extra=()) -> list[int]:
         ids = list(prompts[m])
@@ -144,8 +185,9 @@ def cross_nudging(folders, wps: tuple[TokenizerBytes, TokenizerBytes], prompts, 
         spans[-1][2].append(t)
 
     def base_view():
-        p = torch.softmax(next_logits(models[BASE], context(BASE)), -1)
-        return float(p.max()), int(p.argmax())
+        lg = logits(BASE, context(BASE))
+        p = torch.softmax(lg, -1)
+        return float(p.max()), int(p.argmax()), lg
 
     def agrees(a: int, t: int) -> bool:
         """Base token a's text is a prefix of the nudger's next word, which starts with t."""
@@ -154,7 +196,9 @@ def cross_nudging(folders, wps: tuple[TokenizerBytes, TokenizerBytes], prompts, 
             return False
         cont, word = [t], wps[NUDGER].token_bytes[t]
         while len(cont) < AGREE_LOOKAHEAD and cont[-1] not in eos[NUDGER] and len(word) < len(ab):
-            u = int(next_logits(models[NUDGER], context(NUDGER, cont)).argmax())
+            u = pending[len(cont) - 1] if len(cont) - 1 < len(pending) else pick(NUDGER, logits(NUDGER, context(NUDGER, cont)))
+            if len(cont) - 1 == len(pending):
+                pending.append(u)           # the nudger's next token, should it keep writing
             if starts_word(wps[NUDGER].token_bytes[u]):
                 break
             cont.append(u)
@@ -164,18 +208,19 @@ def cross_nudging(folders, wps: tuple[TokenizerBytes, TokenizerBytes], prompts, 
     mode, run, finish = BASE, 0, None
     while finish is None:
         if mode == BASE:
-            top1, a = base_view()
+            top1, a, lg = base_view()
             if top1 < gamma:
                 mode, run = NUDGER, 0
                 continue
-            writer, t = BASE, a
+            writer, t = BASE, pick(BASE, lg)
         else:
-            t = int(next_logits(models[NUDGER], context(NUDGER)).argmax())
+            t = pending.pop(0) if pending else pick(NUDGER, logits(NUDGER, context(NUDGER)))
             writer = NUDGER
             if run > 0 and (t in eos[NUDGER] or starts_word(wps[NUDGER].token_bytes[t])):
-                top1, a = base_view()   # the base has read the nudger's text up to this word start
+                top1, a, lg = base_view()   # the base has read the nudger's text up to this word start
                 if top1 >= gamma or (resume_on_agreement and agrees(a, t)):
-                    mode, writer, t = BASE, BASE, a
+                    mode, writer, t = BASE, BASE, pick(BASE, lg)   # a fresh token from the base
+                    pending.clear()
             run = run + 1 if writer == NUDGER else 0
         write(writer, t)
         if t in eos[writer]:

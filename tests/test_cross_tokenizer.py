@@ -226,10 +226,6 @@ def test_pairing_is_picked_logged_and_limits_are_clear(tiny_model, caplog):
         same = NudgeEngine(a, a)
     assert (cross.pairing, same.pairing) == ("cross-tokenizer", "same-tokenizer")
     assert "cross-tokenizer text path" in caplog.text and "same-tokenizer token path" in caplog.text
-    with pytest.raises(ValueError, match="greedy only"):
-        cross.add_request("hi", SamplingParams(temperature=0.7))
-    with pytest.raises(ValueError, match="greedy only"):
-        cross.add_request("hi", SamplingParams(temperature=0), NudgeParams(nudger_temperature=0.5))
     with pytest.raises(ValueError, match="token ids"):
         cross.add_request([5, 6, 7], SamplingParams(temperature=0))
     assert not cross.has_unfinished()
@@ -251,3 +247,27 @@ def test_agreement_reads_the_nudgers_next_word_over_up_to_8_tokens(tiny_model):
     assert engine._agrees(SimpleNamespace(queue=spelled + [ref_nudger.byte_token[32]]), a, 0) is True
     wrong = spelled[:-1] + [ref_nudger.byte_token[ord("#")]]
     assert engine._agrees(SimpleNamespace(queue=wrong + [ref_nudger.byte_token[32]]), a, 0) is False
+
+
+def test_adaptive_drafting_changes_k_and_never_the_text(pair, check_pools, monkeypatch):
+    """Greedy text-path requests with adaptive_drafting: the policy cuts drafts that the base keeps
+    rejecting (unrelated models), and the text stays the fixed-k text (exact for every k)."""
+    engine = pair[2]
+    check_pools(engine)
+    policy, picks = engine.draft_policy, []
+
+    def spy(stats, max_k, measured=True):
+        picks.append(policy.__class__.choose(policy, stats, max_k, measured))
+        return picks[-1]
+
+    monkeypatch.setattr(policy, "choose", spy)
+    params = SamplingParams(max_tokens=3 * MAX_TOKENS, temperature=0)
+    prompts = PROMPTS * 2
+    fixed = engine.generate(prompts, params, [NudgeParams(gamma=g, draft_tokens=4, adaptive_drafting=False)
+                                              for g in (0.0, 0.4) for _ in PROMPTS])
+    assert picks == []
+    adaptive = engine.generate(prompts, params, [NudgeParams(gamma=g, draft_tokens=4, adaptive_drafting=True)
+                                                 for g in (0.0, 0.4) for _ in PROMPTS])
+    assert [(o.text, o.spans, o.token_ids) for o in adaptive] == [(o.text, o.spans, o.token_ids) for o in fixed]
+    assert picks and max(picks) <= 4 and min(picks) < 4, picks
+    assert sum(o.drafted_tokens for o in adaptive) < sum(o.drafted_tokens for o in fixed)

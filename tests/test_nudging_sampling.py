@@ -30,7 +30,7 @@ from nudge_engine.engine.request import Mode, Source
 from nudge_engine.engine.sampling_params import NudgeParams, SamplingParams
 from nudge_engine.pairing.sampling_walk import sampling_walk
 
-from reference import hf_model, word_start_table
+from reference import hf_model, processed, word_start_table
 
 NUM_SAMPLES = 10000
 CONTROL_SAMPLES = 3000
@@ -71,20 +71,6 @@ CASES = {
     "k3-base-unsure": Case(3, "base-unsure", temperature=0.9, nudger_temperature=1.0),
     "k0-base-unsure": Case(0, "base-unsure"),
 }
-
-
-def processed(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
-    """logits [..., vocab] -> the sampling distribution: temperature, then top-k, then top-p of the
-    renormalized rest (a token stays while the mass strictly above it is below top_p)."""
-    probs = torch.softmax(logits.double() / temperature, -1)
-    ordered, order = probs.sort(-1, descending=True)
-    rank = torch.arange(probs.shape[-1])
-    keep = rank < top_k if top_k > 0 else torch.ones_like(rank, dtype=torch.bool)
-    ordered = torch.where(keep, ordered, 0.0)
-    ordered = ordered / ordered.sum(-1, keepdim=True)
-    keep = keep & (ordered.cumsum(-1) - ordered < top_p)
-    ordered = torch.where(keep, ordered, 0.0)
-    return torch.zeros_like(probs).scatter(-1, order, ordered / ordered.sum(-1, keepdim=True))
 
 
 @torch.no_grad()

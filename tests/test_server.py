@@ -555,4 +555,33 @@ def test_cross_tokenizer_pair_in_process(tiny_model):
             chunks = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
         assert "".join(c["choices"][0]["text"] for c in chunks) == whole["text"]
         assert whole["finish_reason"] == "length" and len(whole["sources"]) == 10
+        # Seeded sampling on the text path: the same seed gives the same text, streamed or not.
+        sampled = {**body, "temperature": 1.0, "top_p": 0.95, "seed": 7, "n": 2}
+        first = [c["text"] for c in http.post("/v1/completions", json=sampled).json()["choices"]]
+        assert first == [c["text"] for c in http.post("/v1/completions", json=sampled).json()["choices"]]
+        with http.stream("POST", "/v1/completions", json={**sampled, "n": 1, "stream": True}) as resp:
+            chunks = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == first[0]
+        # Logprobs per written token (pairing/text_logprobs.py): well-formed, joined they are the text.
+        for extra in ({}, {"temperature": 1.0, "seed": 3}):
+            lp = http.post("/v1/completions", json={**body, **extra, "logprobs": 2}).json()["choices"][0]
+            got = lp["logprobs"]
+            assert "".join(got["tokens"]).startswith(lp["text"]) and len(got["tokens"]) >= 1
+            assert all(isinstance(v, float) and v <= 0 for v in got["token_logprobs"])
+            assert all(1 <= len(top) <= 3 for top in got["top_logprobs"])
+            assert got["text_offset"] == [sum(map(len, got["tokens"][:i])) for i in range(len(got["tokens"]))]
+            with http.stream("POST", "/v1/completions", json={**body, **extra, "logprobs": 2, "stream": True}) as resp:
+                chunks = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+            streamed = [t for c in chunks if c["choices"][0]["logprobs"] for t in c["choices"][0]["logprobs"]["tokens"]]
+            assert streamed == got["tokens"]
+        chat = http.post("/v1/chat/completions", json={"model": "cross", "max_tokens": 6, "temperature": 0,
+                                                       "messages": [{"role": "user", "content": "Hi"}],
+                                                       "logprobs": True, "top_logprobs": 2}).json()["choices"][0]
+        content = chat["logprobs"]["content"]
+        assert "".join(c["token"] for c in content).startswith(chat["message"]["content"])
+        assert all(isinstance(c["logprob"], float) and len(c["top_logprobs"]) <= 2 for c in content)
+        echoed = http.post("/v1/completions", json={**body, "logprobs": 2, "echo": True}).json()["choices"][0]
+        prompt_len = len(engine.base.tokenizer.encode("Hello there"))
+        assert echoed["text"].startswith("Hello there") and echoed["logprobs"]["token_logprobs"][0] is None
+        assert all(isinstance(v, float) for v in echoed["logprobs"]["token_logprobs"][1:prompt_len])
     assert engine.pools_all_free()

@@ -68,6 +68,7 @@ class ChoiceDelta:
     stop_reason: str | int | None
     output: RequestOutput | None = None  # set on the choice's last delta
     prompt_logprobs: list | None = None  # set on the choice's first delta, when the request asked for them
+    logprob_token_ids: list[int] | None = None  # the text path: logprobs are per written token
 
 
 @dataclass
@@ -351,7 +352,8 @@ class AsyncEngine:
             first = choice.last_token_time is None and (d.token_ids or req.finished)
             if d.token_ids:
                 choice.last_token_time = now
-            ev = ChoiceDelta(choice.index, d.token_ids, text, d.sources, d.logprobs, d.finish_reason, d.stop_reason)
+            ev = ChoiceDelta(choice.index, d.token_ids, text, d.sources, d.logprobs, d.finish_reason, d.stop_reason,
+                             logprob_token_ids=d.logprob_token_ids)
             prompt_logprobs = getattr(req, "prompt_logprobs", None)   # the text path has none
             if first and prompt_logprobs is not None:
                 ev.prompt_logprobs = list(prompt_logprobs)

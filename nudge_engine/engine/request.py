@@ -65,6 +65,8 @@ class StreamDelta:
     logprobs: list[dict[int, float]] | None
     finish_reason: str | None
     stop_reason: str | int | None
+    # The text path's logprobs are per written token, not per token_ids (pairing/text_logprobs.py).
+    logprob_token_ids: list[int] | None = None
 
 
 @dataclass

@@ -43,6 +43,17 @@ def processed_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
     return torch.where(one_hot_rows[:, None], one_hot, probs)
 
 
+SEED_BOUND = 2**62   # seeds drawn for requests without one
+
+
+def request_generator(seed: int | None, engine_gen: torch.Generator) -> tuple[int, torch.Generator]:
+    """A request's own generator: its seed, or one drawn from the engine's, so that a seeded request
+    draws the same numbers whatever it is batched with. -> (seed used, generator)."""
+    if seed is None:
+        seed = int(torch.randint(SEED_BOUND, (), generator=engine_gen))
+    return seed, torch.Generator().manual_seed(seed)
+
+
 def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
     """One token from probs [vocab] (need not be normalized) with the request's own generator."""
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -6,12 +6,15 @@ statistics; it picks ONE pairing at construction and hands it the per-round work
   token.py  TokenPairing: the base alone, or a nudger with the same tokenizer (the token path:
             drafts verified token by token, sampling, logprobs, adaptive drafting);
   text.py   TextPairing: tokenizers that differ (the text path of section 7: the shared state is
-            the output text, each model reads the other's finished words);
+            the output text, each model reads the other's finished words; greedy and seeded
+            sampling, adaptive drafting, stops, logprobs per written token);
   handoff.py, handoff_torch.py, sampling_walk.py: the token path's decision rules (greedy walk,
             fused top-1/handoff step and its torch reference, rejection-sampling walk);
   device_drafts.py: the token path's draft passes, kept on the device (placeholders on the host);
   host_read.py: the one counted door from the device to the host in a round;
-  wordpieces.py, spans.py, text_request.py: the text path's word pieces, span text and request.
+  wordpieces.py, spans.py, text_request.py, text_stops.py, text_sampling.py, text_logprobs.py: the
+            text path's word pieces, span text, request, stop rules, who samples what (with its
+            exactness proof), and what its logprobs mean.
 
 A pairing implements the small interface below and reads the engine it serves (models, scheduler,
 requests, stats, per-step failure set) through `self.engine`. Modules here may import model/, layers/,

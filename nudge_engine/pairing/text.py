@@ -6,13 +6,17 @@ once: a handoff costs tokens proportional to the new text, never a prefill of th
 
 One round for the scheduled requests:
   1. nudger passes (batched): catch-up on the base's new words, then draft tokens:
-     NUDGE mode: the nudger writes up to k tokens (its exact greedy tokens; they queue until decided),
-     BASE mode (k > 0): speculative drafts from the base text so far, to be verified by the base;
+     NUDGE mode: the nudger writes up to k tokens (its own greedy or sampled tokens; they queue
+     until decided), BASE mode (k > 0): speculative drafts (its argmax) from the base text so far,
+     verified by exact match against the base's own token (argmax or sample);
   2. ONE base pass (batched): BASE mode: its pending token + the drafts' text in base tokens;
      NUDGE mode: the nudger's new finished words, with a logits row at every word start;
   3. a walk per request applies the section 7 rules in order and rolls back what was not used.
-k = 0 drafts nothing in BASE mode (lazy catch-up) and one token per round while nudging.
-Greedy only: the text-level handoff has no exact rejection-sampling form here.
+k = 0 drafts nothing in BASE mode (lazy catch-up) and one token per round while nudging. With
+adaptive_drafting the BASE-mode k of each round is DraftPolicy's pick (up to draft_tokens).
+Sampling (per-model settings, seeded per request) is exact for every k: text_sampling.py says why.
+Every SamplingParams field works as on the token path; logprobs are per written token, in each
+writer's vocabulary, and prompt_logprobs the base's (text_logprobs.py).
 
 Where section 7 leaves a detail open, this file (and tests/reference_cross.py) fix it so:
   - a word start is a nudger token whose bytes begin with ASCII whitespace, or the nudger's EOS;
@@ -21,7 +25,9 @@ Where section 7 leaves a detail open, this file (and tests/reference_cross.py) f
   - max_tokens: the base tokens of the text (the unfinished last word as it stands); when a
     nudger token overshoots, the output is cut to the first max_tokens base tokens;
   - the request also ends ("length") when the nudger's context nears its position limit;
-  - stop_token_ids are base-vocabulary ids, checked on tokens the base writes.
+  - stop_token_ids are base-vocabulary ids, checked on tokens the base writes;
+  - with sampling and resume_on_agreement, the nudger's next word is the one it samples next: if
+    the base does not take over, those sampled tokens are the nudger's next tokens (never redrawn).
 """
 from __future__ import annotations
 
@@ -31,10 +37,14 @@ import torch
 
 from .. import _core
 from .text_request import CrossRequest, ReadWork
+from .text_logprobs import JointVocab, prompt_rows, queue_entry, record_prompt, record_queued, record_written
+from .text_sampling import base_token, nudger_tokens, start_nudge_run
 from .text_stops import TextStops
 from .spans import BASE, NUDGER
 from .wordpieces import WHITESPACE, WordPieces, starts_word
+from ..engine.draft_policy import DraftPolicy
 from ..engine.prompts import tokenize_prompt
+from ..engine.sampler import request_generator
 from ..engine.request import Mode
 from . import BASE_MODEL, NUDGER_MODEL, Pairing
 
@@ -49,10 +59,11 @@ MAX_DRAFT_TOKENS = 64     # NudgeParams' bound on draft_tokens
 # that drafts and the agreement lookahead always fit. It also ends nudger runs of text-less
 # special tokens, which max_tokens (base tokens of the text) would never count.
 NUDGER_HEADROOM = MAX_DRAFT_TOKENS + AGREE_LOOKAHEAD
+MIN_COST_RATIO = 0.05     # a nudger pass is never free (as on the token path)
 
 
 class TextPairing(TextStops, Pairing):
-    """Tokenizers that differ: the text path. Greedy only; no logprobs; a fixed draft count."""
+    """Tokenizers that differ: the text path, with the token path's request features."""
 
     name = "cross-tokenizer"
 
@@ -64,17 +75,14 @@ class TextPairing(TextStops, Pairing):
         self.wp = [WordPieces(m.tokenizer) for m in self.models]      # [model]
         self.eos = [frozenset(m.config.eos_token_ids) for m in self.models]  # [model]: each model's own EOS
         self.nudger_context_limit = self.nudger.config.max_position_embeddings - NUDGER_HEADROOM
+        ratio = self.nudger.num_parameters / self.base.num_parameters
+        self.draft_policy = DraftPolicy(cost_ratio=max(ratio, MIN_COST_RATIO))
+        self.logprob_vocab = JointVocab(self.wp, [m.tokenizer for m in self.models], self.base.config.vocab_size)
         log.info("cross-tokenizer text path: base %s, nudger %s, %d KV blocks of %d tokens "
                  "per model", e.paths[0], e.paths[1], self.base.pool.num_blocks, e.block_size)
 
     def new_request(self, prompt, params, nudge):
         e = self.engine
-        nudger_params = nudge.nudger_sampling(params)
-        if not (params.greedy and nudger_params.greedy):
-            raise ValueError("the cross-tokenizer text path is greedy only: use temperature=0 "
-                             "(and nudger_temperature 0 or unset)")
-        if params.logprobs is not None or params.prompt_logprobs is not None:
-            raise ValueError("logprobs are not available on the cross-tokenizer path (tokens are per model)")
         if isinstance(prompt, list):
             raise ValueError("token ids mean different things to the two tokenizers: send text, or "
                              "{'base': ids, 'nudger': ids}")
@@ -87,6 +95,7 @@ class TextPairing(TextStops, Pairing):
         for m, p, role in zip(self.models, ids, ("base", "nudger")):
             m.check_fits(role, len(p), params.max_tokens)
         d = e.defaults
+        seed, base_gen = request_generator(params.seed, e._seed_gen)
         req = CrossRequest(
             id=e.new_id(), params=params,
             gamma=d.gamma if nudge.gamma is None else nudge.gamma,
@@ -94,8 +103,15 @@ class TextPairing(TextStops, Pairing):
             resume_on_agreement=d.resume_on_agreement if nudge.resume_on_agreement is None else nudge.resume_on_agreement,
             prompts=(list(ids[BASE]), list(ids[NUDGER])),
             seqs=(_core.Sequence(self.base.pool), _core.Sequence(self.nudger.pool)),
+            nudger_params=nudge.nudger_sampling(params), seed=seed, base_gen=base_gen,
+            nudger_gen=torch.Generator(),
+            adaptive_drafting=d.adaptive_drafting if nudge.adaptive_drafting is None else nudge.adaptive_drafting,
         )
         req.seqs[BASE].append(req.prompts[BASE])
+        if params.logprobs is not None:
+            req.written = []
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]
         return req, list(req.seqs)
 
     def run_round(self, reqs: list[CrossRequest], sched) -> list[CrossRequest]:
@@ -129,7 +145,12 @@ class TextPairing(TextStops, Pairing):
         return touched
 
     def prepare(self, req: CrossRequest) -> None:
-        """Before scheduling: the nudger reads the base's new words; scratch for BASE-mode drafts."""
+        """Before scheduling: the BASE-mode draft count, then the nudger reads the base's new words;
+        scratch for BASE-mode drafts."""
+        req.planned_drafts = req.draft_tokens
+        if req.mode == Mode.BASE and req.adaptive_drafting:
+            # Exact for every k (greedy and sampled alike), so measured timings may choose it.
+            req.planned_drafts = self.draft_policy.choose(req.draft_stats, req.draft_tokens, measured=True)
         dc = req.draft_count()
         n = req.seqs[NUDGER]
         extra = [0, 0]
@@ -220,9 +241,10 @@ class TextPairing(TextStops, Pairing):
                 break
             idx = list(active)
             logits = self.models[NUDGER].forward([reqs[i].seqs[NUDGER] for i in idx], [active[i] for i in idx])
-            tokens = logits.argmax(-1).tolist()
+            tokens = nudger_tokens([reqs[i] for i in idx], logits,
+                                   [final[i] and reqs[i].mode == Mode.NUDGE for i in idx])
             nxt = {}
-            for i, t in zip(idx, tokens):
+            for row, i, t in zip(logits, idx, tokens):
                 req = reqs[i]
                 self._computed(req, NUDGER, active[i])
                 if not final[i]:
@@ -230,6 +252,8 @@ class TextPairing(TextStops, Pairing):
                 req.seqs[NUDGER].append(t)
                 req.drafted += 1
                 (drafts[i] if req.mode == Mode.BASE else req.queue).append(t)
+                if req.mode == Mode.NUDGE:
+                    queue_entry(req, self.logprob_vocab, t, row)
                 if self._wants_draft(req, drafts[i]):
                     nxt[i] = 1
             active = nxt
@@ -237,9 +261,10 @@ class TextPairing(TextStops, Pairing):
 
     # ------------------------------------------------------------------ base
     def _base_pass(self, reqs, final, chunk, drafts) -> list:
-        """ONE base forward. -> per request: BASE: (verify tokens, [(top1, argmax)] per row);
-        NUDGE: {queue index: (top1, argmax, base tokens up to it, text offset)} plus the tokens."""
-        seqs, nums, rows, plans = [], [], [], []
+        """ONE base forward. -> per request: BASE: (verify tokens, [(top1, argmax, logits)] per row);
+        NUDGE: {queue index: (top1, argmax, logits, base tokens up to it, text offset)} plus the
+        tokens. Rows for prompt_logprobs ride along after the walk's rows."""
+        seqs, nums, rows, plans, scored = [], [], [], [], []     # scored: (request, prompt rows)
         start = 0
         for i, req in enumerate(reqs):
             b = req.seqs[BASE]
@@ -271,17 +296,25 @@ class TextPairing(TextStops, Pairing):
                 rows.extend(plan[1] if req.mode == Mode.BASE else [p[1] for p in plan[1]])
             plans.append(plan)
             if num > 0:
+                scored.append((req, prompt_rows(req, b.num_computed, num, start)))
                 seqs.append((req, b))
                 nums.append(num)
                 start += num
         if not seqs:
             return plans
         # Section 2's raw distribution: top1 and argmax of the base's softmax at every row.
-        logits = self.models[BASE].forward([b for _, b in seqs], nums, rows)
+        extra = [r for _, rs in scored for r in rs]
+        logits = self.models[BASE].forward([b for _, b in seqs], nums, rows + extra)
+        at = len(rows)
+        for req, rs in scored:
+            if rs:
+                self.engine.guard(req, record_prompt, req, logits[at:at + len(rs)])
+                at += len(rs)
+        logits = logits[:len(rows)]
         for (req, _), num in zip(seqs, nums):
             self._computed(req, BASE, num)
         top1, arg = torch.softmax(logits, -1).max(-1)
-        stats = iter(zip(top1.tolist(), arg.tolist()))
+        stats = iter(zip(top1.tolist(), arg.tolist(), logits))     # row logits [vocab]: sampling
         out = []
         for req, plan in zip(reqs, plans):
             if plan is None:
@@ -319,22 +352,27 @@ class TextPairing(TextStops, Pairing):
     # ------------------------------------------------------------------ walks
     def _walk_base(self, req: CrossRequest, drafts: list[int], check) -> None:
         """Section 2 in BASE mode on the verified rows: accept drafts the base agrees with, emit its
-        own token at the first disagreement (or bonus), switch to NUDGE where top1 < gamma."""
+        own token at the first disagreement (or bonus), switch to NUDGE where top1 < gamma. The
+        base's token is its argmax or its sample; a draft only passes if it equals it (exact match)."""
         new, stats = check
         accepted, emitted = 0, None
-        for j, (top1, a) in enumerate(stats):
+        for j, (top1, a, row) in enumerate(stats):
             if top1 < req.gamma:
                 req.mode, req.run = Mode.NUDGE, 0
+                start_nudge_run(req)
                 break
-            agreed = j < len(new) and a == new[j]
-            self._write(req, BASE, a)
+            t = base_token(req, row, a)
+            agreed = j < len(new) and t == new[j]
+            record_written(req, self.logprob_vocab, BASE, t, row)
+            self._write(req, BASE, t)
             if not agreed:
-                emitted = a               # a correction, or the bonus token after every draft
+                emitted = t               # a correction, or the bonus token after every draft
                 break
             accepted += 1
             if req.finished:
                 break
         req.accepted += accepted
+        req.observe_drafts(len(new), accepted, emitted is not None and accepted < len(new))
         b = req.seqs[BASE]
         b.truncate(len(req.prompts[BASE]) + len(req.base_out) - (emitted is not None))
         if emitted is not None:
@@ -360,12 +398,12 @@ class TextPairing(TextStops, Pairing):
         base (having read up to there) takes over if top1 >= gamma or it agrees."""
         words, checks = checks if checks is not None else ([], {})
         before = len(req.base_out)
-        kept, consumed, resumed = 0, 0, None
+        kept, consumed, resumed, resumed_row = 0, 0, None, None
         for q, t in enumerate(req.queue):
             if req.run > 0 and self._is_word_start(t):
                 if q not in checks:
                     break                     # not verified this round (pool short): next round
-                top1, a, ntok, off = checks[q]
+                top1, a, row, ntok, off = checks[q]
                 # The words before this point are final: they join the base's context.
                 req.base_out += words[kept:ntok]
                 req.base_src += [NUDGER] * (ntok - kept)
@@ -375,8 +413,9 @@ class TextPairing(TextStops, Pairing):
                 if resume is UNDECIDED:
                     break                     # keep the queue from here; draft more next round
                 if resume:
-                    resumed = a
+                    resumed, resumed_row = base_token(req, row, a), row   # a fresh token from the base's p'
                     break
+            record_queued(req, self.logprob_vocab, q, t)
             self._write(req, NUDGER, t)
             req.stable += 1
             req.run += 1
@@ -384,12 +423,14 @@ class TextPairing(TextStops, Pairing):
             if req.finished:
                 break
         req.queue = [] if resumed is not None else req.queue[consumed:]
+        req.queue_lp = [] if resumed is not None else req.queue_lp[consumed:]
         b = req.seqs[BASE]
         b.truncate(len(req.prompts[BASE]) + before + kept)
         if resumed is not None:
             req.mode = Mode.BASE
             req.seqs[NUDGER].truncate(req.stable)
             b.append(resumed)
+            record_written(req, self.logprob_vocab, BASE, resumed, resumed_row)
             self._write(req, BASE, resumed)
 
     def _settle(self, req: CrossRequest) -> None:

@@ -5,6 +5,9 @@ import codecs
 import time
 from dataclasses import dataclass, field
 
+import torch
+
+from ..engine.draft_policy import DraftStats
 from ..engine.request import Mode, RequestOutput, StreamDelta
 from ..engine.sampling_params import SamplingParams
 from .spans import BASE, WRITER_NAMES, SpanText, decode_spans
@@ -25,6 +28,8 @@ class CrossRequestOutput(RequestOutput):
     spans: list[tuple[str, str]] = field(default_factory=list)       # (text, "base" | "nudger")
     work: list[ReadWork] = field(default_factory=list)
     computed_tokens: dict[str, int] = field(default_factory=dict)    # per model, whole request
+    # With logprobs (text_logprobs.py): per written token, in text order; `logprobs` is keyed likewise.
+    logprob_token_ids: list[int] | None = None                       # joint ids (nudger's offset)
 
 
 @dataclass
@@ -36,6 +41,18 @@ class CrossRequest:
     resume_on_agreement: bool
     prompts: tuple[list[int], list[int]]                # [model]
     seqs: tuple                                         # [model] _core.Sequence
+    nudger_params: SamplingParams = None                # the nudger's own sampling settings
+    seed: int = 0                                       # the request's seed, or one drawn for it
+    base_gen: torch.Generator = None                    # one draw per base-written token (text_sampling.py)
+    nudger_gen: torch.Generator = None                  # reseeded at every nudge run
+    nudge_runs: int = 0
+    adaptive_drafting: bool = False
+    draft_stats: DraftStats = field(default_factory=DraftStats)
+    planned_drafts: int = 0                             # BASE-mode drafts this round (the policy's pick)
+    written: list | None = None        # with logprobs: (text offset, nbytes, joint id, entry) per written token
+    queue_lp: list = field(default_factory=list)        # with logprobs: the queue's entries (joint id, entry)
+    prompt_logprobs: list | None = None                 # the base's, [None] first, when asked for
+    streamed_written: int = 0
     text: SpanText = field(default_factory=SpanText)
     mode: Mode = Mode.BASE
     run: int = 0
@@ -79,6 +96,13 @@ class CrossRequest:
     def text_end(self) -> int:
         return len(self.text.data) if self.text_limit is None else self.text_limit
 
+    def written_until(self, end: int) -> list:
+        """Entries (start, nbytes, joint id, entry) of tokens that start before the text's end (a
+        token without text, such as an end token, at the end too)."""
+        if self.written is None:
+            return []
+        return [w for w in self.written if w[0] < end or (w[1] == 0 and w[0] == end)]
+
     def tokens(self) -> tuple[list[int], list[int]]:
         if self.final_tokens is not None:
             return self.final_tokens, self.final_sources
@@ -91,7 +115,9 @@ class CrossRequest:
             request_id=self.id, prompt_token_ids=list(self.prompts[BASE]), token_ids=list(tokens),
             text=bytes(self.text.data[:end]).decode("utf-8", "replace"),
             sources=[WRITER_NAMES[s] for s in sources], finish_reason=self.finish_reason,
-            stop_reason=self.stop_reason, logprobs=None, prompt_logprobs=None, rounds=self.rounds,
+            stop_reason=self.stop_reason, prompt_logprobs=self.prompt_logprobs, rounds=self.rounds,
+            logprobs=None if self.written is None else [w[3] for w in self.written_until(end)],
+            logprob_token_ids=None if self.written is None else [w[2] for w in self.written_until(end)],
             drafted_tokens=self.drafted, accepted_tokens=self.accepted, arrival_time=self.arrival_time,
             first_token_time=self.first_token_time, finish_time=self.finish_time,
             spans=decode_spans(self.text.writer_spans(end)), work=list(self.work),
@@ -109,10 +135,23 @@ class CrossRequest:
         end = self.text_end
         text = self.decoder.decode(bytes(self.text.data[self.streamed_bytes:end]), final=self.finished)
         self.streamed_bytes = max(self.streamed_bytes, end)
-        return StreamDelta(self.id, tokens[new], text, [WRITER_NAMES[s] for s in sources[new]], None,
-                           self.finish_reason, self.stop_reason)
+        written = self.written_until(end)[self.streamed_written:]
+        self.streamed_written += len(written)
+        lp = None if self.written is None else [w[3] for w in written]
+        return StreamDelta(self.id, tokens[new], text, [WRITER_NAMES[s] for s in sources[new]], lp,
+                           self.finish_reason, self.stop_reason,
+                           logprob_token_ids=None if lp is None else [w[2] for w in written])
+
+    def observe_drafts(self, drafted: int, accepted: int, rejected: bool) -> None:
+        """Acceptance history for adaptive drafting (a switch to nudging rejects nothing)."""
+        if drafted == 0:
+            self.draft_stats.rounds_without_draft += 1
+            return
+        self.draft_stats.rounds_without_draft = 0
+        self.draft_stats.observe(accepted, int(rejected))
 
     def draft_count(self) -> int:
-        if self.draft_tokens > 0:
-            return self.draft_tokens
-        return 1 if self.mode == Mode.NUDGE else 0
+        """BASE mode: the drafts planned for this round; NUDGE mode: the nudger writes >= 1 token."""
+        if self.mode == Mode.BASE:
+            return self.planned_drafts
+        return max(self.draft_tokens, 1)

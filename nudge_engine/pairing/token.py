@@ -21,6 +21,7 @@ from .handoff import Handoff
 from .host_read import host_read
 from ..engine.prompts import tokenize_prompt
 from ..engine.request import Mode, Request, Source
+from ..engine.sampler import request_generator
 from ..model.tokenizer import IncrementalDetokenizer
 from . import BASE_MODEL, NUDGER_MODEL, Pairing
 
@@ -63,8 +64,7 @@ class TokenPairing(Pairing):
             m.check_fits(role, len(ids), params.max_tokens)
         d = e.defaults
         rid = e.new_id()
-        gen = torch.Generator()
-        gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, (), generator=e._seed_gen)))
+        _, gen = request_generator(params.seed, e._seed_gen)
         req = Request(
             id=rid, base_prompt=base_ids, nudger_prompt=nudger_ids, params=params,
             nudger_params=nudge.nudger_sampling(params),

@@ -65,6 +65,13 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
     ae.metrics = metrics
     metrics.attach(ae)
     base_tok = engine.base.tokenizer
+    # The text path (pairing/text_logprobs.py): logprobs name written tokens by joint id, not token_ids.
+    lp_vocab = getattr(engine, "logprob_vocab", None) or base_tok
+
+    def lp_ids(x) -> list[int]:
+        ids = getattr(x, "logprob_token_ids", None)
+        return x.token_ids if ids is None else ids
+
     nudger_tok = engine.nudger.tokenizer if engine.nudger is not None else None
     context = min(m.config.max_position_embeddings for m in engine.models)
     base_path = str(engine.base.path)
@@ -333,7 +340,7 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
                         lp, offsets[i] = echoes[i].logprobs(base_tok, ev.prompt_logprobs, n_logprobs)
                 if n_logprobs is not None:
                     more, offsets[i] = P.completion_logprobs(
-                        base_tok, ev.token_ids, _clean_logprobs(ev.logprobs), n_logprobs, offsets[i])
+                        lp_vocab, lp_ids(ev), _clean_logprobs(ev.logprobs), n_logprobs, offsets[i])
                     lp = more if lp is None else P.join_completion_logprobs(lp, more)
                 return {"index": i, "text": text, "logprobs": lp, "finish_reason": ev.finish_reason}
 
@@ -347,7 +354,7 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
                 if n_logprobs is not None:
                     lp, offset = echoes[index].logprobs(base_tok, out.prompt_logprobs, n_logprobs)
             if n_logprobs is not None:
-                more, _ = P.completion_logprobs(base_tok, out.token_ids, _clean_logprobs(out.logprobs), n_logprobs,
+                more, _ = P.completion_logprobs(lp_vocab, lp_ids(out), _clean_logprobs(out.logprobs), n_logprobs,
                                                 offset)
                 lp = more if lp is None else P.join_completion_logprobs(lp, more)
             return {"index": index, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
@@ -389,11 +396,11 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
         prompt_tokens = len(base_ids)
 
         def logprobs_of(token_ids, logprobs):
-            return P.chat_logprobs(base_tok, token_ids, _clean_logprobs(logprobs), n_top) if n_top is not None else None
+            return P.chat_logprobs(lp_vocab, token_ids, _clean_logprobs(logprobs), n_top) if n_top is not None else None
 
         if body.stream:
             def chunk_choice(ev) -> dict:
-                return {"index": ev.index, "delta": {"content": ev.text}, "logprobs": logprobs_of(ev.token_ids, ev.logprobs),
+                return {"index": ev.index, "delta": {"content": ev.text}, "logprobs": logprobs_of(lp_ids(ev), ev.logprobs),
                         "finish_reason": ev.finish_reason}
 
             roles = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
@@ -403,7 +410,7 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
 
         def final_choice(index: int, out) -> dict:
             return {"index": index, "message": {"role": "assistant", "content": out.text},
-                    "logprobs": logprobs_of(out.token_ids, out.logprobs), "finish_reason": out.finish_reason}
+                    "logprobs": logprobs_of(lp_ids(out), out.logprobs), "finish_reason": out.finish_reason}
 
         return await final_response(group, request, {**header, "object": "chat.completion"}, final_choice,
                                     prompt_tokens)
