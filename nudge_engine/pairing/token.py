@@ -266,16 +266,15 @@ class TokenPairing(Pairing):
 
     @staticmethod
     def _observe_drafts(req: Request, drafted: int, decision) -> None:
-        """Acceptance history of a round that began in BASE mode: drafts the base agreed with, and
-        one rejection when it corrected a draft (a switch to nudging rejects nothing)."""
+        """Acceptance history of a round that began in BASE mode: the drafts that became tokens (the
+        base agreed, or the nudger's draft was the nudged token), and one rejection when the round kept
+        fewer than it drafted: what the round plan needs to predict tokens per round."""
         stats = req.draft_stats
         if drafted == 0:
             stats.rounds_without_draft += 1
             return
         stats.rounds_without_draft = 0
-        agreed = sum(1 for s in decision.accepted_sources if s == Source.BASE)
-        corrected = (decision.emit_token is not None and decision.mode == Mode.BASE
-                     and decision.num_accepted < drafted)
+        agreed, corrected = decision.num_accepted, decision.num_accepted < drafted
         stats.observe(agreed, int(corrected))
 
     @staticmethod
