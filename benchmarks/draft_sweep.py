@@ -37,6 +37,8 @@ def parse_args(argv=None):
     ap.add_argument("--gamma", default="auto", help="a number, or auto: nudge ~--target-nudged of the tokens")
     ap.add_argument("--target-nudged", type=float, default=TARGET_NUDGED)
     ap.add_argument("--agreement", type=float, default=None)
+    ap.add_argument("--serial-prompts", type=int, default=2,
+                    help="the batch-1 cell runs this many prompts one after another (nudging varies by prompt)")
     ap.add_argument("--suite", default="draft-sweep")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
@@ -52,23 +54,29 @@ def configs(ks, gamma):
     return out
 
 
-def sweep_batch(engines, prompts, max_tokens, cfgs, repeats, log) -> tuple[dict, dict]:
+def sweep_batch(engines, prompts, max_tokens, cfgs, repeats, log, serial: bool = False) -> tuple[dict, dict]:
+    """serial: each prompt alone (batch 1), one after another, in each timed repeat."""
     from nudge_engine.engine.sampling_params import SamplingParams
     sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+
+    def generate(which, nudge):
+        if serial:
+            return [engines[which].generate([p], sp, nudge)[0] for p in prompts]
+        return engines[which].generate(prompts, sp, nudge)
     times = {name: [] for name, _, _ in cfgs}
     outs, nudged = {}, {}
     for name, nudge, which in cfgs:  # warm every configuration (and the policy's cost fits) once
-        engines[which].generate(prompts, sp, nudge)
+        generate(which, nudge)
     for r in range(repeats):
         order = cfgs[r % len(cfgs):] + cfgs[:r % len(cfgs)]
         for name, nudge, which in order:
             t0 = time.perf_counter()
-            res = engines[which].generate(prompts, sp, nudge)
+            res = generate(which, nudge)
             times[name].append(time.perf_counter() - t0)
             outs[name] = [o.token_ids for o in res]
             toks = sum(len(o.token_ids) for o in res)
             nudged[name] = sum(s == "nudger" for o in res for s in o.sources) / max(toks, 1)
-    tokens = len(prompts) * max_tokens
+    tokens = len(prompts) * max_tokens  # ignore_eos: every request writes max_tokens
     tok_s = {name: tokens / common.median(ts) for name, ts in times.items()}
     same = all(outs[n] == outs["k=0"] for n in outs if n != "base")
     return tok_s, dict(nudged=nudged.get("default"), same_output=same, times=times)
@@ -90,16 +98,19 @@ def main(argv=None) -> int:
     kv = 256 << 20 if device.type == "cpu" else 4 << 30
     engines = {w: NudgeEngine(pair.base, pair.nudger if w == "pair" else None, device=device, dtype=dtype,
                               kv_cache_bytes=kv, max_num_seqs=max(batches)) for w in ("base", "pair")}
-    prompts_all = common.make_prompts(engines["pair"].tokenizer, [args.prompt_len] * max(batches), seed=args.seed)
+    prompts_all = common.make_prompts(engines["pair"].tokenizer, [args.prompt_len] * max(batches + [8, args.serial_prompts]),
+                                      seed=args.seed)
     if args.gamma == "auto":
-        gamma, tried = common.calibrate_gamma(engines["pair"], prompts_all[:4], args.max_tokens, args.target_nudged, 6)
+        gamma, tried = common.calibrate_gamma(engines["pair"], prompts_all[:8], args.max_tokens, args.target_nudged, 8)
         log(f"gamma {gamma} nudges ~{dict(tried)[gamma]:.1%} (target {args.target_nudged:.0%})")
     else:
         gamma = float(args.gamma)
     cfgs = configs(ks, gamma)
     rows = []
     for b in batches:
-        tok_s, info = sweep_batch(engines, prompts_all[:b], args.max_tokens, cfgs, args.repeats, log)
+        serial = b == 1 and args.serial_prompts > 1
+        prompts = prompts_all[:args.serial_prompts] if serial else prompts_all[:b]
+        tok_s, info = sweep_batch(engines, prompts, args.max_tokens, cfgs, args.repeats, log, serial)
         best_name = max((f"k={k}" for k in ks), key=lambda n: tok_s[n])
         row = dict(batch=b, **{n: tok_s[n] for n, _, _ in cfgs}, best_fixed=best_name,
                    default_over_best=tok_s["default"] / tok_s[best_name],
@@ -110,7 +121,7 @@ def main(argv=None) -> int:
             + f"  tok/s | default/best({best_name}) {row['default_over_best']:.3f}"
             + f"  default/base {row['default_over_base']:.2f}  nudged {info['nudged']:.1%}  same output {info['same_output']}")
     data = dict(suite=args.suite, env=env, models=models, gamma=gamma, ks=ks, repeats=args.repeats,
-                max_tokens=args.max_tokens, prompt_len=args.prompt_len, rows=rows, log=log.lines)
+                max_tokens=args.max_tokens, prompt_len=args.prompt_len, serial_prompts=args.serial_prompts, rows=rows, log=log.lines)
     md = to_markdown(data, [n for n, _, _ in cfgs])
     print(md)
     json_path, md_path = common.write_results(args.out, device, args.suite, models, data, md)
@@ -126,7 +137,8 @@ def to_markdown(data: dict, names: list[str]) -> str:
         ("default_over_base", "default / base"), ("k0_over_base", "k=0 / base"), ("nudged", "nudged"),
         ("same_output", "same output")]
     head = (f"# Draft policy sweep ({data['suite']})\n\n{env['device']}, commit {env['commit']}, models {data['models']}, "
-            f"gamma {data['gamma']}, {data['prompt_len']}-token prompts, {data['max_tokens']} tokens, greedy; "
+            f"gamma {data['gamma']}, {data['prompt_len']}-token prompts, {data['max_tokens']} tokens, greedy; batch 1 runs "
+            f"{data['serial_prompts']} prompts one after another; "
             f"{data['repeats']} interleaved repeats, medians.\n\n")
     return head + common.markdown_table(data["rows"], cols, digits=3)
 

@@ -154,3 +154,50 @@ def test_greedy_outputs_do_not_depend_on_what_the_plan_picks(tiny_pair, check_po
     for _ in range(2):
         assert run(NudgeParams(gamma=0.4, draft_tokens=4)) == reference
     assert len(set(picked)) == 5  # 0 .. 4 all picked
+
+
+def test_a_seeded_request_keeps_its_output_whatever_the_round_plan_does(tiny_pair, check_pools, monkeypatch):
+    """Sampled requests stay outside the plan: their draft counts depend neither on timings nor on the
+    batch, so a seed fixes the output alone, beside greedy requests, and under any plan."""
+    import random
+
+    from nudge_engine.engine import NudgeEngine
+    from nudge_engine.engine.sampling_params import NudgeParams, SamplingParams
+
+    base, nudger = tiny_pair("llama", "llama", "bytelevel", agreement=0.6)
+    engine = NudgeEngine(base, nudger, max_num_seqs=8)
+    check_pools(engine)
+    prompt, others = [11, 40, 77, 93], [[12, 13, 14], [50, 60], [70, 71, 72, 73]]
+    seeded = SamplingParams(max_tokens=20, temperature=0.9, seed=7, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    nudge = NudgeParams(gamma=0.4, draft_tokens=4)
+
+    def seeded_out(with_others: bool):
+        prompts = [prompt] + (others if with_others else [])
+        params = [seeded] + [greedy] * (len(prompts) - 1)
+        o = engine.generate(prompts, params, nudge)[0]
+        return o.token_ids, o.sources
+
+    alone = seeded_out(False)
+    assert seeded_out(True) == alone
+    rng = random.Random(1)
+    monkeypatch.setattr(DraftPolicy, "plan_round", lambda self, entries: [
+        e.fixed if e.fixed is not None else rng.randint(min(1, e.cap) if e.nudging else 0, e.cap) for e in entries])
+    assert seeded_out(True) == alone
+
+
+def test_draft_sweep_runs_and_prints_the_default_beside_each_k(tmp_path):
+    import json
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.draft_sweep", "--tiny", "--repeats", "1", "--max-tokens", "6",
+                           "--prompt-len", "8", "--batches", "1,3", "--ks", "0,2", "--gamma", "0.3", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(next(tmp_path.glob("*_draft-sweep.json")).read_text())
+    assert [r["batch"] for r in data["rows"]] == [1, 3]
+    for row in data["rows"]:
+        assert row["same_output"] and row["best_fixed"] in ("k=0", "k=2")
+        assert row["default_over_best"] == row["default"] / max(row["k=0"], row["k=2"])
+    md = next(tmp_path.glob("*_draft-sweep.md")).read_text()
+    assert "default / best" in md and "k=2 tok/s" in md
