@@ -82,6 +82,12 @@ def sweep_batch(engines, prompts, max_tokens, cfgs, repeats, log, serial: bool =
     return tok_s, dict(nudged=nudged.get("default"), same_output=same, times=times)
 
 
+def paired_ratio(times: dict, name: str, other: str) -> float:
+    """Median over repeats of other's time / name's time in the same repeat (the two ran close together,
+    under the same load): speed of `name` over `other`, robust to load that drifts between repeats."""
+    return common.median([o / t for t, o in zip(times[name], times[other])])
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device, dtype, models = common.resolve_common(args)
@@ -115,11 +121,12 @@ def main(argv=None) -> int:
         row = dict(batch=b, **{n: tok_s[n] for n, _, _ in cfgs}, best_fixed=best_name,
                    default_over_best=tok_s["default"] / tok_s[best_name],
                    default_over_base=tok_s["default"] / tok_s["base"], k0_over_base=tok_s["k=0"] / tok_s["base"],
-                   nudged=info["nudged"], same_output=info["same_output"])
+                   default_over_best_paired=paired_ratio(info["times"], "default", best_name),
+                   nudged=info["nudged"], same_output=info["same_output"], times_s=info["times"])
         rows.append(row)
         log(f"batch {b:3d}: " + "  ".join(f"{n} {tok_s[n]:7.1f}" for n, _, _ in cfgs)
             + f"  tok/s | default/best({best_name}) {row['default_over_best']:.3f}"
-            + f"  default/base {row['default_over_base']:.2f}  nudged {info['nudged']:.1%}  same output {info['same_output']}")
+            + f" (paired {row['default_over_best_paired']:.3f})  default/base {row['default_over_base']:.2f}  nudged {info['nudged']:.1%}  same output {info['same_output']}")
     data = dict(suite=args.suite, env=env, models=models, gamma=gamma, ks=ks, repeats=args.repeats,
                 max_tokens=args.max_tokens, prompt_len=args.prompt_len, serial_prompts=args.serial_prompts, rows=rows, log=log.lines)
     md = to_markdown(data, [n for n, _, _ in cfgs])
@@ -134,12 +141,14 @@ def to_markdown(data: dict, names: list[str]) -> str:
     env = data["env"]
     cols = [("batch", "batch")] + [(n, f"{n} tok/s") for n in names] + [
         ("best_fixed", "best fixed"), ("default_over_best", "default / best"),
+        ("default_over_best_paired", "default / best, paired"),
         ("default_over_base", "default / base"), ("k0_over_base", "k=0 / base"), ("nudged", "nudged"),
         ("same_output", "same output")]
     head = (f"# Draft policy sweep ({data['suite']})\n\n{env['device']}, commit {env['commit']}, models {data['models']}, "
             f"gamma {data['gamma']}, {data['prompt_len']}-token prompts, {data['max_tokens']} tokens, greedy; batch 1 runs "
             f"{data['serial_prompts']} prompts one after another; "
-            f"{data['repeats']} interleaved repeats, medians.\n\n")
+            f"{data['repeats']} interleaved repeats, medians. tok/s = tokens / median time; paired = median over repeats "
+            f"of the best fixed k's time over the default's in the same repeat.\n\n")
     return head + common.markdown_table(data["rows"], cols, digits=3)
 
 

@@ -34,6 +34,7 @@ COST_DECAY = 0.9
 FIT_DECAY = 0.97                         # per observation of a pass cost: costs drift (threads, batch mix)
 RIDGE = 1e-3                             # ties a per-token slope the data cannot tell apart to zero
 MIN_FIT_OBS = 3                          # observations before a fit replaces the static prior
+PLAN_MARGIN = 0.05                       # drafts beyond the floor must promise this much: the model errs by ~10%
 FORCED_PROBE_ROUNDS = 64                 # rounds without any nudger pass before the plan drafts once to re-measure
 
 
@@ -197,9 +198,10 @@ class DraftPolicy:
             return []
         floor = [e.fixed if e.fixed is not None else (min(1, e.cap) if e.nudging else 0) for e in entries]
         top = max([e.cap for e in entries if e.fixed is None] + floor)
-        best_ks, best_rate = floor, self.round_rate(entries, floor)
+        floor_rate = self.round_rate(entries, floor)
+        best_ks, best_rate = floor, floor_rate * (1 + PLAN_MARGIN)  # drafts that barely pay are a coin toss
         for K in range(1, top + 1):
-            ks = self._fill(entries, floor, K, best_rate)
+            ks = self._fill(entries, floor, K, floor_rate)
             rate = self.round_rate(entries, ks)
             if rate > best_rate * (1 + 1e-9):
                 best_ks, best_rate = ks, rate
