@@ -201,3 +201,16 @@ def test_draft_sweep_runs_and_prints_the_default_beside_each_k(tmp_path):
         assert row["default_over_best"] == row["default"] / max(row["k=0"], row["k=2"])
     md = next(tmp_path.glob("*_draft-sweep.md")).read_text()
     assert "default / best" in md and "k=2 tok/s" in md
+
+
+def test_drafts_that_barely_pay_are_not_taken():
+    """PLAN_MARGIN: the plan leaves the floor only for a predicted gain above the cost model's error."""
+    from nudge_engine.engine.draft_policy import PLAN_MARGIN
+    policy = _measured(draft_pass_s=0.0038, draft_token_s=0.0, verify_pass_s=0.010, verify_token_s=0.0, batch=8)
+    entries = [PlanEntry(stats=_stats(rate), cap=4) for rate in (0.3, 0.4, 0.5, 0.6, 0.4, 0.5, 0.3, 0.4)]
+    gain = policy.round_rate(entries, [1] * 8) / policy.round_rate(entries, [0] * 8) - 1
+    assert 0 < gain < PLAN_MARGIN  # drafting one token would pay a little ...
+    assert policy.plan_round(entries) == [0] * 8  # ... too little to trust
+    cheaper = _measured(draft_pass_s=0.003, draft_token_s=0.0, verify_pass_s=0.010, verify_token_s=0.0, batch=8)
+    assert cheaper.round_rate(entries, [1] * 8) / cheaper.round_rate(entries, [0] * 8) - 1 > PLAN_MARGIN
+    assert min(cheaper.plan_round(entries)) >= 1
