@@ -35,14 +35,14 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import hardware, pairs, report, timing, workload  # noqa: E402
+from benchmarks import draft_compare, hardware, pairs, report, timing, workload  # noqa: E402
 from benchmarks.notebook_nudging import NotebookNudging, eos_ids_of, word_start_table  # noqa: E402
 
 SUITE = "latency"
 
 # runs per prompt (best counts), prompts, prompt length, output tokens, draft ks, sweep agreements, ...
 SIZES = {
-    ("tiny", False): dict(repeats=2, prompts=3, prompt_len=32, max_tokens=64, ks=(2, 4, 8),
+    ("tiny", False): dict(repeats=2, prompts=3, prompt_len=32, max_tokens=64, ks=(1, 2, 4, 8),
                           agreements=(0.4, 0.6, 0.8, 0.9, 0.95), sweep_prompts=2, sweep_tokens=48, calib_tokens=48,
                           calib_iters=6),
     ("tiny", True): dict(repeats=1, prompts=2, prompt_len=24, max_tokens=32, ks=(2, 4, 8), agreements=(0.9,),
@@ -291,6 +291,11 @@ def main(argv=None) -> int:
     same_output = all([o.token_ids for o in engine_outs[k]] == [o.token_ids for o in engine_outs[0]]
                       for k in engine_outs)
     log(f"nudged outputs identical for every k: {same_output}")
+    default_vs_k = draft_compare.compare(rows, "engine", lambda r: str(r.get("k", "")).startswith("<="),
+                                         lambda r: r.get("k") if r["label"].startswith("(b)") else None)
+    for s in default_vs_k:
+        log(f"default {s['default_tok_s']:.1f} tok/s, best fixed k={s['best_k']} {s['best_tok_s']:.1f}: "
+            f"{s['vs_best_k']:.3f}")
     counter.close()
     base_counter.close()
 
@@ -391,7 +396,7 @@ def main(argv=None) -> int:
     data = dict(suite=SUITE, env=env, args=vars(args), sizes=size, pair=pair.describe(), gamma=gamma,
                 gamma_calibration=calibration, target_nudged=args.target_nudged, copy_gbps=b.copy_gbps,
                 base_limit_tok_s=base_limit, nudged_outputs_identical_for_every_k=same_output, rows=rows,
-                sweep=sweep, skipped=log.skipped, log=log.lines)
+                sweep=sweep, skipped=log.skipped, log=log.lines, default_vs_k=default_vs_k)
     md = to_markdown(data)
     print()
     print(md)
@@ -452,6 +457,7 @@ def to_markdown(data: dict) -> str:
         rows = data["rows"]
     rows = [dict(r, nudged=r.get("nudged") if r["label"][:3] in ("(b)", "(d)", "(f)") else None) for r in rows]
     lines.append(report.markdown_table(rows, cols))
+    lines += draft_compare.lines(data.get("default_vs_k", []), "engine")
     nb = next((r for r in data["rows"] if r["label"].startswith("(d)")), None)
     if nb:
         lines += ["", f"Notebook output equals the engine's (greedy, same gamma) on {nb['equals_engine']} prompts."]

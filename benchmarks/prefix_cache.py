@@ -24,7 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import hardware, pairs, report, timing, workload  # noqa: E402
 
 SUITE = "prefix_cache"
 MODELS = ("base", "nudger")
@@ -33,7 +33,7 @@ MODELS = ("base", "nudger")
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="prefix caching on vs off: shared few-shot prefix",
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    common.common_args(ap)
+    report.common_args(ap)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prefix-len", type=int, default=1000, help="tokens of the shared few-shot prefix")
     ap.add_argument("--suffix-len", type=int, default=24, help="tokens of each request's own question")
@@ -64,7 +64,7 @@ def run_setting(pair, device, dtype, prompts, args, caching: bool, log) -> tuple
     from nudge_engine.engine.sampling_params import SamplingParams
     kv_bytes = int(args.kv_cache_bytes) if args.kv_cache_bytes else None
     if kv_bytes is None:     # every request at once, uncached, with room to spare: no preemption either way
-        per_token = sum(common.kv_bytes_per_token(f, dtype_of(dtype)) for f in (pair.base, pair.nudger))
+        per_token = sum(pairs.kv_bytes_per_token(f, dtype_of(dtype)) for f in (pair.base, pair.nudger))
         kv_bytes = int(per_token * len(prompts) * (len(prompts[0]) + args.max_tokens + 2 * args.block_size) * 1.1)
     engine = NudgeEngine(pair.base, pair.nudger, device=device, dtype=dtype, block_size=args.block_size,
                          kv_cache_bytes=kv_bytes, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -73,14 +73,14 @@ def run_setting(pair, device, dtype, prompts, args, caching: bool, log) -> tuple
     engine.generate([[7, 8, 9, 10]], params)                     # warm-up: allocations, first kernels
     counts = count_forward_tokens(engine)
     before = {n: (m.pool.prefix_cache_hit_tokens, m.pool.prefix_cache_query_tokens) for n, m in zip(MODELS, engine.models)}
-    common.sync(device)
+    hardware.sync(device)
     t0 = time.perf_counter()
     outs = engine.generate(prompts, params)
-    common.sync(device)
+    hardware.sync(device)
     wall = time.perf_counter() - t0
     ttft = [o.first_token_time - o.arrival_time for o in outs]
     row = dict(setting="on" if caching else "off", requests=len(prompts), prompt_tokens=sum(len(p) for p in prompts),
-               wall_s=wall, ttft_median_s=common.median(ttft), ttft_p90_s=common.percentile(ttft, 90),
+               wall_s=wall, ttft_median_s=timing.median(ttft), ttft_p90_s=timing.percentile(ttft, 90),
                preemptions=engine.stats.preemptions, kv_blocks=engine.base.pool.num_blocks)
     for name, m in zip(MODELS, engine.models):
         hits = m.pool.prefix_cache_hit_tokens - before[name][0]
@@ -97,17 +97,17 @@ def run_setting(pair, device, dtype, prompts, args, caching: bool, log) -> tuple
     return row, [o.token_ids for o in outs]
 
 
-def tiny_long_pair(agreement: float, context: int) -> common.Pair:
-    """The benchmarks' tiny pair (common.TINY_BASE shapes) with a context long enough for the prefix."""
+def tiny_long_pair(agreement: float, context: int) -> pairs.Pair:
+    """The benchmarks' tiny pair (pairs.TINY_BASE shapes) with a context long enough for the prefix."""
     import tempfile
     from nudge_engine.testing import make_tiny_pair
     folder = Path(tempfile.mkdtemp(prefix="nudge-bench-prefix-"))
     positions = max(512, 1 << (context - 1).bit_length())
     base, nudger = make_tiny_pair(folder, "llama", "llama", "bytelevel", agreement,
-                                  nudger_overrides={"num_layers": common.TINY_NUDGER_LAYERS},
-                                  max_position_embeddings=positions, **common.TINY_BASE)
-    return common.Pair("tiny", base, nudger, "llama", agreement, 0.0, str(folder),
-                       [f"tiny factory pair {common.TINY_BASE}, context {positions}"])
+                                  nudger_overrides={"num_layers": pairs.TINY_NUDGER_LAYERS},
+                                  max_position_embeddings=positions, **pairs.TINY_BASE)
+    return pairs.Pair("tiny", base, nudger, "llama", agreement, 0.0, str(folder),
+                       [f"tiny factory pair {pairs.TINY_BASE}, context {positions}"])
 
 
 def dtype_of(name: str):
@@ -116,8 +116,8 @@ def dtype_of(name: str):
 
 
 def make_prompts(tokenizer, args) -> list[list[int]]:
-    prefix = common.make_prompts(tokenizer, [args.prefix_len], seed=1)[0]
-    suffixes = common.make_prompts(tokenizer, [args.suffix_len] * args.requests, seed=2)
+    prefix = workload.make_prompts(tokenizer, [args.prefix_len], seed=1)[0]
+    suffixes = workload.make_prompts(tokenizer, [args.suffix_len] * args.requests, seed=2)
     return [prefix + s for s in suffixes]
 
 
@@ -125,15 +125,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.quick:
         args.requests, args.prefix_len = min(args.requests, 16), min(args.prefix_len, 500)
-    device, dtype, models = common.resolve_common(args)
-    log = common.Log(args.time_budget)
-    env = common.environment(device)
-    agreement = args.agreement if args.agreement is not None else common.DEFAULT_AGREEMENT[
+    device, dtype, models = report.resolve_common(args)
+    log = timing.Log(args.time_budget)
+    env = hardware.environment(device)
+    agreement = args.agreement if args.agreement is not None else workload.DEFAULT_AGREEMENT[
         "tiny" if models == "tiny" else "real"]
     if models == "tiny":
         pair = tiny_long_pair(agreement, args.prefix_len + args.suffix_len + args.max_tokens)
     else:
-        pair = common.make_pair(models, agreement, device, dtype, shrink=args.shrink,
+        pair = pairs.make_pair(models, agreement, device, dtype, shrink=args.shrink,
                                 work_dir=Path(args.work_dir) if args.work_dir else None, log=log)
     from nudge_engine.model.tokenizer import Tokenizer
     prompts = make_prompts(Tokenizer(pair.base), args)
@@ -158,19 +158,19 @@ def main(argv=None) -> int:
     md = "\n".join([
         f"# Prefix caching: {args.requests} requests sharing a {args.prefix_len}-token prefix "
         f"(+{args.suffix_len} own tokens, {args.max_tokens} output tokens, greedy)",
-        "", f"{common.device_name(device)}, {dtype}, pair {pair.name}, block size {args.block_size}, "
+        "", f"{hardware.device_name(device)}, {dtype}, pair {pair.name}, block size {args.block_size}, "
         f"max_num_batched_tokens {args.max_num_batched_tokens}, commit {env.get('commit')}", "",
-        common.markdown_table(rows, columns, digits=3), "",
+        report.markdown_table(rows, columns, digits=3), "",
         f"Prefill saved {summary['prefill_saved']:.1%}; TTFT median x{summary['ttft_median_speedup']:.2f}; "
         f"wall x{summary['wall_speedup']:.2f}; identical outputs on and off: {same}.",
         "", "Command: `python -m benchmarks.prefix_cache " + " ".join(argv or sys.argv[1:]) + "`"])
     data = dict(env=env, args=vars(args), pair=dict(name=pair.name, base=pair.base, nudger=pair.nudger),
                 rows=rows, summary=summary, log=log.lines)
-    json_path, md_path = common.write_results(args.out, device, SUITE, models, data, md)
+    json_path, md_path = report.write_results(args.out, device, SUITE, models, data, md)
     print(md)
     print(f"wrote {json_path} and {md_path}")
     if models == "tiny":
-        common.remove_pair(pair)
+        pairs.remove_pair(pair)
     return 0 if same else 1
 
 

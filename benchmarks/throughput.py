@@ -27,11 +27,11 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import hardware, pairs, report, timing, workload  # noqa: E402
+from benchmarks import draft_compare, hardware, pairs, report, timing, workload  # noqa: E402
 
 SUITE = "throughput"
 SIZES = {
-    ("tiny", False): dict(counts=(1, 16, 64), prompt=(8, 64), output=(8, 48), ks=(0, 4)),
+    ("tiny", False): dict(counts=(1, 8, 16, 64), prompt=(8, 64), output=(8, 48), ks=(0, 1, 2, 4)),
     ("tiny", True): dict(counts=(1, 16), prompt=(8, 48), output=(8, 32), ks=(4,)),
     ("real", False): dict(counts=(1, 16, 64, 256), prompt=(16, 192), output=(16, 128), ks=(0, 4)),
     ("real", True): dict(counts=(1, 64, 256), prompt=(16, 128), output=(16, 64), ks=(4,)),
@@ -242,8 +242,11 @@ def main(argv=None) -> int:
     order = ["engine, base alone"] + [f"engine, nudging k={k}" for k in size["ks"]] + ["transformers generate, base alone"]
     rows.sort(key=lambda r: (r["concurrency"], order.index(r["engine"]) if r["engine"] in order else 99))
 
+    default_vs_k = draft_compare.compare(rows, "concurrency", lambda r: r["engine"] == adaptive_name,
+                                         lambda r: r.get("k") if r["engine"].startswith("engine, nudging k=") else None)
     data = dict(suite=SUITE, env=env, args=vars(args), sizes=size, pair=pair.describe(), gamma=gamma,
-                gamma_calibration=calibration, copy_gbps=copy_gbps, rows=rows, skipped=log.skipped, log=log.lines)
+                gamma_calibration=calibration, copy_gbps=copy_gbps, rows=rows, skipped=log.skipped, log=log.lines,
+                default_vs_k=default_vs_k)
     md = to_markdown(data)
     print()
     print(md)
@@ -287,6 +290,7 @@ def to_markdown(data: dict) -> str:
              "transformers decodes every row of a batch to the batch's longest output; only requested tokens count.",
              ""]
     lines.append(report.markdown_table(rows, cols))
+    lines += draft_compare.lines(data.get("default_vs_k", []), "concurrency")
     if gpu:
         lines += ["", f"Copy bandwidth {data['copy_gbps']:.0f} GB/s (device to device, read + write, this run). "
                       "Limit = requests x bandwidth / (base weights + requests x KV at the mean context) per step."]

@@ -36,3 +36,181 @@ def test_measured_costs_move_the_ratio_but_not_the_static_one():
     for _ in range(50):
         policy.observe_pass_times(nudger_pass_s=0.9, base_pass_s=1.0)
     assert policy.cost_ratio > 0.8 and policy.static_cost_ratio == 0.2
+
+
+# --------------------------------------------------------------------------- the round plan
+from nudge_engine.engine.draft_policy import FORCED_PROBE_ROUNDS, PassCost, PlanEntry  # noqa: E402
+
+
+def _stats(rate: float, n: int = 30) -> DraftStats:
+    s = DraftStats()
+    for _ in range(n):
+        s.observe(accepted=round(10 * rate), rejected=10 - round(10 * rate))
+    return s
+
+
+def _measured(draft_pass_s: float, draft_token_s: float, verify_pass_s: float, verify_token_s: float,
+              batch: int) -> DraftPolicy:
+    """A policy fed synthetic round timings at one batch size (k = 1 and k = 3 rounds)."""
+    policy = DraftPolicy(cost_ratio=0.3)
+    for i in range(20):
+        k = 1 + 2 * (i % 2)
+        draft_tokens, verify_tokens = batch * k, batch * (1 + k)
+        policy.observe_round(draft_pass_s * k + draft_token_s * draft_tokens, k, draft_tokens,
+                             verify_pass_s + verify_token_s * verify_tokens, verify_tokens, 0.0)
+    return policy
+
+
+def test_pass_cost_fit_recovers_per_pass_and_per_token_costs():
+    fit = PassCost()
+    for passes, tokens in [(1, 8), (4, 32), (2, 5), (3, 40), (1, 1)] * 4:
+        fit.observe(0.01 * passes + 0.002 * tokens, passes, tokens)
+    per_pass, per_token = fit.coefficients()
+    assert abs(per_pass - 0.01) < 1e-3 and abs(per_token - 0.002) < 2e-4
+    same = PassCost()  # data that cannot separate the two: every pass the same size -> all per pass
+    for _ in range(5):
+        same.observe(0.03, 1, 8)
+    assert abs(same.predict(1, 8) - 0.03) < 1e-3 and same.coefficients()[1] < 1e-3
+
+
+def test_expensive_draft_passes_at_batch_8_pick_zero_and_cheap_ones_pick_more():
+    entries = [PlanEntry(stats=_stats(0.7), cap=4) for _ in range(8)]
+    costly = _measured(draft_pass_s=0.010, draft_token_s=0.0, verify_pass_s=0.012, verify_token_s=0.0, batch=8)
+    assert costly.plan_round(entries) == [0] * 8
+    cheap = _measured(draft_pass_s=0.001, draft_token_s=0.0, verify_pass_s=0.012, verify_token_s=0.0, batch=8)
+    ks = cheap.plan_round(entries)
+    assert min(ks) >= 2 and len(set(ks)) == 1
+    low = [PlanEntry(stats=_stats(0.05), cap=4) for _ in range(8)]  # drafts that are never accepted
+    assert cheap.plan_round(low) == [0] * 8
+
+
+def test_a_nudging_request_makes_one_pass_of_drafts_nearly_free_for_the_others():
+    policy = _measured(draft_pass_s=0.006, draft_token_s=0.0, verify_pass_s=0.012, verify_token_s=0.0, batch=8)
+    base_only = [PlanEntry(stats=_stats(0.5), cap=4) for _ in range(8)]
+    assert policy.plan_round(base_only) == [0] * 8
+    with_nudging = base_only[:7] + [PlanEntry(stats=_stats(0.5), cap=4, nudging=True)]
+    ks = policy.plan_round(with_nudging)
+    assert ks[7] >= 1 and all(k >= 1 for k in ks[:7]) and max(ks) == ks[7]
+
+
+def test_verify_cost_per_token_limits_the_drafts_of_poorly_accepted_requests():
+    policy = _measured(draft_pass_s=0.0002, draft_token_s=0.0, verify_pass_s=0.002, verify_token_s=0.0003, batch=8)
+    entries = [PlanEntry(stats=_stats(0.9), cap=4)] * 4 + [PlanEntry(stats=_stats(0.2), cap=4)] * 4
+    ks = policy.plan_round(entries)
+    assert min(ks[:4]) > max(ks[4:])
+
+
+def test_fixed_entries_keep_their_count_and_count_in_the_round():
+    policy = _measured(draft_pass_s=0.006, draft_token_s=0.0, verify_pass_s=0.012, verify_token_s=0.0, batch=4)
+    entries = [PlanEntry(stats=_stats(0.5), cap=4) for _ in range(3)] + [PlanEntry(stats=_stats(0.5), cap=4, fixed=3)]
+    ks = policy.plan_round(entries)
+    assert ks[3] == 3 and all(k >= 1 for k in ks[:3])  # the fixed request's passes are paid anyway
+
+
+def test_plan_probes_after_long_without_passes_and_respects_caps():
+    policy = _measured(draft_pass_s=0.010, draft_token_s=0.0, verify_pass_s=0.012, verify_token_s=0.0, batch=8)
+    entries = [PlanEntry(stats=_stats(0.5), cap=4) for _ in range(7)] + [PlanEntry(stats=_stats(0.5), cap=0)]
+    assert max(policy.plan_round(entries)) == 0
+    for _ in range(FORCED_PROBE_ROUNDS):
+        policy.observe_round(0.0, 0, 0, 0.012, 8, 0.0)
+    assert policy.plan_round(entries) == [1] * 7 + [0]
+    assert policy.plan_round([]) == []
+
+
+# --------------------------------------------------------------------------- exactness
+def test_greedy_outputs_do_not_depend_on_what_the_plan_picks(tiny_pair, check_pools, monkeypatch):
+    """Whatever counts the round plan returns (random within each request's cap, >= 1 while nudging),
+    a batch of greedy requests gets the tokens and sources of fixed k = 0 and k = 4; the default policy
+    (measured costs) too."""
+    import random
+
+    from nudge_engine.engine import NudgeEngine
+    from nudge_engine.engine.sampling_params import NudgeParams, SamplingParams
+
+    base, nudger = tiny_pair("llama", "llama", "bytelevel", agreement=0.6)
+    engine = NudgeEngine(base, nudger, max_num_seqs=8)
+    check_pools(engine)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(8, 200) for _ in range(rng.randint(2, 20))] for _ in range(6)]
+    sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+    def run(nudge):
+        return [(o.token_ids, o.sources) for o in engine.generate(prompts, sp, nudge)]
+
+    reference = run(NudgeParams(gamma=0.4, draft_tokens=0, adaptive_drafting=False))
+    nudged = sum(s == "nudger" for _, src in reference for s in src)
+    assert 0 < nudged < sum(len(src) for _, src in reference)  # both modes occur
+    assert run(NudgeParams(gamma=0.4, draft_tokens=4, adaptive_drafting=False)) == reference
+    assert run(NudgeParams(gamma=0.4, draft_tokens=4)) == reference  # the default: adaptive, measured
+    picked = []
+
+    def random_plan(self, entries):
+        ks = [e.fixed if e.fixed is not None else rng.randint(min(1, e.cap) if e.nudging else 0, e.cap)
+              for e in entries]
+        picked.extend(ks)
+        return ks
+
+    monkeypatch.setattr(DraftPolicy, "plan_round", random_plan)
+    for _ in range(2):
+        assert run(NudgeParams(gamma=0.4, draft_tokens=4)) == reference
+    assert len(set(picked)) == 5  # 0 .. 4 all picked
+
+
+def test_a_seeded_request_keeps_its_output_whatever_the_round_plan_does(tiny_pair, check_pools, monkeypatch):
+    """Sampled requests stay outside the plan: their draft counts depend neither on timings nor on the
+    batch, so a seed fixes the output alone, beside greedy requests, and under any plan."""
+    import random
+
+    from nudge_engine.engine import NudgeEngine
+    from nudge_engine.engine.sampling_params import NudgeParams, SamplingParams
+
+    base, nudger = tiny_pair("llama", "llama", "bytelevel", agreement=0.6)
+    engine = NudgeEngine(base, nudger, max_num_seqs=8)
+    check_pools(engine)
+    prompt, others = [11, 40, 77, 93], [[12, 13, 14], [50, 60], [70, 71, 72, 73]]
+    seeded = SamplingParams(max_tokens=20, temperature=0.9, seed=7, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    nudge = NudgeParams(gamma=0.4, draft_tokens=4)
+
+    def seeded_out(with_others: bool):
+        prompts = [prompt] + (others if with_others else [])
+        params = [seeded] + [greedy] * (len(prompts) - 1)
+        o = engine.generate(prompts, params, nudge)[0]
+        return o.token_ids, o.sources
+
+    alone = seeded_out(False)
+    assert seeded_out(True) == alone
+    rng = random.Random(1)
+    monkeypatch.setattr(DraftPolicy, "plan_round", lambda self, entries: [
+        e.fixed if e.fixed is not None else rng.randint(min(1, e.cap) if e.nudging else 0, e.cap) for e in entries])
+    assert seeded_out(True) == alone
+
+
+def test_draft_sweep_runs_and_prints_the_default_beside_each_k(tmp_path):
+    import json
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.draft_sweep", "--tiny", "--repeats", "1", "--max-tokens", "6",
+                           "--prompt-len", "8", "--batches", "1,3", "--ks", "0,2", "--gamma", "0.3", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(next(tmp_path.glob("*_draft-sweep.json")).read_text())
+    assert [r["batch"] for r in data["rows"]] == [1, 3]
+    for row in data["rows"]:
+        assert row["same_output"] and row["best_fixed"] in ("k=0", "k=2")
+        assert row["default_over_best"] == row["default"] / max(row["k=0"], row["k=2"])
+    md = next(tmp_path.glob("*_draft-sweep.md")).read_text()
+    assert "default / best" in md and "k=2 tok/s" in md
+
+
+def test_drafts_that_barely_pay_are_not_taken():
+    """PLAN_MARGIN: the plan leaves the floor only for a predicted gain above the cost model's error."""
+    from nudge_engine.engine.draft_policy import PLAN_MARGIN
+    policy = _measured(draft_pass_s=0.0038, draft_token_s=0.0, verify_pass_s=0.010, verify_token_s=0.0, batch=8)
+    entries = [PlanEntry(stats=_stats(rate), cap=4) for rate in (0.3, 0.4, 0.5, 0.6, 0.4, 0.5, 0.3, 0.4)]
+    gain = policy.round_rate(entries, [1] * 8) / policy.round_rate(entries, [0] * 8) - 1
+    assert 0 < gain < PLAN_MARGIN  # drafting one token would pay a little ...
+    assert policy.plan_round(entries) == [0] * 8  # ... too little to trust
+    cheaper = _measured(draft_pass_s=0.003, draft_token_s=0.0, verify_pass_s=0.010, verify_token_s=0.0, batch=8)
+    assert cheaper.round_rate(entries, [1] * 8) / cheaper.round_rate(entries, [0] * 8) - 1 > PLAN_MARGIN
+    assert min(cheaper.plan_round(entries)) >= 1

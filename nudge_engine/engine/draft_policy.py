@@ -1,12 +1,27 @@
-"""How many tokens the nudger drafts for a request in BASE mode, round by round.
+"""How many tokens the nudger drafts for each request, round by round.
 
 The output never depends on the draft length (NUDGING.md section 5 is exact for every k), so
-the engine may pick it freely for speed. A round that drafts k tokens costs about 1 + k * c base
-forwards (c = a nudger pass over a base pass) and yields (1 - a^(k+1)) / (1 - a) tokens when each
-draft is accepted with probability a. The policy picks the k <= the request's draft_tokens that
-maximizes tokens per unit of time, from the request's own acceptance history (so a seeded request
-behaves the same whatever it is batched with) and the engine's measured cost ratio. A request whose
-drafts do not pay stops drafting, but probes again now and then, since agreement changes with the text.
+the engine may pick it freely for speed. A draft of k tokens accepted with probability a per token
+yields (1 - a^(k+1)) / (1 - a) tokens per round.
+
+Two deciders:
+  - `DraftPolicy.choose(stats, max_k, measured)`: one request alone, from its acceptance history and
+    the cost ratio of a nudger pass over a base pass (the text path uses it; so do sampled requests,
+    with the static ratio: see below).
+  - `DraftPolicy.plan_round(entries)`: the whole round (the token path). A round waits for every
+    nudger pass any request in it needs, so its cost is
+        overhead + draft(passes = max_i k_i, tokens = sum over passes of the requests in it)
+                 + verify(1 pass, tokens = sum_i (1 + k_i))
+    with both pass costs measured online (`PassCost`: a decayed least-squares fit of seconds against
+    passes and tokens, from the round's own timings: no extra syncs). The plan picks the round's pass
+    count K and each request's k <= K that maximize expected emitted tokens per second for the batch.
+    A NUDGE-mode request needs at least one nudger pass anyway (the nudger writes its token), which
+    makes one pass of drafts nearly free for the others.
+
+Seeds: a sampled request's random draws depend on its draft lengths, so its k must depend neither on
+timings nor on what it is batched with, or a seed would not fix its output. Such requests keep the
+per-request decision with the static cost ratio (`fixed` entries in the plan); the plan then counts the
+passes they force. Greedy requests follow the plan.
 """
 from __future__ import annotations
 
@@ -16,35 +31,117 @@ ACCEPT_PRIOR, REJECT_PRIOR = 1.0, 1.0   # start at a = 0.5: one cheap draft unti
 HISTORY_DECAY = 0.8                      # per round: acceptance is a property of the recent text
 PROBE_EVERY = 8                          # BASE rounds without drafts before drafting once more
 COST_DECAY = 0.9
+FIT_DECAY = 0.97                         # per observation of a pass cost: costs drift (threads, batch mix)
+RIDGE = 1e-3                             # ties a per-token slope the data cannot tell apart to zero
+MIN_FIT_OBS = 3                          # observations before a fit replaces the static prior
+PLAN_MARGIN = 0.05                       # drafts beyond the floor must promise this much: the model errs by ~10%
+FORCED_PROBE_ROUNDS = 64                 # rounds without any nudger pass before the plan drafts once to re-measure
 
 
 @dataclass
 class DraftStats:
-    """Per request: exponentially decayed counts of accepted and rejected BASE-mode drafts."""
+    """Per request: exponentially decayed counts of accepted and rejected drafts, in BASE-mode rounds
+    (the base agreed with the draft) and in NUDGE-mode rounds (the nudger kept writing)."""
 
     accepted: float = ACCEPT_PRIOR
     rejected: float = REJECT_PRIOR
     rounds_without_draft: int = 0
+    nudge_accepted: float = ACCEPT_PRIOR
+    nudge_rejected: float = REJECT_PRIOR
 
     @property
     def accept_rate(self) -> float:
         return self.accepted / (self.accepted + self.rejected)
 
+    @property
+    def nudge_rate(self) -> float:
+        return self.nudge_accepted / (self.nudge_accepted + self.nudge_rejected)
+
     def observe(self, accepted: int, rejected: int) -> None:
         self.accepted = self.accepted * HISTORY_DECAY + accepted
         self.rejected = self.rejected * HISTORY_DECAY + rejected
 
+    def observe_nudge(self, accepted: int, rejected: int) -> None:
+        self.nudge_accepted = self.nudge_accepted * HISTORY_DECAY + accepted
+        self.nudge_rejected = self.nudge_rejected * HISTORY_DECAY + rejected
+
+
+def expected_tokens(k: int, accept_rate: float) -> float:
+    """Tokens a round yields with k drafts each accepted with probability a: 1 + a + ... + a^k."""
+    a = min(max(accept_rate, 0.0), 1 - 1e-6)
+    return (1 - a ** (k + 1)) / (1 - a)
+
 
 def expected_speedup(k: int, accept_rate: float, cost_ratio: float) -> float:
-    a = min(accept_rate, 1 - 1e-6)
-    return (1 - a ** (k + 1)) / (1 - a) / (1 + k * cost_ratio)
+    return expected_tokens(k, accept_rate) / (1 + k * cost_ratio)
+
+
+class PassCost:
+    """seconds ~= per_pass * passes + per_token * tokens, fitted by decayed least squares.
+
+    A small ridge on the per-token slope settles data that cannot separate the two (every round the
+    same batch size) toward "a pass costs the same whatever it holds", the small-batch regime.
+    """
+
+    def __init__(self):
+        self.spp = self.spt = self.stt = self.sy_p = self.sy_t = 0.0  # decayed sums of x x^T and x y
+        self.n = 0
+
+    def observe(self, seconds: float, passes: float, tokens: float) -> None:
+        if seconds <= 0 or passes <= 0:
+            return
+        d = FIT_DECAY
+        self.spp = d * self.spp + passes * passes
+        self.spt = d * self.spt + passes * tokens
+        self.stt = d * self.stt + tokens * tokens
+        self.sy_p = d * self.sy_p + seconds * passes
+        self.sy_t = d * self.sy_t + seconds * tokens
+        self.n += 1
+
+    @property
+    def ready(self) -> bool:
+        return self.n >= MIN_FIT_OBS
+
+    def coefficients(self) -> tuple[float, float]:
+        """(seconds per pass, seconds per token), both >= 0."""
+        stt = self.stt * (1 + RIDGE) + 1e-12
+        det = self.spp * stt - self.spt * self.spt
+        if det <= 1e-12 * self.spp * stt:   # collinear: all on the per-pass cost
+            return self.sy_p / max(self.spp, 1e-12), 0.0
+        per_pass = (stt * self.sy_p - self.spt * self.sy_t) / det
+        per_token = (self.spp * self.sy_t - self.spt * self.sy_p) / det
+        if per_token < 0:
+            return self.sy_p / self.spp, 0.0
+        if per_pass < 0:
+            return 0.0, self.sy_t / stt
+        return per_pass, per_token
+
+    def predict(self, passes: float, tokens: float) -> float:
+        per_pass, per_token = self.coefficients()
+        return per_pass * passes + per_token * tokens
+
+
+@dataclass
+class PlanEntry:
+    """One request as the round planner sees it."""
+
+    stats: DraftStats
+    cap: int                  # most drafts this round (draft_tokens, tokens left, token budget)
+    nudging: bool = False     # in NUDGE mode: needs >= 1 nudger pass whatever the plan
+    fixed: int | None = None  # k decided outside the plan (sampled or non-adaptive requests)
+    pending: int = 1          # nudger tokens its first pass computes (lazy catch-up + the newest token)
 
 
 class DraftPolicy:
     def __init__(self, cost_ratio: float):
         self.static_cost_ratio = cost_ratio  # from the models' sizes
         self.cost_ratio = cost_ratio         # one nudger pass over one base pass, measured as the engine runs
+        self.draft_cost = PassCost()         # the round's nudger passes together
+        self.verify_cost = PassCost()        # the base pass (+ the walk that waits for it)
+        self.overhead_s = 0.0                # per round, outside the passes (bookkeeping, scheduling)
+        self.rounds_since_pass = 0
 
+    # ------------------------------------------------------------------ one request alone
     def choose(self, stats: DraftStats, max_k: int, measured: bool = True) -> int:
         """measured=False uses the static cost ratio: a sampled request's random draws depend on its
         draft lengths, so those must not depend on timings, or a seed would not fix the output."""
@@ -60,3 +157,82 @@ class DraftPolicy:
         if nudger_pass_s > 0 and base_pass_s > 0:
             measured = nudger_pass_s / base_pass_s
             self.cost_ratio = COST_DECAY * self.cost_ratio + (1 - COST_DECAY) * measured
+
+    # ------------------------------------------------------------------ the whole round
+    def observe_round(self, draft_s: float, draft_passes: int, draft_tokens: int,
+                      verify_s: float, verify_tokens: int, overhead_s: float | None = None) -> None:
+        """The round's own timings: its nudger passes together, its base pass, and what else it spent."""
+        if verify_s > 0:
+            self.verify_cost.observe(verify_s, 1, verify_tokens)
+        if draft_passes > 0:
+            self.rounds_since_pass = 0
+            self.draft_cost.observe(draft_s, draft_passes, draft_tokens)
+            self.observe_pass_times(draft_s / draft_passes, verify_s)
+        else:
+            self.rounds_since_pass += 1
+        if overhead_s is not None and overhead_s >= 0:
+            self.overhead_s = COST_DECAY * self.overhead_s + (1 - COST_DECAY) * overhead_s
+
+    def _costs(self) -> tuple[float, float, float, float]:
+        """(verify s/pass, verify s/token, draft s/pass, draft s/token); before a fit is ready, the
+        static ratio relative to the verify pass (whose unit cancels in the plan's comparison)."""
+        vp, vt = self.verify_cost.coefficients() if self.verify_cost.ready else (1.0, 0.0)
+        if self.draft_cost.ready:
+            dp, dt = self.draft_cost.coefficients()
+        else:
+            dp, dt = self.static_cost_ratio * vp, self.static_cost_ratio * vt
+        return vp, vt, dp, dt
+
+    def round_rate(self, entries: list[PlanEntry], ks: list[int]) -> float:
+        """Expected emitted tokens per second of a round whose requests draft ks."""
+        vp, vt, dp, dt = self._costs()
+        passes = max(ks, default=0)
+        draft_tokens = sum(e.pending + k - 1 for e, k in zip(entries, ks) if k > 0)
+        verify_tokens = sum(1 + k for k in ks)
+        seconds = self.overhead_s + vp + vt * verify_tokens + (dp * passes + dt * draft_tokens if passes else 0.0)
+        return sum(_tokens(e, k) for e, k in zip(entries, ks)) / max(seconds, 1e-12)
+
+    def plan_round(self, entries: list[PlanEntry]) -> list[int]:
+        """Draft counts for the requests of one round (entries with `fixed` keep theirs)."""
+        if not entries:
+            return []
+        floor = [e.fixed if e.fixed is not None else (min(1, e.cap) if e.nudging else 0) for e in entries]
+        top = max([e.cap for e in entries if e.fixed is None] + floor)
+        floor_rate = self.round_rate(entries, floor)
+        best_ks, best_rate = floor, floor_rate * (1 + PLAN_MARGIN)  # drafts that barely pay are a coin toss
+        for K in range(1, top + 1):
+            ks = self._fill(entries, floor, K, floor_rate)
+            rate = self.round_rate(entries, ks)
+            if rate > best_rate * (1 + 1e-9):
+                best_ks, best_rate = ks, rate
+        if max(best_ks) == 0 and self.rounds_since_pass >= FORCED_PROBE_ROUNDS:
+            best_ks = [min(1, e.cap) if e.fixed is None else k for e, k in zip(entries, best_ks)]
+        # Passes that happen anyway: a request whose history is stale drafts in them (nearly free).
+        passes = max(best_ks)
+        return [k if e.fixed is not None or k > 0 or e.stats.rounds_without_draft < PROBE_EVERY
+                else min(passes, e.cap, 1) for e, k in zip(entries, best_ks)]
+
+    def _fill(self, entries: list[PlanEntry], floor: list[int], K: int, rate: float) -> list[int]:
+        """Each planned request's k <= K: its j-th draft pays while its expected tokens a^j exceed what
+        the extra tokens cost in time at the current rate (the K passes themselves are paid once)."""
+        vp, vt, dp, dt = self._costs()
+        per_token = rate * (vt + dt)  # tokens forgone per extra draft token in the two passes
+        ks = list(floor)
+        for i, e in enumerate(entries):
+            if e.fixed is not None:
+                continue
+            best_k, best_gain = floor[i], _tokens(e, floor[i]) - per_token * floor[i]
+            for k in range(floor[i] + 1, min(K, e.cap) + 1):
+                gain = _tokens(e, k) - per_token * k - (per_token * (e.pending - 1) if floor[i] == 0 else 0.0)
+                if gain > best_gain:
+                    best_k, best_gain = k, gain
+            ks[i] = best_k
+        return ks
+
+
+def _tokens(e: PlanEntry, k: int) -> float:
+    """Expected tokens a request emits with k drafts: in BASE mode 1 + a + ... + a^k; while nudging the
+    first draft is the nudger's token and each further one holds while nudging goes on."""
+    if e.nudging:
+        return expected_tokens(max(k - 1, 0), e.stats.nudge_rate)
+    return expected_tokens(k, e.stats.accept_rate)

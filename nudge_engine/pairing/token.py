@@ -17,6 +17,7 @@ import torch
 from .. import _core
 from ..engine.draft_policy import DraftPolicy
 from .device_drafts import draft_on_device, settle
+from .draft_plan import DraftPlanner
 from .handoff import Handoff
 from .host_read import host_read
 from ..engine.prompts import tokenize_prompt
@@ -48,6 +49,8 @@ class TokenPairing(Pairing):
         self.word_start[: len(table)] = torch.tensor(table, dtype=torch.bool)
         ratio = e.models[-1].num_parameters / e.base.num_parameters
         self.draft_policy = DraftPolicy(cost_ratio=max(ratio, MIN_COST_RATIO))
+        self.draft_planner = DraftPlanner(self.draft_policy, e)
+        self._round_end = None  # perf_counter at the end of the previous round (the gap is overhead)
         self.handoff = Handoff(e.device, self.word_start, e.base.runner.backend.name == "triton")
         log.info("same-tokenizer token path: base %s%s, %d KV blocks of %d tokens per model, "
                  "backend %s",
@@ -108,9 +111,7 @@ class TokenPairing(Pairing):
                                         [walk_rows[i] for i in finals], base_logits,
                                         [draft_logits[i] for i in finals],
                                         None if values is None else [values.of(i, len(drafts[i])) for i in finals])
-        if max(drafts_k, default=0) > 0:  # the walk's copy back has waited for the base pass
-            self.draft_policy.observe_pass_times((drafted - started) / max(drafts_k),
-                                                 time.perf_counter() - drafted)
+        verified = time.perf_counter()  # the walk's copy back has waited for the base pass
         touched = []
         for i, decision in zip(finals, decisions):
             req = reqs[i]
@@ -118,7 +119,23 @@ class TokenPairing(Pairing):
                 e.failed[req.id] = decision
             elif e.guard(req, self._apply, req, drafts[i], decision) is not FAILED:
                 touched.append(req)
+        self._observe_round(reqs, sched, drafts_k, drafts, started, drafted, verified)
         return touched
+
+    def _observe_round(self, reqs, sched, drafts_k, drafts, started, drafted, verified) -> None:
+        """The round's own timings feed the draft policy's cost model (no extra syncs)."""
+        ended = time.perf_counter()
+        passes = max(drafts_k, default=0)
+        nudger_new = sched.num_new_tokens[NUDGER_MODEL] if self.nudger else [0] * len(reqs)
+        draft_tokens = sum(n for n, k in zip(nudger_new, drafts_k) if k > 0) + sum(max(k - 1, 0) for k in drafts_k)
+        verify_tokens = sum(sched.num_new_tokens[BASE_MODEL]) + sum(len(d) for d in drafts)
+        gap = started - self._round_end if self._round_end is not None else None
+        busy = ended - started
+        overhead = (ended - verified) + (gap if gap is not None and gap < busy * 4 else 0.0)
+        self.draft_policy.observe_round(drafted - started, passes, draft_tokens, verified - drafted, verify_tokens,
+                                        overhead)
+        self.draft_planner.next_round()
+        self._round_end = ended
 
     def _draft_count(self, req: Request) -> int:
         """Draft tokens this round: while nudging, the nudger writes anyway (at least one token);
@@ -130,13 +147,7 @@ class TokenPairing(Pairing):
         """
         if req.nudger_seq is None:
             return 0
-        if req.mode == Mode.NUDGE:
-            k = max(req.draft_tokens, 1)
-        elif not req.adaptive_drafting:
-            k = req.draft_tokens
-        else:
-            k = self.draft_policy.choose(req.draft_stats, req.draft_tokens, measured=req.greedy)
-        return min(k, req.params.max_tokens - len(req.output), self.engine.max_num_batched_tokens - 1)
+        return self.draft_planner.count(req)
 
     def prepare(self, req: Request) -> None:
         """Plans the request's drafts for this round. Lazy catch-up: the nudger sees the output only
@@ -217,6 +228,8 @@ class TokenPairing(Pairing):
         self.engine.stats.record_round(len(drafts), m, sources, was_mode != req.mode)
         if was_mode == Mode.BASE:
             self._observe_drafts(req, len(drafts), decision)
+        else:
+            self._observe_nudging(req, len(drafts), decision)
         req.add_tokens(tokens, sources, decision.logprobs)
         if req.finished:
             self.scheduler.finish(req.id)
@@ -233,17 +246,23 @@ class TokenPairing(Pairing):
 
     @staticmethod
     def _observe_drafts(req: Request, drafted: int, decision) -> None:
-        """Acceptance history of a round that began in BASE mode: drafts the base agreed with, and
-        one rejection when it corrected a draft (a switch to nudging rejects nothing)."""
+        """Acceptance history of a round that began in BASE mode: the drafts that became tokens (the
+        base agreed, or the nudger's draft was the nudged token), and one rejection when the round kept
+        fewer than it drafted: what the round plan needs to predict tokens per round."""
         stats = req.draft_stats
         if drafted == 0:
             stats.rounds_without_draft += 1
             return
         stats.rounds_without_draft = 0
-        agreed = sum(1 for s in decision.accepted_sources if s == Source.BASE)
-        corrected = (decision.emit_token is not None and decision.mode == Mode.BASE
-                     and decision.num_accepted < drafted)
+        agreed, corrected = decision.num_accepted, decision.num_accepted < drafted
         stats.observe(agreed, int(corrected))
+
+    @staticmethod
+    def _observe_nudging(req: Request, drafted: int, decision) -> None:
+        """History of a round that began in NUDGE mode: nudger tokens kept after the first (which the
+        nudger writes anyway), and one stop when the round kept fewer than it drafted."""
+        if drafted:
+            req.draft_stats.observe_nudge(max(decision.num_accepted - 1, 0), int(decision.num_accepted < drafted))
 
 
 
