@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import device_name, environment, setup_device, write_results
+from benchmarks.hardware import device_name, environment, setup_device
+from benchmarks.report import write_results
 from nudge_engine.engine import NudgeEngine
 from nudge_engine.engine.sampling_params import NudgeParams, SamplingParams
 from nudge_engine.model.model_runner import ModelRunner

@@ -108,3 +108,13 @@ def test_real_shape_pair_shares_a_bigram_and_the_knob_moves_agreement(tmp_path, 
     assert agree[1.0 - 1e-9] == 1.0
     assert agree[1.0 - 1e-9] > agree[0.98] > agree[0.9] >= agree[0.5]
     assert agree[0.98] > 0.5 and agree[0.5] < 0.2
+
+
+def test_every_benchmark_module_imports():
+    """A moved helper must not leave a suite that fails only when someone runs it."""
+    import importlib
+    from pathlib import Path
+    names = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py") if p.stem != "__init__")
+    assert len(names) > 20
+    for name in names:
+        importlib.import_module(f"benchmarks.{name}")
