@@ -1,4 +1,7 @@
 """Adaptive drafting: the chosen draft length follows acceptance and cost; it never changes output."""
+import pytest
+import torch
+
 from nudge_engine.engine.draft_policy import PROBE_EVERY, DraftPolicy, DraftStats, expected_speedup
 
 
@@ -214,3 +217,28 @@ def test_drafts_that_barely_pay_are_not_taken():
     cheaper = _measured(draft_pass_s=0.003, draft_token_s=0.0, verify_pass_s=0.010, verify_token_s=0.0, batch=8)
     assert cheaper.round_rate(entries, [1] * 8) / cheaper.round_rate(entries, [0] * 8) - 1 > PLAN_MARGIN
     assert min(cheaper.plan_round(entries)) >= 1
+
+
+def test_round_clock_reads_device_time_from_events_when_they_are_complete():
+    """On CUDA the draft passes only launch: host time would call them free. The clock takes the
+    events' device time once they are complete, and host time otherwise (the CPU, or an event not
+    yet reached)."""
+    from nudge_engine.pairing.round_clock import Mark, RoundClock
+
+    class Event:
+        def __init__(self, ms, done=True):
+            self.ms, self.done = ms, done
+
+        def query(self):
+            return self.done
+
+        def elapsed_time(self, other):
+            return other.ms - self.ms
+
+    start, drafted = Mark(10.0, Event(0.0)), Mark(10.001, Event(30.0))
+    verified = Mark(10.050, None)
+    assert RoundClock.between(start, drafted) == pytest.approx(0.030)            # device: 30 ms, host: 1 ms
+    assert RoundClock.between(Mark(10.0, None), Mark(10.001, None)) == pytest.approx(0.001)
+    pending = Mark(10.002, Event(45.0, done=False))
+    assert RoundClock.between(drafted, pending, host_end=verified) == pytest.approx(0.049)
+    assert RoundClock(torch.device("cpu")).mark().event is None

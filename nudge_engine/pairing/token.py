@@ -18,6 +18,7 @@ from .. import _core
 from ..engine.draft_policy import DraftPolicy
 from .device_drafts import draft_on_device, settle
 from .draft_plan import DraftPlanner
+from .round_clock import RoundClock
 from .handoff import Handoff
 from .host_read import host_read
 from ..engine.prompts import tokenize_prompt
@@ -51,6 +52,7 @@ class TokenPairing(Pairing):
         self.draft_policy = DraftPolicy(cost_ratio=max(ratio, MIN_COST_RATIO))
         self.draft_planner = DraftPlanner(self.draft_policy, e)
         self._round_end = None  # perf_counter at the end of the previous round (the gap is overhead)
+        self.clock = RoundClock(e.device)
         self.handoff = Handoff(e.device, self.word_start, e.base.runner.backend.name == "triton")
         log.info("same-tokenizer token path: base %s%s, %d KV blocks of %d tokens per model, "
                  "backend %s",
@@ -97,12 +99,13 @@ class TokenPairing(Pairing):
         e = self.engine
         final = list(sched.is_final_chunk)
         drafts_k = [r.planned_drafts if f else 0 for r, f in zip(reqs, final)]
-        started = time.perf_counter()
+        started = self.clock.mark()
         drafts, draft_logits, values = draft_on_device(
             self, reqs, sched.num_new_tokens[NUDGER_MODEL] if self.nudger else None, drafts_k, final)
-        drafted = time.perf_counter()
+        drafted = self.clock.mark()
         base_logits, walk_rows, prompt_rows = self._verify(reqs, sched.num_new_tokens[BASE_MODEL], drafts, final,
                                                            values)
+        launched = self.clock.mark()    # on CUDA: the verify pass is queued, not yet run
         for entry in prompt_rows:
             if entry is not None:
                 e.guard(entry[0], self._record_prompt_logprobs, entry, base_logits)
@@ -111,7 +114,7 @@ class TokenPairing(Pairing):
                                         [walk_rows[i] for i in finals], base_logits,
                                         [draft_logits[i] for i in finals],
                                         None if values is None else [values.of(i, len(drafts[i])) for i in finals])
-        verified = time.perf_counter()  # the walk's copy back has waited for the base pass
+        verified = self.clock.mark()  # the walk's copy back has waited for the base pass
         touched = []
         for i, decision in zip(finals, decisions):
             req = reqs[i]
@@ -119,20 +122,21 @@ class TokenPairing(Pairing):
                 e.failed[req.id] = decision
             elif e.guard(req, self._apply, req, drafts[i], decision) is not FAILED:
                 touched.append(req)
-        self._observe_round(reqs, sched, drafts_k, drafts, started, drafted, verified)
+        self._observe_round(reqs, sched, drafts_k, drafts, started, drafted, launched, verified)
         return touched
 
-    def _observe_round(self, reqs, sched, drafts_k, drafts, started, drafted, verified) -> None:
+    def _observe_round(self, reqs, sched, drafts_k, drafts, started, drafted, launched, verified) -> None:
         """The round's own timings feed the draft policy's cost model (no extra syncs)."""
         ended = time.perf_counter()
         passes = max(drafts_k, default=0)
         nudger_new = sched.num_new_tokens[NUDGER_MODEL] if self.nudger else [0] * len(reqs)
         draft_tokens = sum(n for n, k in zip(nudger_new, drafts_k) if k > 0) + sum(max(k - 1, 0) for k in drafts_k)
         verify_tokens = sum(sched.num_new_tokens[BASE_MODEL]) + sum(len(d) for d in drafts)
-        gap = started - self._round_end if self._round_end is not None else None
-        busy = ended - started
-        overhead = (ended - verified) + (gap if gap is not None and gap < busy * 4 else 0.0)
-        self.draft_policy.observe_round(drafted - started, passes, draft_tokens, verified - drafted, verify_tokens,
+        gap = started.host_s - self._round_end if self._round_end is not None else None
+        busy = ended - started.host_s
+        overhead = (ended - verified.host_s) + (gap if gap is not None and gap < busy * 4 else 0.0)
+        self.draft_policy.observe_round(RoundClock.between(started, drafted), passes, draft_tokens,
+                                        RoundClock.between(drafted, launched, host_end=verified), verify_tokens,
                                         overhead)
         self.draft_planner.next_round()
         self._round_end = ended
