@@ -2,7 +2,7 @@
 
 NudgeEngine(..., tensor_parallel_size=N) calls start(): it spawns ranks 1..N-1 with
 torch.multiprocessing (or, under torchrun, joins the env:// group; then ranks other than 0 run the
-worker loop and leave with SystemExit), loads rank 0's shards and returns a TensorParallelGroup whose
+worker loop and then end their process), loads rank 0's shards and returns a TensorParallelGroup whose
 `models` the engine uses like load_models()'s. A worker that dies makes the next pass raise
 WorkerDiedError (engine_fatal: the async engine turns /health to 503) instead of hanging.
 """
@@ -27,7 +27,7 @@ from . import NUDGER_PLACEMENTS
 from .channel import StepChannel
 from .group import LaunchSpec, destroy_group, free_tcp_address, init_group, rank_device, under_torchrun
 from .shard import load_rank_models
-from .worker import run_worker, spawn_main
+from .worker import EXIT_DONE, exit_worker, run_worker, spawn_main
 
 JOIN_TIMEOUT_S = 10.0     # a worker told to stop has this long to exit before it is terminated, then killed
 WATCH_INTERVAL_S = 0.5    # how often the CUDA monitor looks at the workers
@@ -152,7 +152,7 @@ def start(spec: LaunchSpec) -> TensorParallelGroup:
                 run_worker(spec, tp, device)
             finally:
                 destroy_group()
-            raise SystemExit(0)
+            exit_worker(EXIT_DONE)
     else:
         if dist.is_initialized():   # the default group is per process
             raise ValueError("a tensor-parallel engine (or another torch.distributed group) is already running in "

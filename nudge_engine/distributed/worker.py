@@ -24,6 +24,7 @@ log = logging.getLogger("nudge_engine.distributed")
 PARENT_POLL_S = 1.0
 EXIT_PARENT_GONE = 3
 EXIT_FAILED = 1
+EXIT_DONE = 0
 
 
 def run_worker(spec: LaunchSpec, tp: TensorParallel, device: torch.device) -> None:
@@ -56,5 +57,15 @@ def spawn_main(rank: int, spec: LaunchSpec, init_method: str, parent_pid: int) -
     except Exception:  # noqa: BLE001  report, then end: rank 0 sees the group break
         print(f"nudge_engine tensor-parallel worker {rank} failed:\n{traceback.format_exc()}", file=sys.stderr)
         destroy_group()
-        os._exit(EXIT_FAILED)
+        exit_worker(EXIT_FAILED)
     destroy_group()
+    exit_worker(EXIT_DONE)
+
+
+def exit_worker(code: int) -> None:
+    """Ends a worker process once its group is gone, skipping the interpreter's teardown: there the
+    destructors of gloo's threads have aborted a finished worker now and then (SIGABRT, "terminate
+    called without an active exception"), which torchrun reports as a failed rank."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
