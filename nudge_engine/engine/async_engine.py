@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from .engine import NudgeEngine
-from .request import RequestOutput
+from .request import RequestOutput, StreamDelta
 from .sampling_params import NudgeParams, SamplingParams
 from .async_errors import (FAULT_ENV, EngineDeadError, EngineStepError, InvalidRequestError, QueueFullError,  # noqa: F401
                             RequestFailedError, ShuttingDownError, fault_steps_from_env)
@@ -56,19 +56,13 @@ class GenerateItem:
 
 
 @dataclass
-class ChoiceDelta:
-    """New output of one choice, as the engine thread saw it after a step."""
+class ChoiceDelta(StreamDelta):
+    """New output of one choice, as the engine thread saw it after a step: the request's StreamDelta
+    and where it belongs."""
 
-    index: int
-    token_ids: list[int]
-    text: str
-    sources: list[str]
-    logprobs: list[dict[int, float]] | None
-    finish_reason: str | None
-    stop_reason: str | int | None
+    index: int = 0                       # the choice's place in its group (n > 1, batched prompts)
     output: RequestOutput | None = None  # set on the choice's last delta
     prompt_logprobs: list | None = None  # set on the choice's first delta, when the request asked for them
-    logprob_token_ids: list[int] | None = None  # the text path: logprobs are per written token
 
 
 @dataclass
@@ -343,7 +337,6 @@ class AsyncEngine:
                     f"the engine failed on this request ({req.error}); it was ended alone"))
                 continue
             d = req.take_delta()  # holds back text that may still become a stop string
-            text = d.text
             if d.token_ids and metrics is not None:
                 if choice.last_token_time is None:
                     metrics.observe_ttft(now - choice.group.arrival)
@@ -352,8 +345,7 @@ class AsyncEngine:
             first = choice.last_token_time is None and (d.token_ids or req.finished)
             if d.token_ids:
                 choice.last_token_time = now
-            ev = ChoiceDelta(choice.index, d.token_ids, text, d.sources, d.logprobs, d.finish_reason, d.stop_reason,
-                             logprob_token_ids=d.logprob_token_ids)
+            ev = ChoiceDelta(**vars(d), index=choice.index)
             prompt_logprobs = getattr(req, "prompt_logprobs", None)   # the text path has none
             if first and prompt_logprobs is not None:
                 ev.prompt_logprobs = list(prompt_logprobs)
@@ -363,7 +355,7 @@ class AsyncEngine:
                 self._finish_counts[req.finish_reason] += 1
                 if metrics is not None:
                     metrics.observe_finish(req.finish_reason, now - choice.group.arrival)
-            if d.token_ids or text or ev.finish_reason is not None:
+            if d.token_ids or d.text or ev.finish_reason is not None:
                 self._post(choice.group.queue.put_nowait, ev)
 
     def _fail_group(self, group: RequestGroup, error: Exception) -> None:
