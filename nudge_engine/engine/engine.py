@@ -73,13 +73,12 @@ class NudgeEngine:
         self.chat_format = ChatFormat(base_template or DEFAULT_BASE_TEMPLATE, response_prefix, base_template is None)
         self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.graph_mode = graph_mode(enforce_eager, self.device)
+        # Graphs are not captured across ranks yet (the workers' passes would need the same replay):
+        # a tensor-parallel engine runs eagerly.
+        self.graph_mode = graph_mode(True if tensor_parallel_size != 1 else enforce_eager, self.device)
         self.paths = [Path(base)] + ([Path(nudger)] if nudger is not None else [])
         self._tp = None
         if tensor_parallel_size != 1:
-            # Graphs are not captured across ranks yet (the workers' passes would need the same replay):
-            # a tensor-parallel engine runs eagerly.
-            self.graph_mode = graph_mode(True, self.device)
             self._tp = _start_tensor_parallel(tensor_parallel_size, nudger_placement, self.paths, device, dtype,
                                               attention_backend, block_size, kv_cache_bytes, num_blocks,
                                               max_num_batched_tokens, enable_prefix_caching)
