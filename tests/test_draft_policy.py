@@ -242,3 +242,100 @@ def test_round_clock_reads_device_time_from_events_when_they_are_complete():
     pending = Mark(10.002, Event(45.0, done=False))
     assert RoundClock.between(drafted, pending, host_end=verified) == pytest.approx(0.049)
     assert RoundClock(torch.device("cpu")).mark().event is None
+
+
+def _reference_plan(policy: DraftPolicy, entries: list[PlanEntry]) -> list[int]:
+    """The plan written the slow obvious way: for every pass count K, every request scans every k <= K
+    and the whole round's rate is recomputed from scratch (O(requests x K^2) per round)."""
+    from nudge_engine.engine.draft_policy import PLAN_MARGIN, PROBE_EVERY, _tokens
+    vp, vt, dp, dt = policy._costs()
+    floor = [e.fixed if e.fixed is not None else (min(1, e.cap) if e.nudging else 0) for e in entries]
+    top = max([e.cap for e in entries if e.fixed is None] + floor)
+    floor_rate = policy.round_rate(entries, floor)
+    per_token = floor_rate * (vt + dt)
+    best_ks, best_rate = floor, floor_rate * (1 + PLAN_MARGIN)
+    for K in range(1, top + 1):
+        ks = list(floor)
+        for i, e in enumerate(entries):
+            if e.fixed is not None:
+                continue
+            best_k, best_gain = floor[i], _tokens(e, floor[i]) - per_token * floor[i]
+            for k in range(floor[i] + 1, min(K, e.cap) + 1):
+                gain = _tokens(e, k) - per_token * k - (per_token * (e.pending - 1) if floor[i] == 0 else 0.0)
+                if gain > best_gain:
+                    best_k, best_gain = k, gain
+            ks[i] = best_k
+        rate = policy.round_rate(entries, ks)
+        if rate > best_rate * (1 + 1e-9):
+            best_ks, best_rate = ks, rate
+    if max(best_ks) == 0 and policy.rounds_since_pass >= FORCED_PROBE_ROUNDS:
+        best_ks = [min(1, e.cap) if e.fixed is None else k for e, k in zip(entries, best_ks)]
+    passes = max(best_ks)
+    return [k if e.fixed is not None or k > 0 or e.stats.rounds_without_draft < PROBE_EVERY
+            else min(passes, e.cap, 1) for e, k in zip(entries, best_ks)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_round_plan_equals_the_slow_reference_on_random_rounds(seed):
+    import random
+    rng = random.Random(seed)
+    for trial in range(40):
+        batch = rng.choice([1, 2, 3, 8, 17, 64])
+        policy = _measured(draft_pass_s=rng.uniform(0.001, 0.01), draft_token_s=rng.uniform(0, 2e-4),
+                           verify_pass_s=rng.uniform(0.005, 0.03), verify_token_s=rng.uniform(0, 5e-4), batch=batch)
+        policy.rounds_since_pass = rng.choice([0, FORCED_PROBE_ROUNDS])
+        entries = []
+        for _ in range(batch):
+            stats = _stats(rng.random(), n=rng.randrange(1, 10))
+            stats.rounds_without_draft = rng.randrange(0, 12)
+            entries.append(PlanEntry(stats=stats, cap=rng.randrange(0, 9), nudging=rng.random() < 0.3,
+                                     fixed=rng.choice([None, None, None, rng.randrange(0, 4)]),
+                                     pending=rng.randrange(1, 6)))
+        for e in entries:
+            if e.fixed is not None:
+                e.fixed = min(e.fixed, e.cap)
+        assert policy.plan_round(entries) == _reference_plan(policy, entries), (seed, trial)
+
+
+def test_a_planned_request_starts_from_the_population_and_feeds_it():
+    """The prior of a planned request is what the engine's recent requests showed, not a = 0.5; a
+    request's own history still takes over as it observes."""
+    population = DraftStats()
+    for _ in range(40):
+        population.observe(accepted=9, rejected=1, decay=0.98)
+        population.observe_nudge(accepted=2, rejected=8, decay=0.98)
+    fresh = DraftStats()
+    assert fresh.accept_rate == 0.5
+    fresh.start_from(population)
+    assert fresh.accept_rate == pytest.approx(population.accept_rate) and fresh.accept_rate > 0.85
+    assert fresh.nudge_rate == pytest.approx(population.nudge_rate) and fresh.nudge_rate < 0.25
+    before = population.rejected
+    for _ in range(10):
+        fresh.observe(accepted=0, rejected=1)
+    assert fresh.accept_rate < 0.2                      # its own history wins
+    assert population.rejected == pytest.approx(before * 0.98 ** 10 + sum(0.98 ** i for i in range(10)))
+
+
+def test_the_planner_seeds_greedy_adaptive_requests_only(tiny_pair, check_pools):
+    """Sampled requests keep the fixed prior: their draft counts must not depend on other requests."""
+    from nudge_engine.engine import NudgeEngine
+    from nudge_engine.engine.sampling_params import NudgeParams, SamplingParams
+    base, nudger = tiny_pair()
+    eng = NudgeEngine(base, nudger, device="cpu", dtype="float32", kv_cache_bytes=16 << 20)
+    check_pools(eng)
+    nudge = NudgeParams(gamma=0.3, draft_tokens=4, adaptive_drafting=True)
+    seen = {}
+    planner = eng._pair.draft_planner
+    real = planner._replan
+
+    def spy():
+        real()
+        for r in eng.requests.values():
+            seen[r.params.temperature] = r.draft_stats.population
+    planner._replan = spy
+    eng.generate(["the cat sat", "a dog ran"], [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+                                                SamplingParams(max_tokens=12, temperature=0.8, seed=3, ignore_eos=True)],
+                 nudge)
+    assert seen[0] is planner.population and seen[0.8] is None
+    pop = planner.population   # the greedy one fed it (BASE-mode drafts or nudging rounds)
+    assert (pop.accepted, pop.rejected, pop.nudge_accepted, pop.nudge_rejected) != (1.0, 1.0, 1.0, 1.0)

@@ -18,6 +18,11 @@ Two deciders:
     A NUDGE-mode request needs at least one nudger pass anyway (the nudger writes its token), which
     makes one pass of drafts nearly free for the others.
 
+Priors: a request starts at a = 0.5 for the per-request decision; a planned request instead starts from
+the engine's recent requests (`Population`: the same counts, decayed per observation over every planned
+request), worth PRIOR_WEIGHT rounds of its own history, so a short request does not spend its first
+rounds learning what the requests before it already showed.
+
 Seeds: a sampled request's random draws depend on its draft lengths, so its k must depend neither on
 timings nor on what it is batched with, or a seed would not fix its output. Such requests keep the
 per-request decision with the static cost ratio (`fixed` entries in the plan); the plan then counts the
@@ -29,6 +34,8 @@ from dataclasses import dataclass
 
 ACCEPT_PRIOR, REJECT_PRIOR = 1.0, 1.0   # start at a = 0.5: one cheap draft until the request shows more
 HISTORY_DECAY = 0.8                      # per round: acceptance is a property of the recent text
+PRIOR_WEIGHT = ACCEPT_PRIOR + REJECT_PRIOR
+POPULATION_DECAY = 0.98                  # per observation, over all planned requests together
 PROBE_EVERY = 8                          # BASE rounds without drafts before drafting once more
 COST_DECAY = 0.9
 FIT_DECAY = 0.97                         # per observation of a pass cost: costs drift (threads, batch mix)
@@ -48,6 +55,14 @@ class DraftStats:
     rounds_without_draft: int = 0
     nudge_accepted: float = ACCEPT_PRIOR
     nudge_rejected: float = REJECT_PRIOR
+    population: "DraftStats | None" = None   # where a planned request's observations also go
+
+    def start_from(self, population: "DraftStats") -> None:
+        """Replaces the fixed prior with the population's rates (same weight); later observations
+        also feed the population."""
+        self.accepted, self.rejected = _prior(population.accept_rate)
+        self.nudge_accepted, self.nudge_rejected = _prior(population.nudge_rate)
+        self.population = population
 
     @property
     def accept_rate(self) -> float:
@@ -57,13 +72,21 @@ class DraftStats:
     def nudge_rate(self) -> float:
         return self.nudge_accepted / (self.nudge_accepted + self.nudge_rejected)
 
-    def observe(self, accepted: int, rejected: int) -> None:
-        self.accepted = self.accepted * HISTORY_DECAY + accepted
-        self.rejected = self.rejected * HISTORY_DECAY + rejected
+    def observe(self, accepted: int, rejected: int, decay: float = HISTORY_DECAY) -> None:
+        self.accepted = self.accepted * decay + accepted
+        self.rejected = self.rejected * decay + rejected
+        if self.population is not None:
+            self.population.observe(accepted, rejected, POPULATION_DECAY)
 
-    def observe_nudge(self, accepted: int, rejected: int) -> None:
-        self.nudge_accepted = self.nudge_accepted * HISTORY_DECAY + accepted
-        self.nudge_rejected = self.nudge_rejected * HISTORY_DECAY + rejected
+    def observe_nudge(self, accepted: int, rejected: int, decay: float = HISTORY_DECAY) -> None:
+        self.nudge_accepted = self.nudge_accepted * decay + accepted
+        self.nudge_rejected = self.nudge_rejected * decay + rejected
+        if self.population is not None:
+            self.population.observe_nudge(accepted, rejected, POPULATION_DECAY)
+
+
+def _prior(rate: float) -> tuple[float, float]:
+    return PRIOR_WEIGHT * rate, PRIOR_WEIGHT * (1 - rate)
 
 
 def expected_tokens(k: int, accept_rate: float) -> float:
@@ -185,24 +208,50 @@ class DraftPolicy:
 
     def round_rate(self, entries: list[PlanEntry], ks: list[int]) -> float:
         """Expected emitted tokens per second of a round whose requests draft ks."""
-        vp, vt, dp, dt = self._costs()
+        return self._rate(self._costs(), entries, ks, sum(_tokens(e, k) for e, k in zip(entries, ks)))
+
+    def _rate(self, costs, entries: list[PlanEntry], ks: list[int], tokens: float) -> float:
+        vp, vt, dp, dt = costs
         passes = max(ks, default=0)
         draft_tokens = sum(e.pending + k - 1 for e, k in zip(entries, ks) if k > 0)
-        verify_tokens = sum(1 + k for k in ks)
+        verify_tokens = len(ks) + sum(ks)
         seconds = self.overhead_s + vp + vt * verify_tokens + (dp * passes + dt * draft_tokens if passes else 0.0)
-        return sum(_tokens(e, k) for e, k in zip(entries, ks)) / max(seconds, 1e-12)
+        return tokens / max(seconds, 1e-12)
 
     def plan_round(self, entries: list[PlanEntry]) -> list[int]:
-        """Draft counts for the requests of one round (entries with `fixed` keep theirs)."""
+        """Draft counts for the requests of one round (entries with `fixed` keep theirs).
+
+        For each pass count K, each planned request drafts the k <= min(K, cap) whose expected tokens
+        best pay for the tokens it adds at the floor's rate (its j-th draft adds a^j; see `_best_upto`);
+        the plan keeps the K whose round rate is best. O(requests x cap) per round: it runs every round,
+        on the host, while the device waits."""
         if not entries:
             return []
         floor = [e.fixed if e.fixed is not None else (min(1, e.cap) if e.nudging else 0) for e in entries]
         top = max([e.cap for e in entries if e.fixed is None] + floor)
+        costs = self._costs()
         floor_rate = self.round_rate(entries, floor)
+        per_token = floor_rate * (costs[1] + costs[3])  # tokens forgone per extra draft token in the two passes
+        vp, vt, dp, dt = costs
+        plans = [None if e.fixed is not None else _best_upto(e, f, per_token) for e, f in zip(entries, floor)]
         best_ks, best_rate = floor, floor_rate * (1 + PLAN_MARGIN)  # drafts that barely pay are a coin toss
         for K in range(1, top + 1):
-            ks = self._fill(entries, floor, K, floor_rate)
-            rate = self.round_rate(entries, ks)
+            ks, tokens, drafted = [], 0.0, 0   # drafted: nudger tokens of the round's passes
+            for e, f, plan in zip(entries, floor, plans):
+                if plan is None:
+                    k, t = f, _tokens(e, f)
+                else:
+                    upto, table = plan
+                    k = upto[min(K, e.cap) - f]
+                    t = table[k - f]
+                ks.append(k)
+                tokens += t
+                if k > 0:
+                    drafted += e.pending + k - 1
+            passes = max(ks)
+            seconds = (self.overhead_s + vp + vt * (len(ks) + sum(ks))
+                       + (dp * passes + dt * drafted if passes else 0.0))
+            rate = tokens / max(seconds, 1e-12)
             if rate > best_rate * (1 + 1e-9):
                 best_ks, best_rate = ks, rate
         if max(best_ks) == 0 and self.rounds_since_pass >= FORCED_PROBE_ROUNDS:
@@ -212,22 +261,22 @@ class DraftPolicy:
         return [k if e.fixed is not None or k > 0 or e.stats.rounds_without_draft < PROBE_EVERY
                 else min(passes, e.cap, 1) for e, k in zip(entries, best_ks)]
 
-    def _fill(self, entries: list[PlanEntry], floor: list[int], K: int, rate: float) -> list[int]:
-        """Each planned request's k <= K: its j-th draft pays while its expected tokens a^j exceed what
-        the extra tokens cost in time at the current rate (the K passes themselves are paid once)."""
-        vp, vt, dp, dt = self._costs()
-        per_token = rate * (vt + dt)  # tokens forgone per extra draft token in the two passes
-        ks = list(floor)
-        for i, e in enumerate(entries):
-            if e.fixed is not None:
-                continue
-            best_k, best_gain = floor[i], _tokens(e, floor[i]) - per_token * floor[i]
-            for k in range(floor[i] + 1, min(K, e.cap) + 1):
-                gain = _tokens(e, k) - per_token * k - (per_token * (e.pending - 1) if floor[i] == 0 else 0.0)
-                if gain > best_gain:
-                    best_k, best_gain = k, gain
-            ks[i] = best_k
-        return ks
+
+def _best_upto(e: PlanEntry, floor: int, per_token: float) -> tuple[list[int], list[float]]:
+    """([b - floor] -> the request's best draft count <= b, [k - floor] -> its expected tokens with k
+    drafts), for b and k in floor..cap. Its k-th draft pays
+    while its expected tokens exceed what the extra tokens cost at the current rate (drafting at all
+    also computes its pending catch-up tokens; the passes themselves are paid once, by the plan)."""
+    penalty = per_token * (e.pending - 1) if floor == 0 else 0.0
+    table = [_tokens(e, k) for k in range(floor, e.cap + 1)]
+    best_k, best_gain = floor, table[0] - per_token * floor
+    upto = [floor]
+    for k in range(floor + 1, e.cap + 1):
+        gain = table[k - floor] - per_token * k - penalty
+        if gain > best_gain:
+            best_k, best_gain = k, gain
+        upto.append(best_k)
+    return upto, table
 
 
 def _tokens(e: PlanEntry, k: int) -> float:

@@ -8,7 +8,7 @@ and requests with adaptive drafting off keep their draft_tokens; the plan counts
 """
 from __future__ import annotations
 
-from ..engine.draft_policy import DraftPolicy, PlanEntry
+from ..engine.draft_policy import DraftPolicy, DraftStats, PlanEntry
 from ..engine.request import Mode, Request
 
 
@@ -18,6 +18,7 @@ class DraftPlanner:
         self.epoch = 0          # bumped at the end of every round: a new round plans anew
         self._epoch_planned = -1
         self._plan: dict[int, int] = {}
+        self.population = DraftStats()   # the planned requests' acceptance, the prior of the next ones
 
     def next_round(self) -> None:
         self.epoch += 1
@@ -49,6 +50,8 @@ class DraftPlanner:
         reqs = [r for r in self.engine.requests.values() if r.nudger_seq is not None]
         entries = []
         for r in reqs:
+            if self.planned(r) and r.draft_stats.population is None:
+                r.draft_stats.start_from(self.population)
             seq = r.nudger_seq  # lazy catch-up: its first pass computes the output it has not seen
             missing = (len(r.output) - (seq.num_tokens - len(r.nudger_prompt)) if seq.num_tokens
                        else len(r.nudger_prompt) + len(r.output))
