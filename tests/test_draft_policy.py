@@ -246,12 +246,22 @@ def test_round_clock_reads_device_time_from_events_when_they_are_complete():
 
 def _reference_plan(policy: DraftPolicy, entries: list[PlanEntry]) -> list[int]:
     """The plan written the slow obvious way: for every pass count K, every request scans every k <= K
-    and the whole round's rate is recomputed from scratch (O(requests x K^2) per round)."""
-    from nudge_engine.engine.draft_policy import PLAN_MARGIN, PROBE_EVERY, _tokens
-    vp, vt, dp, dt = policy._costs()
+    (or all take min(K, cap): the uniform candidate) and the whole round's rate is recomputed from
+    scratch with the verify fit of the round's shape (O(requests x K^2) per round)."""
+    from nudge_engine.engine.draft_policy import MIXED, PLAN_MARGIN, PROBE_EVERY, _tokens
+
+    def rate(ks):
+        passes = max(ks)
+        vp, vt, dp, dt = policy._costs(min(ks) == passes)
+        drafted = sum(e.pending + k - 1 for e, k in zip(entries, ks) if k > 0)
+        verify_tokens = len(ks) * (1 + passes) if policy.padded_queries else len(ks) + sum(ks)
+        seconds = policy.overhead_s + vp + vt * verify_tokens + (dp * passes + dt * drafted if passes else 0)
+        return sum(_tokens(e, k) for e, k in zip(entries, ks)) / max(seconds, 1e-12)
+
+    _, vt, _, dt = policy._costs(MIXED)
     floor = [e.fixed if e.fixed is not None else (min(1, e.cap) if e.nudging else 0) for e in entries]
     top = max([e.cap for e in entries if e.fixed is None] + floor)
-    floor_rate = policy.round_rate(entries, floor)
+    floor_rate = rate(floor)
     per_token = floor_rate * (vt + dt)
     best_ks, best_rate = floor, floor_rate * (1 + PLAN_MARGIN)
     for K in range(1, top + 1):
@@ -265,9 +275,10 @@ def _reference_plan(policy: DraftPolicy, entries: list[PlanEntry]) -> list[int]:
                 if gain > best_gain:
                     best_k, best_gain = k, gain
             ks[i] = best_k
-        rate = policy.round_rate(entries, ks)
-        if rate > best_rate * (1 + 1e-9):
-            best_ks, best_rate = ks, rate
+        same = [k if e.fixed is not None else min(K, e.cap) for e, k in zip(entries, floor)]
+        for candidate in (ks, same):
+            if rate(candidate) > best_rate * (1 + 1e-9):
+                best_ks, best_rate = candidate, rate(candidate)
     if max(best_ks) == 0 and policy.rounds_since_pass >= FORCED_PROBE_ROUNDS:
         best_ks = [min(1, e.cap) if e.fixed is None else k for e, k in zip(entries, best_ks)]
     passes = max(best_ks)
@@ -284,6 +295,9 @@ def test_round_plan_equals_the_slow_reference_on_random_rounds(seed):
         policy = _measured(draft_pass_s=rng.uniform(0.001, 0.01), draft_token_s=rng.uniform(0, 2e-4),
                            verify_pass_s=rng.uniform(0.005, 0.03), verify_token_s=rng.uniform(0, 5e-4), batch=batch)
         policy.rounds_since_pass = rng.choice([0, FORCED_PROBE_ROUNDS])
+        policy.padded_queries = rng.random() < 0.5
+        for _ in range(rng.choice([0, 5])):   # mixed rounds measured dearer than uniform ones
+            policy.observe_round(0.004, 2, 2 * batch, rng.uniform(0.01, 0.05), 3 * batch, 0.0, uniform=False)
         entries = []
         for _ in range(batch):
             stats = _stats(rng.random(), n=rng.randrange(1, 10))
@@ -339,3 +353,30 @@ def test_the_planner_seeds_greedy_adaptive_requests_only(tiny_pair, check_pools)
     assert seen[0] is planner.population and seen[0.8] is None
     pop = planner.population   # the greedy one fed it (BASE-mode drafts or nudging rounds)
     assert (pop.accepted, pop.rejected, pop.nudge_accepted, pop.nudge_rejected) != (1.0, 1.0, 1.0, 1.0)
+
+
+def test_a_round_whose_mixed_verify_pass_is_measured_dearer_drafts_uniformly():
+    """Graph or eager: a verify pass where every request verifies as many tokens replays a graph; a
+    mixed one runs eagerly. Once mixed passes are measured dearer, the plan picks a uniform round."""
+    from nudge_engine.engine.draft_policy import MIXED
+    entries = [PlanEntry(stats=_stats(0.9), cap=4) for _ in range(4)] + [PlanEntry(stats=_stats(0.35), cap=4)
+                                                                        for _ in range(4)]
+    policy = _measured(draft_pass_s=0.002, draft_token_s=0.0, verify_pass_s=0.010, verify_token_s=0.0002, batch=8)
+    ks = policy.plan_round(entries)
+    assert min(ks[:4]) > max(ks[4:])            # as cheap as uniform: each request drafts what pays for it
+    for _ in range(10):
+        policy.observe_round(0.004, 2, 16, 0.030, 24, 0.0, uniform=MIXED)
+    ks = policy.plan_round(entries)
+    assert len(set(ks)) == 1 and ks[0] > 0      # dearer: one draft count for all
+
+
+def test_where_the_backend_pads_queries_a_mixed_round_costs_its_longest_query():
+    policy = _measured(draft_pass_s=0.001, draft_token_s=0.0, verify_pass_s=0.005, verify_token_s=0.0005, batch=8)
+    entries = [PlanEntry(stats=_stats(0.9), cap=4)] + [PlanEntry(stats=_stats(0.5), cap=4) for _ in range(7)]
+    mixed, uniform = [4] + [1] * 7, [1] * 8
+    unpadded = policy.round_rate(entries, mixed), policy.round_rate(entries, uniform)
+    assert policy.verify_size([5, 2, 2]) == (9, False)
+    policy.padded_queries = True
+    assert policy.verify_size([5, 2, 2]) == (15, False) and policy.verify_size([3, 3]) == (6, True)
+    assert policy.round_rate(entries, mixed) < unpadded[0]
+    assert policy.round_rate(entries, uniform) == pytest.approx(unpadded[1])   # nothing to pad

@@ -36,6 +36,7 @@ ACCEPT_PRIOR, REJECT_PRIOR = 1.0, 1.0   # start at a = 0.5: one cheap draft unti
 HISTORY_DECAY = 0.8                      # per round: acceptance is a property of the recent text
 PRIOR_WEIGHT = ACCEPT_PRIOR + REJECT_PRIOR
 POPULATION_DECAY = 0.98                  # per observation, over all planned requests together
+UNIFORM, MIXED = True, False             # a verify pass's shape: every query as long, or not
 PROBE_EVERY = 8                          # BASE rounds without drafts before drafting once more
 COST_DECAY = 0.9
 FIT_DECAY = 0.97                         # per observation of a pass cost: costs drift (threads, batch mix)
@@ -156,11 +157,14 @@ class PlanEntry:
 
 
 class DraftPolicy:
-    def __init__(self, cost_ratio: float):
+    def __init__(self, cost_ratio: float, padded_queries: bool = False):
+        self.padded_queries = padded_queries  # the attention backend pads every query to the longest (torch)
         self.static_cost_ratio = cost_ratio  # from the models' sizes
         self.cost_ratio = cost_ratio         # one nudger pass over one base pass, measured as the engine runs
         self.draft_cost = PassCost()         # the round's nudger passes together
-        self.verify_cost = PassCost()        # the base pass (+ the walk that waits for it)
+        # The base pass (+ the walk that waits for it), by its shape: UNIFORM when every request verifies
+        # as many tokens (decode-shaped: a graph replay where graphs are on), MIXED otherwise (eager).
+        self.verify_cost = {UNIFORM: PassCost(), MIXED: PassCost()}
         self.overhead_s = 0.0                # per round, outside the passes (bookkeeping, scheduling)
         self.rounds_since_pass = 0
 
@@ -183,10 +187,12 @@ class DraftPolicy:
 
     # ------------------------------------------------------------------ the whole round
     def observe_round(self, draft_s: float, draft_passes: int, draft_tokens: int,
-                      verify_s: float, verify_tokens: int, overhead_s: float | None = None) -> None:
-        """The round's own timings: its nudger passes together, its base pass, and what else it spent."""
+                      verify_s: float, verify_tokens: int, overhead_s: float | None = None,
+                      uniform: bool = UNIFORM) -> None:
+        """The round's own timings: its nudger passes together, its base pass (its size and shape as
+        `verify_size` gives them), and what else it spent."""
         if verify_s > 0:
-            self.verify_cost.observe(verify_s, 1, verify_tokens)
+            self.verify_cost[uniform].observe(verify_s, 1, verify_tokens)
         if draft_passes > 0:
             self.rounds_since_pass = 0
             self.draft_cost.observe(draft_s, draft_passes, draft_tokens)
@@ -196,10 +202,20 @@ class DraftPolicy:
         if overhead_s is not None and overhead_s >= 0:
             self.overhead_s = COST_DECAY * self.overhead_s + (1 - COST_DECAY) * overhead_s
 
-    def _costs(self) -> tuple[float, float, float, float]:
-        """(verify s/pass, verify s/token, draft s/pass, draft s/token); before a fit is ready, the
-        static ratio relative to the verify pass (whose unit cancels in the plan's comparison)."""
-        vp, vt = self.verify_cost.coefficients() if self.verify_cost.ready else (1.0, 0.0)
+    def verify_size(self, queries: list[int]) -> tuple[int, bool]:
+        """A verify pass's tokens as its cost counts them (padded where the backend pads), and whether
+        it is UNIFORM. queries: each request's tokens in it."""
+        longest = max(queries, default=0)
+        tokens = len(queries) * longest if self.padded_queries else sum(queries)
+        return tokens, min(queries, default=0) == longest
+
+    def _costs(self, uniform: bool = UNIFORM) -> tuple[float, float, float, float]:
+        """(verify s/pass, verify s/token, draft s/pass, draft s/token) for a verify pass of that shape;
+        before its fit is ready, the other shape's; before any, the static ratio relative to the verify
+        pass (whose unit cancels in the plan's comparison)."""
+        own, other = self.verify_cost[uniform], self.verify_cost[not uniform]
+        fit = own if own.ready else other if other.ready else None
+        vp, vt = fit.coefficients() if fit is not None else (1.0, 0.0)
         if self.draft_cost.ready:
             dp, dt = self.draft_cost.coefficients()
         else:
@@ -208,52 +224,54 @@ class DraftPolicy:
 
     def round_rate(self, entries: list[PlanEntry], ks: list[int]) -> float:
         """Expected emitted tokens per second of a round whose requests draft ks."""
-        return self._rate(self._costs(), entries, ks, sum(_tokens(e, k) for e, k in zip(entries, ks)))
+        tokens = sum(_tokens(e, k) for e, k in zip(entries, ks))
+        drafted = sum(e.pending + k - 1 for e, k in zip(entries, ks) if k > 0)
+        return self._rate(ks, tokens, drafted)
 
-    def _rate(self, costs, entries: list[PlanEntry], ks: list[int], tokens: float) -> float:
-        vp, vt, dp, dt = costs
+    def _rate(self, ks: list[int], tokens: float, drafted: int, costs=None) -> float:
+        """tokens: expected emitted; drafted: nudger tokens of the round's passes."""
         passes = max(ks, default=0)
-        draft_tokens = sum(e.pending + k - 1 for e, k in zip(entries, ks) if k > 0)
-        verify_tokens = len(ks) + sum(ks)
-        seconds = self.overhead_s + vp + vt * verify_tokens + (dp * passes + dt * draft_tokens if passes else 0.0)
+        vp, vt, dp, dt = costs or self._costs(min(ks, default=0) == passes)
+        verify_tokens = len(ks) * (1 + passes) if self.padded_queries else len(ks) + sum(ks)
+        seconds = self.overhead_s + vp + vt * verify_tokens + (dp * passes + dt * drafted if passes else 0.0)
         return tokens / max(seconds, 1e-12)
 
     def plan_round(self, entries: list[PlanEntry]) -> list[int]:
         """Draft counts for the requests of one round (entries with `fixed` keep theirs).
 
-        For each pass count K, each planned request drafts the k <= min(K, cap) whose expected tokens
-        best pay for the tokens it adds at the floor's rate (its j-th draft adds a^j; see `_best_upto`);
-        the plan keeps the K whose round rate is best. O(requests x cap) per round: it runs every round,
-        on the host, while the device waits."""
+        For each pass count K, two candidates: each planned request drafts the k <= min(K, cap) whose
+        expected tokens best pay for the tokens it adds at the floor's rate (its j-th draft adds a^j;
+        see `_best_upto`), or every planned request drafts min(K, cap) (a uniform verify pass, which
+        graphs replay and the torch backend does not pad). The plan keeps the candidate whose round
+        rate is best. O(requests x cap) per round: it runs every round, on the host, while the device
+        waits."""
         if not entries:
             return []
         floor = [e.fixed if e.fixed is not None else (min(1, e.cap) if e.nudging else 0) for e in entries]
         top = max([e.cap for e in entries if e.fixed is None] + floor)
-        costs = self._costs()
+        costs = {shape: self._costs(shape) for shape in (UNIFORM, MIXED)}
         floor_rate = self.round_rate(entries, floor)
-        per_token = floor_rate * (costs[1] + costs[3])  # tokens forgone per extra draft token in the two passes
-        vp, vt, dp, dt = costs
+        _, vt, _, dt = costs[MIXED]
+        per_token = floor_rate * (vt + dt)  # tokens forgone per extra draft token in the two passes
         plans = [None if e.fixed is not None else _best_upto(e, f, per_token) for e, f in zip(entries, floor)]
         best_ks, best_rate = floor, floor_rate * (1 + PLAN_MARGIN)  # drafts that barely pay are a coin toss
         for K in range(1, top + 1):
-            ks, tokens, drafted = [], 0.0, 0   # drafted: nudger tokens of the round's passes
-            for e, f, plan in zip(entries, floor, plans):
-                if plan is None:
-                    k, t = f, _tokens(e, f)
-                else:
-                    upto, table = plan
-                    k = upto[min(K, e.cap) - f]
-                    t = table[k - f]
-                ks.append(k)
-                tokens += t
-                if k > 0:
-                    drafted += e.pending + k - 1
-            passes = max(ks)
-            seconds = (self.overhead_s + vp + vt * (len(ks) + sum(ks))
-                       + (dp * passes + dt * drafted if passes else 0.0))
-            rate = tokens / max(seconds, 1e-12)
-            if rate > best_rate * (1 + 1e-9):
-                best_ks, best_rate = ks, rate
+            for uniform in (False, True):
+                ks, tokens, drafted = [], 0.0, 0
+                for e, f, plan in zip(entries, floor, plans):
+                    if plan is None:
+                        k, t = f, _tokens(e, f)
+                    else:
+                        upto, table = plan
+                        k = min(K, e.cap) if uniform else upto[min(K, e.cap) - f]
+                        t = table[k - f]
+                    ks.append(k)
+                    tokens += t
+                    if k > 0:
+                        drafted += e.pending + k - 1
+                rate = self._rate(ks, tokens, drafted, costs[min(ks) == max(ks)])
+                if rate > best_rate * (1 + 1e-9):
+                    best_ks, best_rate = ks, rate
         if max(best_ks) == 0 and self.rounds_since_pass >= FORCED_PROBE_ROUNDS:
             best_ks = [min(1, e.cap) if e.fixed is None else k for e, k in zip(entries, best_ks)]
         # Passes that happen anyway: a request whose history is stale drafts in them (nearly free).

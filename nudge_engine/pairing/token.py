@@ -49,7 +49,8 @@ class TokenPairing(Pairing):
         self.word_start = torch.zeros(vocab, dtype=torch.bool)        # [vocab]
         self.word_start[: len(table)] = torch.tensor(table, dtype=torch.bool)
         ratio = e.models[-1].num_parameters / e.base.num_parameters
-        self.draft_policy = DraftPolicy(cost_ratio=max(ratio, MIN_COST_RATIO))
+        self.draft_policy = DraftPolicy(cost_ratio=max(ratio, MIN_COST_RATIO),
+                                        padded_queries=e.base.runner.backend.name == "torch")
         self.draft_planner = DraftPlanner(self.draft_policy, e)
         self._round_end = None  # perf_counter at the end of the previous round (the gap is overhead)
         self.clock = RoundClock(e.device)
@@ -131,13 +132,14 @@ class TokenPairing(Pairing):
         passes = max(drafts_k, default=0)
         nudger_new = sched.num_new_tokens[NUDGER_MODEL] if self.nudger else [0] * len(reqs)
         draft_tokens = sum(n for n, k in zip(nudger_new, drafts_k) if k > 0) + sum(max(k - 1, 0) for k in drafts_k)
-        verify_tokens = sum(sched.num_new_tokens[BASE_MODEL]) + sum(len(d) for d in drafts)
+        verify_tokens, uniform = self.draft_policy.verify_size(
+            [n + len(d) for n, d in zip(sched.num_new_tokens[BASE_MODEL], drafts)])
         gap = started.host_s - self._round_end if self._round_end is not None else None
         busy = ended - started.host_s
         overhead = (ended - verified.host_s) + (gap if gap is not None and gap < busy * 4 else 0.0)
         self.draft_policy.observe_round(RoundClock.between(started, drafted), passes, draft_tokens,
-                                        RoundClock.between(drafted, launched, host_end=verified), verify_tokens,
-                                        overhead)
+                                        RoundClock.between(drafted, launched, host_end=verified),
+                                        verify_tokens, overhead, uniform=uniform)
         self.draft_planner.next_round()
         self._round_end = ended
 
