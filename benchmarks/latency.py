@@ -6,6 +6,8 @@ Rows
   (c) transformers greedy generate, base alone (KV cache, no stop at end tokens)
   (d) the authors' notebook nudging, re-implemented (benchmarks/notebook_nudging.py): same models, same gamma
   (e) engine, nudger alone
+  (g) engine, base alone and nudging (the default), eager against graphs (CUDA graphs on a GPU, by
+      default there; the CPU's replay emulation with --graph-rows on), same tokens
 Each row: tokens/s over the whole request (prefill included), time per output token after the
 first (TPOT), time to first token, for nudging rows the nudged fraction and accepted draft tokens
 per round, and ratios against (a) and (d). On a GPU also the physical limit: bytes one output
@@ -71,6 +73,8 @@ def parse_args(argv=None):
                     help="time the notebook in the sweep too (default: on on a CPU, off on a GPU)")
     ap.add_argument("--kv-cache-bytes", type=float, default=None, help="per engine (default 256 MiB CPU, 2 GiB GPU)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers rows (c) and (d)")
+    ap.add_argument("--graph-rows", choices=("auto", "on", "off"), default="auto",
+                    help="(g) rows, eager against graphs (auto: on a GPU)")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
@@ -93,12 +97,13 @@ class Bench:
     def elt(self) -> int:
         return torch.empty((), dtype=self.torch_dtype).element_size()
 
-    def engine(self, base, nudger=None):
+    def engine(self, base, nudger=None, enforce_eager=None):
         from nudge_engine.engine import NudgeEngine
         kv = self.args.kv_cache_bytes
         kv = int(kv) if kv else (2 << 30 if self.device.type == "cuda" else 256 << 20)
         t0 = time.perf_counter()
-        eng = NudgeEngine(base, nudger, device=self.device, dtype=self.dtype, kv_cache_bytes=kv, max_num_seqs=8)
+        eng = NudgeEngine(base, nudger, device=self.device, dtype=self.dtype, kv_cache_bytes=kv, max_num_seqs=8,
+                          enforce_eager=enforce_eager)
         self.log(f"loaded engine ({'base + nudger' if nudger else Path(base).name}) in {time.perf_counter() - t0:.1f}s, "
                  f"attention backend {eng.base.runner.backend.name}")
         return eng
@@ -266,7 +271,7 @@ def main(argv=None) -> int:
         row = dict(row, label=label, engine=engine_name, k=k, **extra)
         rows.append(row)
         log(f"{label:38s} {row['tok_s']:8.1f} tok/s  tpot {row['tpot_ms']:7.2f} ms"
-            + (f"  nudged {row['nudged']:.1%}" if row.get("nudged") is not None and label[:3] in ("(b)", "(d)", "(f)") else ""))
+            + (f"  nudged {row['nudged']:.1%}" if row.get("nudged") is not None and label[:3] in ("(b)", "(d)", "(f)", "(g)") else ""))
         return row
 
     # (a) and (b): both engines stay loaded for the sweep at the end
@@ -322,6 +327,11 @@ def main(argv=None) -> int:
     nudger_counter.close()
     del eng_nudger, nudger_counter
     hardware.free_memory(device)
+
+    graphs_same_output = None
+    if args.graph_rows == "on" or (args.graph_rows == "auto" and device.type == "cuda"):
+        graphs_same_output = graph_rows(b, pair, prompts, N, R, gamma, add)
+        log(f"eager and graph outputs identical: {graphs_same_output}")
 
     # (f): cross-tokenizer nudging (NUDGING.md section 7) beside the token path, on the same base and
     # a nudger of the same shape whose tokenizer is `▁`-style: text prompts, the engine picks the text path.
@@ -396,7 +406,8 @@ def main(argv=None) -> int:
     data = dict(suite=SUITE, env=env, args=vars(args), sizes=size, pair=pair.describe(), gamma=gamma,
                 gamma_calibration=calibration, target_nudged=args.target_nudged, copy_gbps=b.copy_gbps,
                 base_limit_tok_s=base_limit, nudged_outputs_identical_for_every_k=same_output, rows=rows,
-                sweep=sweep, skipped=log.skipped, log=log.lines, default_vs_k=default_vs_k)
+                sweep=sweep, skipped=log.skipped, log=log.lines, default_vs_k=default_vs_k,
+                graphs_same_output=graphs_same_output)
     md = to_markdown(data)
     print()
     print(md)
@@ -410,6 +421,25 @@ def main(argv=None) -> int:
         pairs.remove_pair(pair)
     log("done")
     return 0
+
+
+def graph_rows(b: Bench, pair, prompts, max_tokens: int, repeats: int, gamma: float, add) -> bool:
+    """(g): the base alone and nudging with the engine's default drafting, on fresh engines run eagerly
+    and replaying graphs (the batch-1 decode and verify passes); returns whether the tokens agree."""
+    from nudge_engine.engine.sampling_params import NudgeParams
+    outs = {}
+    for mode, eager in (("eager", True), ("graphs", False)):
+        for who, nudger, nudge in (("base alone", None, None), ("nudging, default", pair.nudger, NudgeParams(gamma=gamma))):
+            eng = b.engine(pair.base, nudger, enforce_eager=eager)
+            row, out = b.run_engine(eng, prompts, max_tokens, nudge, repeats=repeats)
+            if nudger is None:
+                row.pop("nudged", None)
+            outs[mode, who] = [o.token_ids for o in out]
+            add(f"(g) engine, {who}, {mode}", "engine", "default" if nudger else None, row,
+                gamma=gamma if nudger else None, graph_mode=eng.graph_mode)
+            del eng
+            hardware.free_memory(b.device)
+    return all(outs["eager", who] == outs["graphs", who] for _, who in outs)
 
 
 def notebook_for(hf_models, pair) -> NotebookNudging:
@@ -455,7 +485,7 @@ def to_markdown(data: dict) -> str:
                 for r in data["rows"]]
     else:
         rows = data["rows"]
-    rows = [dict(r, nudged=r.get("nudged") if r["label"][:3] in ("(b)", "(d)", "(f)") else None) for r in rows]
+    rows = [dict(r, nudged=r.get("nudged") if r["label"][:3] in ("(b)", "(d)", "(f)", "(g)") else None) for r in rows]
     lines.append(report.markdown_table(rows, cols))
     lines += draft_compare.lines(data.get("default_vs_k", []), "engine")
     nb = next((r for r in data["rows"] if r["label"].startswith("(d)")), None)

@@ -52,7 +52,8 @@ def test_notebook_equals_engine_greedy(pair_and_prompts, gamma, roa, check_pools
 
 
 def test_latency_tiny_quick_writes_results(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.latency", "--tiny", "--quick", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.latency", "--tiny", "--quick", "--graph-rows", "on",
+                           "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(p.name for p in tmp_path.iterdir())
@@ -62,6 +63,9 @@ def test_latency_tiny_quick_writes_results(tmp_path):
     labels = [r["label"][:3] for r in data["rows"]]
     assert labels.count("(b)") == 5 and all(x in labels for x in ("(a)", "(c)", "(d)", "(e)"))
     assert data["nudged_outputs_identical_for_every_k"]
+    graph_rows = [r for r in data["rows"] if r["label"].startswith("(g)")]   # eager vs the CPU's replay emulation
+    assert sorted(r["graph_mode"] for r in graph_rows) == ["eager", "eager", "replay", "replay"]
+    assert data["graphs_same_output"] is True
     assert next(r for r in data["rows"] if r["label"].startswith("(d)"))["equals_engine"] == "2/2"
     assert data["sweep"] and all(s["same_output"] for s in data["sweep"])
     assert "| (d) notebook" in proc.stdout  # the table is printed
