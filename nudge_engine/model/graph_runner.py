@@ -91,6 +91,9 @@ class CudaGraphCapture:
         with torch.cuda.stream(side):  # warm-up: Triton compiles and autotunes outside the capture
             fn(None)
         torch.cuda.current_stream(self.device).wait_stream(side)
+        # Under tensor parallelism the warm-up ran NCCL collectives: let them finish, so NCCL's watchdog
+        # thread has no pending work to poll while the capture runs (torch 2.7+ polls capture-safely anyway).
+        torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             fn(None)
