@@ -199,7 +199,7 @@ def start(spec: LaunchSpec) -> TensorParallelGroup:
     atexit.register(group.close)
     try:
         runners = load_rank_models(spec, tp, device)
-        graphs = attach_rank_graphs(spec, runners, tp.rank)
+        graphs = attach_rank_graphs(spec, runners, tp, device)
         paths = [spec.base] + ([spec.nudger] if spec.nudger is not None else [])
         for index, path in enumerate(paths):
             runner, captured = runners[index], graphs[index]

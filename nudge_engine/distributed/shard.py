@@ -12,6 +12,7 @@ and torch.cuda.graph captures on its side stream, which NCCL collectives allow.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import torch
@@ -25,6 +26,8 @@ from ..model.loader import load_causal_lm, resolve_dtype
 from ..model.model_runner import ModelRunner
 from ..model.sizing import size_kv_pools
 from .group import LaunchSpec
+
+log = logging.getLogger("nudge_engine")
 
 
 def shard_config(model: CausalLM, config: ModelConfig) -> ModelConfig:
@@ -54,10 +57,26 @@ def load_rank_models(spec: LaunchSpec, tp: TensorParallel, device: torch.device)
             for index, (model, config) in loaded.items()}
 
 
-def attach_rank_graphs(spec: LaunchSpec, runners: dict[int, ModelRunner], rank: int) -> dict[int, GraphRunner | None]:
+def attach_rank_graphs(spec: LaunchSpec, runners: dict[int, ModelRunner], tp: TensorParallel,
+                       device: torch.device) -> dict[int, GraphRunner | None]:
     """-> model index -> this rank's captured decode passes of it (None: eager), in the same order on every rank."""
     lens = graph_query_lens(spec.num_models, spec.draft_tokens)
     roles = ("base", "nudger")
-    return {index: make_graph_runner(runner, spec.graph_mode, spec.max_num_seqs, lens[index],
-                                     runner.config.max_position_embeddings, f"{roles[index]} (rank {rank})")
-            for index, runner in sorted(runners.items())}   # sharded models first: base 0, a tensor nudger 1
+    graphs = {index: make_graph_runner(runner, spec.graph_mode, spec.max_num_seqs, lens[index],
+                                       runner.config.max_position_embeddings, f"{roles[index]} (rank {tp.rank})")
+              for index, runner in sorted(runners.items())}   # sharded models first: base 0, a tensor nudger 1
+    if spec.graph_mode != "eager":
+        _log_capture(graphs, tp, device)
+    return graphs
+
+
+def _log_capture(graphs: dict, tp: TensorParallel, device: torch.device) -> None:
+    """Rank 0 logs every rank's capture time and graph memory (the workers' own logs are not shown)."""
+    captured = [g for g in graphs.values() if g is not None]
+    mine = torch.tensor([[sum(g.capture_seconds for g in captured),
+                          max((g.capture_impl.memory_bytes() for g in captured), default=0) / 2**20]],
+                        dtype=torch.float64, device=device)   # [1, 2]: seconds, MiB (a rank's graphs share a pool)
+    every = tp.all_gather_last(mine).view(tp.size, 2).tolist()
+    if tp.rank == 0:
+        log.info("decode graphs captured per rank: %s",
+                 ", ".join(f"rank {r}: {s:.2f} s, {m:.1f} MiB" for r, (s, m) in enumerate(every)))

@@ -30,7 +30,7 @@ EXIT_DONE = 0
 def run_worker(spec: LaunchSpec, tp: TensorParallel, device: torch.device) -> None:
     """Loads this rank's shards and captures their graphs, then serves passes until rank 0 says stop."""
     runners = load_rank_models(spec, tp, device)
-    graphs = attach_rank_graphs(spec, runners, tp.rank)
+    graphs = attach_rank_graphs(spec, runners, tp, device)
     channel = StepChannel(device, tp)
     while True:
         op, model, step, rows, graph_size = channel.receive()
