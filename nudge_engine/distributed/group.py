@@ -106,6 +106,7 @@ def new_group(spec: LaunchSpec, rank: int, store, device: torch.device) -> Tenso
         backend = dist.ProcessGroupNCCL(prefixed, rank, spec.tp_size, opts)
     else:
         backend = dist.ProcessGroupGloo(prefixed, rank, spec.tp_size, timeout)
+    backend._set_sequence_number_for_group()   # as init_process_group does for its backends (via the store)
     return TensorParallel(rank, spec.tp_size, backend)
 
 
