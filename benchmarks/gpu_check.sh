@@ -5,7 +5,9 @@
 #
 #   stage 1 (< 2 min): environment, build, kernel tests on CUDA, Triton backend == torch backend end
 #                      to end, host syncs per engine round (torch.cuda.set_sync_debug_mode), tensor
-#                      parallel 1 (and 2 over NCCL on a machine with two GPUs: benchmarks/tp_check.py)
+#                      parallel 1 with graphs == eager (and 2 over NCCL, eager and with CUDA graphs
+#                      capturing the NCCL collectives, two engines at once, on a machine with two
+#                      GPUs: benchmarks/tp_check.py)
 #   stage 2:           kernel benchmarks against copy bandwidth (bench_kernels.py: attention, handoff,
 #                      top-1; bench_fused.py: the fused per-layer steps beside the torch steps);
 #                      ms/token at batch 1, eager against CUDA graphs (bench_host_round.py --gpu); and
@@ -170,13 +172,13 @@ if want 1; then
     run_part "end-to-end: Triton backend == torch backend" 90 $PY benchmarks/e2e_backend_check.py
     run_part "host syncs per engine round" 60 $PY -m benchmarks.sync_report --out "benchmarks/results/${COMMIT}_sync_report.json"
     # Tensor parallel: size 1 on any GPU; size 2 over NCCL waits for a machine with two GPUs.
-    run_part "tensor parallel 1 on CUDA" 90 $PY benchmarks/tp_check.py --size 1
+    run_part "tensor parallel 1 on CUDA (graphs == eager)" 90 $PY benchmarks/tp_check.py --size 1
     GPUS=0
     [ -z "$DRY" ] && GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
     if [ "$GPUS" -ge 2 ]; then
-        run_part "tensor parallel 2 (NCCL) == 1" 180 $PY benchmarks/tp_check.py --size 2
+        run_part "tensor parallel 2 (NCCL, eager and graphs) == 1" 300 $PY benchmarks/tp_check.py --size 2
     else
-        skip_part "tensor parallel 2 (NCCL) == 1" "needs 2 GPUs, this machine has $GPUS"
+        skip_part "tensor parallel 2 (NCCL, eager and graphs) == 1" "needs 2 GPUs, this machine has $GPUS"
     fi
     end_stage "environment, build, kernel tests, end-to-end, host syncs"
 fi

@@ -26,6 +26,7 @@ from nudge_engine.engine.async_errors import EngineDeadError, EngineStepError
 from nudge_engine.engine.async_nudge_engine import AsyncNudgeEngine
 from nudge_engine.engine.sampling_params import SamplingParams
 from nudge_engine.layers.parallel import SINGLE, TensorParallel
+from nudge_engine.model.graph_runner import GraphRunner, ReplayCapture
 from nudge_engine.model.loader import load_causal_lm
 from nudge_engine.model.model_runner import ModelRunner, StepInputs
 from nudge_engine.distributed.group import free_tcp_address
@@ -57,10 +58,19 @@ def _passes(vocab: int):
     return [(prefill, torch.arange(sum(lens))), (decode, torch.arange(2))]
 
 
-def _logits(folder, tp, backend: str) -> list[torch.Tensor]:
+def _logits(folder, tp, backend: str, graphs: bool = False) -> list[torch.Tensor]:
+    """The passes' logits; graphs: the decode pass (2 sequences, a captured size) is replayed instead
+    from a graph captured and replayed on the whole padded shape (as on a GPU), its collectives included."""
     model, config = load_causal_lm(folder, "cpu", torch.float32, progress=False, tp=tp)
     runner = ModelRunner(model, shard_config(model, config), torch.device("cpu"), torch.float32, 8, BLOCK_SIZE, backend)
-    return [runner.forward(step, rows) for step, rows in _passes(config.vocab_size)]
+    (prefill, prefill_rows), (decode, decode_rows) = _passes(config.vocab_size)
+    out = [runner.forward(prefill, prefill_rows)]
+    if not graphs:
+        return out + [runner.forward(decode, decode_rows)]
+    captured = GraphRunner(runner, 2, [1], ReplayCapture(padded=True), max_blocks_per_seq=4)
+    captured.capture_all()   # every rank captures the same sizes in the same order
+    captured.replay_step(decode, 2)
+    return out + [captured.logits((2, 1), decode_rows)]
 
 
 def _rank_main(rank: int, size: int, init_method: str, folders: dict, backend: str, out: str) -> None:
@@ -72,7 +82,7 @@ def _rank_main(rank: int, size: int, init_method: str, folders: dict, backend: s
         results = {}
         for family, folder in folders.items():
             try:
-                results[family] = _logits(folder, tp, backend)
+                results[family] = _logits(folder, tp, backend) + _logits(folder, tp, backend, graphs=True)[1:]
             except ValueError as e:   # a shape this size cannot split: the error must name it
                 results[family] = str(e)
         if rank == 0:
@@ -113,7 +123,8 @@ def test_sharded_logits_match_one_process_for_every_family(size, backend, family
             assert "KV heads" in got[family]
             continue
         assert not isinstance(got[family], str), (family, got[family])
-        for g, w in zip(got[family], want):
+        assert len(got[family]) == len(want) + 1
+        for g, w in zip(got[family], want + want[1:]):   # the graph-replayed decode pass last
             assert g.shape == w.shape, family
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=f"{family} at tensor parallel {size}")
 
@@ -133,31 +144,73 @@ def _run_with_abort(engine, prompts, params) -> list:
     return [(o.token_ids, o.sources, o.finish_reason) for o in outs]
 
 
-@pytest.mark.parametrize("placement", ["rank0", "tensor"])
-def test_nudged_generation_matches_one_process_with_preemption_and_aborts(placement, tiny_pair, check_pools):
+@pytest.mark.parametrize("placement,graphs", [("rank0", False), ("tensor", False), ("rank0", True), ("tensor", True)])
+def test_nudged_generation_matches_one_process_with_preemption_and_aborts(placement, graphs, tiny_pair, check_pools):
+    """graphs: the sharded engine replays its decode-shaped passes (the CPU's replay emulation), every
+    worker the same graph as rank 0; the reference is one process's eager engine."""
     base, nudger = tiny_pair("llama", "llama", agreement=0.5)
     # Fixed drafting: the round plan follows measured timings, which would move where the abort cuts.
-    kw = dict(num_blocks=10, max_num_batched_tokens=48, attention_backend="torch", adaptive_drafting=False)
+    kw = dict(num_blocks=10, max_num_batched_tokens=48, attention_backend="torch", adaptive_drafting=False,
+              max_num_seqs=8)
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     prompts = [[3 + i, 17, 40 + 2 * i, 9, 11 + i, 5] * (1 + i % 3) for i in range(6)]
-    single = NudgeEngine(base, nudger, **kw)
+    single = NudgeEngine(base, nudger, enforce_eager=True, **kw)
     check_pools(single)
     want = single.generate(prompts, params)
     want_aborted = _run_with_abort(single, prompts, params)
-    sharded = NudgeEngine(base, nudger, tensor_parallel_size=2, nudger_placement=placement, **kw)
+    sharded = NudgeEngine(base, nudger, tensor_parallel_size=2, nudger_placement=placement, enforce_eager=not graphs,
+                          **kw)
     procs = list(sharded._tp.procs)
     try:
-        with pytest.raises(ValueError, match="already running"):   # one group per process
-            NudgeEngine(base, nudger, tensor_parallel_size=2, **kw)
         check_pools(sharded)
         got = sharded.generate(prompts, params)
         assert single.stats.preemptions > 0 and sharded.stats.preemptions > 0
         assert [(o.token_ids, o.sources) for o in got] == [(o.token_ids, o.sources) for o in want]
         assert any(s == "nudger" for o in got for s in o.sources) and any(s == "base" for o in got for s in o.sources)
         assert _run_with_abort(sharded, prompts, params) == want_aborted
+        if graphs:   # the sharded base's verify passes and the nudger's drafts were replays, some padded
+            replays = sharded.base.graphs.replays
+            assert any(q > 1 for _, q in replays) and len(replays) > 2, replays
+            assert sum(sharded.nudger.graphs.replays.values()) > 0
+        else:
+            assert sharded.base.graphs is None
     finally:
         sharded.close()
     assert procs and not any(p.is_alive() for p in procs)
+
+
+def test_several_tensor_parallel_engines_in_one_process(tiny_model):
+    """Each engine owns its group (its own store and workers): two at once, stepped in turn, give one
+    process's tokens each; closing one leaves the other working; a third opens after both closed."""
+    folders = (tiny_model("llama"), tiny_model("qwen2"))
+    kw = dict(num_blocks=16, attention_backend="torch", max_num_seqs=4)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prompts = [[5, 6, 7, 8], [40, 3, 9]]
+    want = [[o.token_ids for o in NudgeEngine(f, enforce_eager=True, **kw).generate(prompts, params)] for f in folders]
+    assert want[0] != want[1]   # cross-talk between the engines would show
+    first, second = (NudgeEngine(f, tensor_parallel_size=2, enforce_eager=graphs, **kw)
+                     for f, graphs in zip(folders, (True, False)))
+    procs = first._tp.procs + second._tp.procs
+    try:
+        ids = [[e.add_request(p, params) for p in prompts] for e in (first, second)]
+        reqs = [[e.requests[i] for i in rid] for e, rid in zip((first, second), ids)]
+        while first.has_unfinished() or second.has_unfinished():   # the two groups' passes interleave
+            first.step()
+            second.step()
+        assert [[r.result().token_ids for r in rs] for rs in reqs] == want
+        first.close()
+        assert not any(p.is_alive() for p in first._tp.procs)
+        assert [o.token_ids for o in second.generate(prompts, params)] == want[1]
+    finally:
+        first.close()
+        second.close()
+    third = NudgeEngine(folders[0], tensor_parallel_size=2, enforce_eager=False, **kw)
+    procs += third._tp.procs
+    try:
+        assert [o.token_ids for o in third.generate(prompts, params)] == want[0]
+    finally:
+        third.close()
+    assert len(procs) == 3 and not any(p.is_alive() for p in procs)
 
 
 def test_a_worker_killed_mid_step_ends_the_engine_and_leaves_no_process(tiny_model, monkeypatch):

@@ -4,9 +4,12 @@ The layers shard themselves (layers/parallel.py: column/row-parallel linear, voc
 embedding and head, KV heads split or replicated; the loader slices each checkpoint tensor as it reads
 it). What lives here is the process side:
 
-  group.py      process group set-up (spawned workers over tcp://, or torchrun's env://), device per rank;
-  shard.py      one rank's models: load its shards, size its KV pool (the same block count on every rank);
-  channel.py    the step broadcast: rank 0 packs each pass's inputs into one buffer, the workers unpack it;
+  group.py      process group set-up (each spawned engine its own store and group, or torchrun's env://
+                default group), device per rank;
+  shard.py      one rank's models: load its shards, size its KV pool (the same block count on every rank),
+                capture its decode graphs (the same ones, in the same order, on every rank);
+  channel.py    the step broadcast: rank 0 packs each pass's inputs (and which graph, if any, to replay)
+                into one buffer, the workers unpack it;
   worker.py     the worker loop of ranks 1..N-1 (and the spawn entry point);
   launch.py     rank 0's side: start and watch the workers, the broadcasting runner, clean shutdown.
 

@@ -1,9 +1,10 @@
 """Rank 0's side of tensor parallelism: start and watch the workers, broadcast each pass, shut down.
 
 NudgeEngine(..., tensor_parallel_size=N) calls start(): it spawns ranks 1..N-1 with
-torch.multiprocessing (or, under torchrun, joins the env:// group; then ranks other than 0 run the
-worker loop and then end their process), loads rank 0's shards and returns a TensorParallelGroup whose
-`models` the engine uses like load_models()'s. A worker that dies makes the next pass raise
+torch.multiprocessing over a group of the engine's own (group.py: several engines per process), or,
+under torchrun, joins the env:// default group (then ranks other than 0 run the worker loop and then
+end their process); it loads rank 0's shards, captures their graphs (as every worker does, in the
+same order) and returns a TensorParallelGroup whose `models` the engine uses like load_models()'s. A worker that dies makes the next pass raise
 WorkerDiedError (engine_fatal: the async engine turns /health to 503) instead of hanging.
 """
 from __future__ import annotations
@@ -15,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .. import _core
@@ -25,12 +25,14 @@ from ..model.model_runner import ModelRunner, StepInputs
 from ..model.tokenizer import Tokenizer
 from . import NUDGER_PLACEMENTS
 from .channel import StepChannel
-from .group import LaunchSpec, destroy_group, free_tcp_address, init_group, rank_device, under_torchrun
-from .shard import load_rank_models
+from .group import (LaunchSpec, abort_group, destroy_group, init_default_group, new_group, open_store, rank_device,
+                    under_torchrun)
+from .shard import attach_rank_graphs, load_rank_models
 from .worker import EXIT_DONE, exit_worker, run_worker, spawn_main
 
 JOIN_TIMEOUT_S = 10.0     # a worker told to stop has this long to exit before it is terminated, then killed
 WATCH_INTERVAL_S = 0.5    # how often the CUDA monitor looks at the workers
+NO_ROWS = torch.empty(0, dtype=torch.long)   # a graph pass sends no logits rows: the graph computes them all
 
 
 class WorkerDiedError(RuntimeError):
@@ -57,17 +59,42 @@ class BroadcastingRunner:
             self.group.channel.send_forward(self.model_index, step, logits_indices)
             return self.inner.forward(step, logits_indices)
         except RuntimeError as e:   # a collective failed or timed out: a peer is gone
-            self.group.broken = f"{type(e).__name__}: {e}"
-            raise WorkerDiedError(f"tensor-parallel pass failed ({self.group.broken}); the engine must be restarted") from e
+            raise self.group.failed(e) from e
+
+
+class BroadcastingGraphs:
+    """Rank 0's captured passes of a sharded model: each replay first tells the workers which graph
+    (padded batch size, query length) to replay on which inputs, then replays rank 0's (the
+    GraphRunner.run of model/graph_runner.py; everything else is the inner GraphRunner's)."""
+
+    def __init__(self, inner, model_index: int, group: "TensorParallelGroup"):
+        self.inner = inner
+        self.model_index = model_index
+        self.group = group
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["inner"], name)
+
+    def run(self, batch, key: tuple[int, int], rows: torch.Tensor | None, override=None) -> torch.Tensor:
+        self.group.check_workers()
+        try:
+            n = self.inner.load(batch, key, override)
+            step = self.inner.live_step(key, n, batch.block_tables.shape[1])   # the override's ids included
+            self.group.channel.send_forward(self.model_index, step, NO_ROWS, graph_size=key[0])
+            self.inner.replay(key, n)
+            return self.inner.logits(key, torch.from_numpy(batch.logits_indices) if rows is None else rows)
+        except RuntimeError as e:
+            raise self.group.failed(e) from e
 
 
 class TensorParallelGroup:
-    def __init__(self, spec: LaunchSpec, procs: list, device: torch.device, tp):
+    def __init__(self, spec: LaunchSpec, procs: list, device: torch.device, tp, store=None):
         self.spec = spec
         self.procs = procs                  # spawned workers (empty under torchrun)
         self.device = device
         self.tp = tp
-        self.channel = StepChannel(device, tp.group)
+        self.store = store                  # the engine's own TCPStore (None under torchrun), kept while the group lives
+        self.channel = StepChannel(device, tp)
         self.broken: str | None = None
         self.models: list[LoadedModel] = []
         self._closed = False
@@ -81,14 +108,14 @@ class TensorParallelGroup:
             dead = [r for r, p in enumerate(self.procs, 1) if not p.is_alive()]
             if dead and not self._closed:
                 self.broken = self.broken or f"worker rank {dead[0]} died"
-                abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-                try:
-                    if abort is not None:
-                        abort()   # the pass blocked in a collective raises instead of hanging
-                except Exception:  # noqa: BLE001
-                    pass
+                abort_group(self.tp)   # the pass blocked in a collective raises instead of hanging
                 return
             time.sleep(WATCH_INTERVAL_S)
+
+    def failed(self, e: RuntimeError) -> WorkerDiedError:
+        """A collective failed or timed out (a peer is gone): the group is broken for good."""
+        self.broken = f"{type(e).__name__}: {e}"
+        return WorkerDiedError(f"tensor-parallel pass failed ({self.broken}); the engine must be restarted")
 
     def check_workers(self) -> None:
         dead = [f"rank {r} (exit code {p.exitcode})" for r, p in enumerate(self.procs, 1) if not p.is_alive()]
@@ -102,6 +129,7 @@ class TensorParallelGroup:
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self.close)   # a closed engine is not kept alive until the interpreter exits
         if self.broken is None and all(p.is_alive() for p in self.procs):
             try:
                 self.channel.send_stop()
@@ -116,7 +144,8 @@ class TensorParallelGroup:
             if p.is_alive():
                 p.kill()
                 p.join()
-        destroy_group()
+        destroy_group(self.tp)
+        self.store = None
 
 
 def check_spec(spec: LaunchSpec) -> None:
@@ -142,45 +171,44 @@ def check_spec(spec: LaunchSpec) -> None:
 
 def start(spec: LaunchSpec) -> TensorParallelGroup:
     check_spec(spec)
-    procs = []
+    procs, store = [], None
     if under_torchrun(spec.tp_size):
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
         device = rank_device(spec.device, local_rank)
-        tp = init_group(spec, rank, "env://", device)
+        tp = init_default_group(spec, rank, device)
         if rank != 0:
             try:
                 run_worker(spec, tp, device)
             finally:
-                destroy_group()
+                destroy_group(tp)
             exit_worker(EXIT_DONE)
     else:
-        if dist.is_initialized():   # the default group is per process
-            raise ValueError("a tensor-parallel engine (or another torch.distributed group) is already running in "
-                             "this process: close() it first")
-        init_method = free_tcp_address()
+        store = open_store(spec, 0)   # this engine's own: a free port, read back for the workers
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=spawn_main, args=(r, spec, init_method, os.getpid()), daemon=True,
+        procs = [ctx.Process(target=spawn_main, args=(r, spec, store.port, os.getpid()), daemon=True,
                              name=f"nudge-tp-worker-{r}") for r in range(1, spec.tp_size)]
         for p in procs:
             p.start()
         device = rank_device(spec.device, 0)
         try:
-            tp = init_group(spec, 0, init_method, device)
+            tp = new_group(spec, 0, store, device)
         except BaseException:
             _kill(procs)
             raise
-    group = TensorParallelGroup(spec, procs, device, tp)
+    group = TensorParallelGroup(spec, procs, device, tp, store)
     atexit.register(group.close)
     try:
         runners = load_rank_models(spec, tp, device)
+        graphs = attach_rank_graphs(spec, runners, tp, device)
         paths = [spec.base] + ([spec.nudger] if spec.nudger is not None else [])
         for index, path in enumerate(paths):
-            runner = runners[index]
+            runner, captured = runners[index], graphs[index]
             if index < len(spec.tp_models):
                 runner = BroadcastingRunner(runner, index, group)
+                captured = captured and BroadcastingGraphs(captured, index, group)
             group.models.append(LoadedModel(Path(path), runner, Tokenizer(Path(path)),
                                             _core.BlockPool(runner.num_blocks, runner.block_size,
-                                                            spec.enable_prefix_caching)))
+                                                            spec.enable_prefix_caching), captured))
     except BaseException:
         group.broken = "loading failed"
         group.close()

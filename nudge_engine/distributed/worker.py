@@ -15,9 +15,9 @@ import traceback
 import torch
 
 from ..layers.parallel import TensorParallel
-from .channel import OP_STOP, StepChannel
-from .group import LaunchSpec, destroy_group, init_group, rank_device
-from .shard import load_rank_models
+from .channel import EAGER, OP_STOP, StepChannel
+from .group import LaunchSpec, destroy_group, new_group, open_store, rank_device
+from .shard import attach_rank_graphs, load_rank_models
 
 log = logging.getLogger("nudge_engine.distributed")
 
@@ -28,14 +28,18 @@ EXIT_DONE = 0
 
 
 def run_worker(spec: LaunchSpec, tp: TensorParallel, device: torch.device) -> None:
-    """Loads this rank's shards, then serves passes until rank 0 says stop."""
+    """Loads this rank's shards and captures their graphs, then serves passes until rank 0 says stop."""
     runners = load_rank_models(spec, tp, device)
-    channel = StepChannel(device, tp.group)
+    graphs = attach_rank_graphs(spec, runners, tp, device)
+    channel = StepChannel(device, tp)
     while True:
-        op, model, step, rows = channel.receive()
+        op, model, step, rows, graph_size = channel.receive()
         if op == OP_STOP:
             return
-        runners[model].forward(step, rows)   # its collectives meet rank 0's
+        if graph_size == EAGER:
+            runners[model].forward(step, rows)   # its collectives meet rank 0's
+        else:
+            graphs[model].replay_step(step, graph_size)   # the graph rank 0 replays, at its padded size
 
 
 def _exit_when_orphaned(parent_pid: int) -> None:
@@ -46,19 +50,21 @@ def _exit_when_orphaned(parent_pid: int) -> None:
             os._exit(EXIT_PARENT_GONE)
 
 
-def spawn_main(rank: int, spec: LaunchSpec, init_method: str, parent_pid: int) -> None:
+def spawn_main(rank: int, spec: LaunchSpec, store_port: int, parent_pid: int) -> None:
     """Entry point of a worker that NudgeEngine started with torch.multiprocessing (spawn)."""
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
     device = rank_device(spec.device, rank)
     if device.type == "cpu":
         torch.set_num_threads(1)   # the ranks share the CPU's cores with rank 0
+    tp = None
     try:
-        run_worker(spec, init_group(spec, rank, init_method, device), device)
+        tp = new_group(spec, rank, open_store(spec, rank, store_port), device)
+        run_worker(spec, tp, device)
     except Exception:  # noqa: BLE001  report, then end: rank 0 sees the group break
         print(f"nudge_engine tensor-parallel worker {rank} failed:\n{traceback.format_exc()}", file=sys.stderr)
-        destroy_group()
+        destroy_group(tp)
         exit_worker(EXIT_FAILED)
-    destroy_group()
+    destroy_group(tp)
     exit_worker(EXIT_DONE)
 
 

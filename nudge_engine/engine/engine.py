@@ -73,15 +73,14 @@ class NudgeEngine:
         self.chat_format = ChatFormat(base_template or DEFAULT_BASE_TEMPLATE, response_prefix, base_template is None)
         self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens
-        # Graphs are not captured across ranks yet (the workers' passes would need the same replay):
-        # a tensor-parallel engine runs eagerly.
-        self.graph_mode = graph_mode(True if tensor_parallel_size != 1 else enforce_eager, self.device)
+        self.graph_mode = graph_mode(enforce_eager, self.device)   # every rank the same (distributed/shard.py)
         self.paths = [Path(base)] + ([Path(nudger)] if nudger is not None else [])
         self._tp = None
         if tensor_parallel_size != 1:
             self._tp = _start_tensor_parallel(tensor_parallel_size, nudger_placement, self.paths, device, dtype,
                                               attention_backend, block_size, kv_cache_bytes, num_blocks,
-                                              max_num_batched_tokens, enable_prefix_caching)
+                                              max_num_batched_tokens, enable_prefix_caching, self.graph_mode,
+                                              max_num_seqs, draft_tokens)
             self.models = self._tp.models
         else:
             self.models = load_models(self.paths, self.device, self.dtype, attention_backend=attention_backend,
@@ -258,11 +257,13 @@ class NudgeEngine:
 
 def _start_tensor_parallel(size: int, placement: str, paths: list[Path], device, dtype, attention_backend: str,
                            block_size: int, kv_cache_bytes, num_blocks, max_num_batched_tokens: int,
-                           enable_prefix_caching: bool):
-    """Starts the workers (nudge_engine/distributed/) and loads rank 0's shards -> TensorParallelGroup."""
+                           enable_prefix_caching: bool, mode: str, max_num_seqs: int, draft_tokens: int):
+    """Starts the workers (nudge_engine/distributed/), loads rank 0's shards and captures their graphs
+    (every rank the same ones) -> TensorParallelGroup."""
     from ..distributed.group import LaunchSpec, collective_timeout_s
     from ..distributed.launch import start
     spec = LaunchSpec(size, str(paths[0]), str(paths[1]) if len(paths) > 1 else None, placement, str(device),
                       str(dtype).removeprefix("torch."), attention_backend, block_size, kv_cache_bytes, num_blocks,
-                      max_num_batched_tokens, collective_timeout_s(), enable_prefix_caching)
+                      max_num_batched_tokens, collective_timeout_s(), enable_prefix_caching, mode, max_num_seqs,
+                      draft_tokens)
     return start(spec)

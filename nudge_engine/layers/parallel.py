@@ -3,7 +3,10 @@
 Layers read `current()` while they are constructed (nudge_engine/distributed/ sets it around a
 model's build with `building(tp)`), so a family file stays the same for one process or N. With the
 default SINGLE every collective is the identity and every layer is built whole.
-The collectives are torch.distributed's own (all_reduce, all_gather); nothing here is hand-written.
+The collectives are torch.distributed's own, called on the group object itself (its allreduce,
+allgather, broadcast): an engine's group is built from its own store rather than registered as the
+process's default group (distributed/group.py), so torch.distributed's module functions, which look a
+group up in the process-wide registry, cannot take it. Nothing here is hand-written communication.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import torch.distributed as dist
 class TensorParallel:
     rank: int
     size: int
-    group: Any = None   # torch.distributed ProcessGroup; None with size 1
+    group: Any = None   # torch.distributed ProcessGroup or Backend (ProcessGroupGloo/NCCL); None with size 1
 
     def split(self, total: int, what: str) -> tuple[int, int]:
         """(start, length) of this rank's even share of `total` rows; ValueError unless it divides."""
@@ -28,17 +31,26 @@ class TensorParallel:
         length = total // self.size
         return self.rank * length, length
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:  # in place sum over the ranks
+    def all_reduce(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:  # in place over the ranks
         if self.size > 1:
-            dist.all_reduce(x, group=self.group)
+            opts = dist.AllreduceOptions()
+            opts.reduceOp = op
+            self.group.allreduce([x], opts).wait()
         return x
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:  # [n, d] -> [n, size * d], rank order
         if self.size == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
+        self.group.allgather([parts], [x.contiguous()]).wait()
         return torch.cat(parts, dim=-1)
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:  # in place, from rank src
+        if self.size > 1:
+            opts = dist.BroadcastOptions()
+            opts.rootRank, opts.rootTensor = src, 0
+            self.group.broadcast([x], opts).wait()
+        return x
 
 
 SINGLE = TensorParallel(0, 1)

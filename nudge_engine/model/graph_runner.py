@@ -91,6 +91,9 @@ class CudaGraphCapture:
         with torch.cuda.stream(side):  # warm-up: Triton compiles and autotunes outside the capture
             fn(None)
         torch.cuda.current_stream(self.device).wait_stream(side)
+        # Under tensor parallelism the warm-up ran NCCL collectives: let them finish, so NCCL's watchdog
+        # thread has no pending work to poll while the capture runs (torch 2.7+ polls capture-safely anyway).
+        torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             fn(None)
@@ -161,30 +164,54 @@ class GraphRunner:
     def run(self, batch, key: tuple[int, int], rows: torch.Tensor | None, override=None) -> torch.Tensor:
         """The batch's logits at `rows` of its flat tokens (default: each sequence's last token);
         override as in LoadedModel.forward (device-side input ids)."""
-        bs, q = key
-        n = len(batch.seq_lens)
-        t = n * q
+        n = self.load(batch, key, override)
+        self.replay(key, n)
+        return self.logits(key, torch.from_numpy(batch.logits_indices) if rows is None else rows)
 
-        def put(dst, a):
-            dst.copy_(torch.from_numpy(a), non_blocking=True)
-
-        put(self.input_ids[:t], batch.input_ids)
+    def load(self, batch, key: tuple[int, int], override=None) -> int:
+        """Copies the host batch (and the override's device-side ids) into the static buffers -> live sequences."""
+        arrays = (batch.input_ids, batch.positions, batch.slot_mapping, batch.block_tables, batch.seq_lens)
+        n = self._put(key, *(torch.from_numpy(a) for a in arrays))
         if override is not None:
             index, values = override
-            self.input_ids[:t][slice(None) if index is None else index] = values
-        put(self.positions[:t], batch.positions)
-        put(self.slot_mapping[:t], batch.slot_mapping)
-        w = batch.block_tables.shape[1]
-        put(self.block_tables[:n, :w], batch.block_tables)
+            self.input_ids[:n * key[1]][slice(None) if index is None else index] = values
+        return n
+
+    def _put(self, key: tuple[int, int], input_ids, positions, slot_mapping, block_tables, seq_lens) -> int:
+        """input_ids, positions, slot_mapping: [n * q]; block_tables: [n, w <= max_blocks]; seq_lens: [n]."""
+        bs, q = key
+        n = seq_lens.shape[0]
+        t = n * q
+        self.input_ids[:t].copy_(input_ids, non_blocking=True)
+        self.positions[:t].copy_(positions, non_blocking=True)
+        self.slot_mapping[:t].copy_(slot_mapping, non_blocking=True)
+        w = block_tables.shape[1]
+        self.block_tables[:n, :w].copy_(block_tables, non_blocking=True)
         self.block_tables[:n, w:] = NO_BLOCK
-        put(self.seq_lens[:n], batch.seq_lens)
+        self.seq_lens[:n].copy_(seq_lens, non_blocking=True)
         self._reset_pad(n, bs, q)
-        replay, out = self._graphs[key]
-        replay(n)
+        return n
+
+    def live_step(self, key: tuple[int, int], n: int, width: int) -> StepInputs:
+        """The live rows of the loaded static buffers as one pass's inputs: what a tensor-parallel
+        worker needs to replay the same graph (block tables cut to the batch's width)."""
+        t = n * key[1]
+        return StepInputs(self.input_ids[:t], self.positions[:t], self.slot_mapping[:t], self.block_tables[:n, :width],
+                          self.query_start_loc[:n + 1], self.seq_lens[:n], key[1], self.max_seq_len)
+
+    def replay_step(self, step: StepInputs, batch_size: int) -> None:
+        """A worker's side of rank 0's replay: the same graph (padded batch size, query length) on its shard."""
+        key = (batch_size, step.max_query_len)
+        n = self._put(key, step.input_ids, step.positions, step.slot_mapping, step.block_tables, step.seq_lens)
+        self.replay(key, n)
+
+    def replay(self, key: tuple[int, int], n: int) -> None:
+        self._graphs[key][0](n)
         self.replays[key] = self.replays.get(key, 0) + 1
-        if rows is None:
-            rows = torch.from_numpy(batch.logits_indices)
-        return out["logits"][rows.to(self.runner.device)]
+
+    def logits(self, key: tuple[int, int], rows: torch.Tensor) -> torch.Tensor:
+        """rows: [m] flat token rows of the last replay of `key` -> their logits [m, vocab]."""
+        return self._graphs[key][1]["logits"][rows.to(self.runner.device)]
 
     def _reset_pad(self, n: int, bs: int, q: int) -> None:
         """Rows n..bs of a (bs, q) pass: no K/V written, q positions read from block PAD_BLOCK."""

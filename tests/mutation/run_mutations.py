@@ -116,6 +116,10 @@ MUTATIONS = [
     Mutation("tensor parallel: QK-norm over this rank's slice only", "nudge_engine/layers/attention.py",
              "    tp.all_reduce(squares)\n", "",
              (TP + "[2-torch]",)),
+    Mutation("tensor parallel: workers run rank 0's graph passes eagerly", "nudge_engine/distributed/worker.py",
+             "        if graph_size == EAGER:\n", "        if True:\n",
+             ("tests/test_tensor_parallel.py::test_nudged_generation_matches_one_process_with_preemption_and_aborts"
+              "[tensor-True]",)),
     # ---- cross-tokenizer text path
     Mutation("cross: split only before spaces, not every whitespace byte", "nudge_engine/pairing/wordpieces.py",
              "        if data[i] in WHITESPACE:\n            pieces.append", "        if data[i] == 32:\n            pieces.append",
