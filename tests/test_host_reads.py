@@ -2,9 +2,10 @@
 packed result (with the drafts' values) is the round's one device-to-host transfer.
 
 What a prefill chunk costs: a non-final chunk reads nothing (no walk runs); the final chunk is
-the request's first round and reads once, like any decode round. Counted extra, and kept out of
-these generations: logprobs and prompt logprobs (one read per row), and a round whose requests
-both sample and decide greedily (one read per walk kind)."""
+the request's first round and reads once, like any decode round; the logprobs of written tokens ride
+in that read. Counted extra, and kept out of these generations: prompt logprobs (one read per prefill
+chunk that holds prompt rows), and a round whose requests both sample and decide greedily (one read
+per walk kind)."""
 from __future__ import annotations
 
 import os
@@ -27,16 +28,19 @@ def prompts_for(vocab: int, n: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(8, vocab) for _ in range(rng.randint(20, 40))] for _ in range(n)]
 
 
+@pytest.mark.parametrize("logprobs", [None, 3])
 @pytest.mark.parametrize("enforce_eager", [True, False])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_host_reads_at_most_one_per_round(tiny_pair, check_pools, enforce_eager, temperature):
+def test_host_reads_at_most_one_per_round(tiny_pair, check_pools, enforce_eager, temperature, logprobs):
     base, nudger = tiny_pair("llama", "llama", "bytelevel", agreement=0.6)
     # Prompts longer than the token budget: several non-final prefill chunks that must read nothing.
     engine = NudgeEngine(base, nudger, max_num_seqs=4, max_num_batched_tokens=16, enforce_eager=enforce_eager)
     check_pools(engine)
     prompts = prompts_for(engine.base.config.vocab_size, 1, seed=4)
-    engine.add_request(prompts[0], SamplingParams(max_tokens=24, temperature=temperature, seed=1),
-                       NudgeParams(gamma=0.4, draft_tokens=3))
+    rid = engine.add_request(prompts[0], SamplingParams(max_tokens=24, temperature=temperature, seed=1,
+                                                        logprobs=logprobs),
+                             NudgeParams(gamma=0.4, draft_tokens=3))
+    req = engine.requests[rid]
     per_step, drafted = [], 0
     while engine.has_unfinished():
         reads, rounds = engine.stats.host_reads, engine.stats.rounds
@@ -46,6 +50,9 @@ def test_host_reads_at_most_one_per_round(tiny_pair, check_pools, enforce_eager,
     assert all(r <= d for r, d in per_step), per_step          # a chunk without a round reads nothing
     assert any(d == 0 for _, d in per_step)                    # ... and there were such chunks
     assert engine.stats.host_reads <= engine.stats.rounds
+    if logprobs is not None:   # they came, one entry per token (the token first, then the top 3), in that read
+        assert len(req.logprobs) == len(req.output) == 24
+        assert all(next(iter(e)) == t and 3 <= len(e) <= 4 for e, t in zip(req.logprobs, req.output))
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
@@ -110,3 +117,58 @@ def test_sequence_overwrite_replaces_placeholders_in_place():
     assert list(seq.tokens) == [7, 8, 9, 11, 12]
     seq.release()
     assert pool.all_free()
+
+
+@pytest.mark.parametrize("temperature,logprobs", [(0.0, None), (0.8, 2)])
+def test_the_text_path_reads_only_through_host_read_and_within_its_bound(tiny_model, check_pools, monkeypatch,
+                                                                         temperature, logprobs):
+    """The cross-tokenizer text path (pairing/text*.py) decides on the host, pass by pass: every read
+    it makes goes through host_read (so engine.stats.host_reads counts it), and greedy without
+    logprobs it reads once per model pass. Sampling adds one read per sampled row (rejected draft
+    rows too) and logprobs one per written token: here that stays under passes + 5 x written tokens."""
+    base, nudger = tiny_model("llama", "bytelevel"), tiny_model("llama3", "metaspace")
+    engine = NudgeEngine(base, nudger, max_num_seqs=4)
+    check_pools(engine)
+    assert engine._pair.name != "same-tokenizer"
+    passes = {"n": 0}
+    for model in engine.models:
+        real_forward = model.forward
+
+        def counted(*a, _real=real_forward, **kw):
+            passes["n"] += 1
+            return _real(*a, **kw)
+        monkeypatch.setattr(model, "forward", counted)
+    unrouted = []   # reads the text modules make themselves (host_read hands over host tensors as they are)
+
+    def wrap(name):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if os.path.basename(caller).startswith("text") and caller.startswith(PACKAGE):
+                unrouted.append(f"{name} from {os.path.relpath(caller, PACKAGE)}:{sys._getframe(1).f_lineno}")
+            return real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    for name in ("cpu", "item", "numpy", "to"):
+        wrap(name)
+    counted_reads = {"n": 0}
+    real_read = host_read_module.host_read
+
+    def spy_read(t):
+        counted_reads["n"] += 1
+        return real_read(t)
+    for module in ("nudge_engine.pairing.text", "nudge_engine.pairing.text_sampling",
+                   "nudge_engine.pairing.text_logprobs"):
+        monkeypatch.setattr(sys.modules[module], "host_read", spy_read)
+    reads = engine.stats.host_reads
+    outs = engine.generate(["The cat sat on the", "A story about"],
+                           SamplingParams(max_tokens=20, temperature=temperature, seed=3, logprobs=logprobs,
+                                          ignore_eos=True),
+                           NudgeParams(gamma=0.4, draft_tokens=2))
+    written = sum(len(o.token_ids) for o in outs)
+    assert not unrouted, unrouted[:5]
+    assert counted_reads["n"] > 0 and engine.stats.host_reads - reads >= counted_reads["n"]
+    if temperature == 0 and logprobs is None:
+        assert engine.stats.host_reads - reads <= passes["n"]
+    else:
+        assert engine.stats.host_reads - reads <= passes["n"] + 5 * written

@@ -11,6 +11,7 @@ from ..engine.request import Mode, Request, Source
 from ..engine.sampler import processed_probs
 from .host_read import host_read
 from .sampling_walk import sampling_walk
+from .walk_logprobs import from_rows, pack_on_device, packed_size, unpack
 
 
 @dataclass
@@ -46,7 +47,8 @@ class Handoff:
         draft_values: list[torch.Tensor] | None = None,  # per request [len(drafts[i])] int64 on the device
     ) -> list[Decision | Exception]:
         """One Decision per request, or the exception that ended that request's own part of the walk
-        (its sampling walk or its logprobs): a request's failure is not the others'.
+        (its sampling walk or its logprobs): a request's failure is not the others'. Logprobs ride
+        in the walk's read (pairing/walk_logprobs.py).
 
         With draft_values the drafts' values live on the device (pairing/device_drafts.py) and
         `drafts` holds placeholders: the walk's one host read brings the values, written into
@@ -54,18 +56,11 @@ class Handoff:
         decisions: list[Decision | Exception | None] = [None] * len(reqs)
         greedy = [i for i, r in enumerate(reqs) if r.greedy]
         if greedy:
-            self._decide_greedy(greedy, reqs, drafts, walk_rows, base_logits, decisions, draft_values)
+            self._decide_greedy(greedy, reqs, drafts, walk_rows, base_logits, decisions, draft_logits, draft_values)
         sampled = [i for i, r in enumerate(reqs) if not r.greedy]
         if sampled:
             self._decide_sampled(sampled, reqs, drafts, walk_rows, base_logits, draft_logits, decisions,
                                  draft_values)
-        for i, r in enumerate(reqs):
-            if r.logprobs is not None and isinstance(decisions[i], Decision):
-                try:
-                    decisions[i].logprobs = _decision_logprobs(decisions[i], drafts[i], base_logits[walk_rows[i]],
-                                                               draft_logits[i], r.params.logprobs)
-                except Exception as e:  # noqa: BLE001
-                    decisions[i] = e
         return decisions
 
     def _flat_drafts(self, idx, drafts, draft_values) -> tuple[torch.Tensor, list[int]]:
@@ -83,8 +78,9 @@ class Handoff:
         for j, i in enumerate(idx):
             drafts[i][:] = values[starts[j]:starts[j] + len(drafts[i])]
 
-    def _decide_greedy(self, idx, reqs, drafts, walk_rows, base_logits, decisions, draft_values=None) -> None:
-        if all(not drafts[i] and reqs[i].gamma <= 0 for i in idx):
+    def _decide_greedy(self, idx, reqs, drafts, walk_rows, base_logits, decisions, draft_logits,
+                       draft_values=None) -> None:
+        if all(not drafts[i] and reqs[i].gamma <= 0 and reqs[i].logprobs is None for i in idx):
             # No drafts and a base that always writes (top1 >= 0): the walk is the argmax.
             rows = torch.tensor([walk_rows[i].start for i in idx], device=base_logits.device)
             for i, tok in zip(idx, host_read(base_logits[rows].argmax(-1)).tolist()):
@@ -104,11 +100,20 @@ class Handoff:
             self.word_start,
             **({"max_len": max(b - a for a, b in zip(starts, starts[1:]))} if self._walk_bound else {}),
         )
-        # The round's one small device-to-host copy: the walk's packed result and the drafts' values.
-        host = host_read(torch.cat([step.packed, flat_drafts.to(torch.int32)]))
-        result = HandoffStep(host[:step.packed.shape[0]], step.num_req, step.num_pos).to_host()
+        lp_packs, failed = self._pack_logprobs(idx, reqs, drafts, walk_rows, base_logits, draft_logits,
+                                               draft_values, step)
+        # The round's one small device-to-host copy: the walk's packed result, the drafts' values and
+        # the logprobs asked for (float32 bits).
+        n_packed, n_drafts = step.packed.shape[0], flat_drafts.shape[0]
+        host = host_read(torch.cat([step.packed, flat_drafts.to(torch.int32)]
+                                   + [p.view(torch.int32) for p in lp_packs.values()]))
+        result = HandoffStep(host[:n_packed], step.num_req, step.num_pos).to_host()
         if draft_values is not None:
-            self._settle(idx, drafts, host[step.packed.shape[0]:].tolist(), starts)
+            self._settle(idx, drafts, host[n_packed:n_packed + n_drafts].tolist(), starts)
+        lp_host, at = {}, n_packed + n_drafts
+        for j, p in lp_packs.items():
+            lp_host[j] = host[at:at + p.shape[0]].view(torch.float32)
+            at += p.shape[0]
         accepted = result.num_accepted.tolist()
         emitted = result.emit_token.tolist()
         modes, runs = result.new_mode.tolist(), result.new_run.tolist()
@@ -117,6 +122,36 @@ class Handoff:
             m = accepted[j]
             decisions[i] = Decision(m, None if emitted[j] == NO_TOKEN else emitted[j], modes[j], runs[j],
                                     sources[starts[j]:starts[j] + m], None)
+            if i in failed:
+                decisions[i] = failed[i]
+            elif j in lp_host:
+                d = decisions[i]
+                tokens, srcs = _written(d, drafts[i])
+                try:
+                    d.logprobs = unpack(lp_host[j], len(drafts[i]), reqs[i].params.logprobs, tokens, srcs, m)
+                except Exception as e:  # noqa: BLE001
+                    decisions[i] = e
+
+    @staticmethod
+    def _pack_logprobs(idx, reqs, drafts, walk_rows, base_logits, draft_logits, draft_values, step):
+        """{walk index: packed logprob candidates on the device} for the requests that asked, and
+        {request index: exception} for those whose packing raised."""
+        packs, failed = {}, {}
+        for j, i in enumerate(idx):
+            r = reqs[i]
+            if r.logprobs is None:
+                continue
+            try:
+                dev = base_logits.device
+                values = (draft_values[i].to(dev) if draft_values is not None
+                          else torch.tensor(drafts[i], dtype=torch.long, device=dev))
+                emit = step.packed[step.num_req + j].long()
+                packs[j] = pack_on_device(base_logits[walk_rows[i]], draft_logits[i], values, emit, r.params.logprobs)
+                assert packs[j].shape[0] == packed_size(len(drafts[i]), r.params.logprobs)
+            except Exception as e:  # noqa: BLE001
+                packs.pop(j, None)
+                failed[i] = e
+        return packs, failed
 
     def _decide_sampled(self, idx, reqs, drafts, walk_rows, base_logits, draft_logits, decisions,
                         draft_values=None) -> None:
@@ -149,25 +184,18 @@ class Handoff:
                 w = sampling_walk(drafts[i], top1[at:at + k + 1], argmax[at:at + k + 1], base_probs[at:at + k + 1],
                                   draft_probs[dat:dat + k], Mode(r.mode), r.run, r.gamma, r.resume_on_agreement,
                                   self.word_start_host, r.generator)
-                decisions[i] = Decision(w.num_accepted, w.emit_token, int(w.mode), w.run, w.accepted_sources, None)
+                d = decisions[i] = Decision(w.num_accepted, w.emit_token, int(w.mode), w.run, w.accepted_sources,
+                                            None)
+                if r.logprobs is not None:
+                    tokens, srcs = _written(d, drafts[i])
+                    d.logprobs = from_rows(logits[at:at + k + 1], draft_host[dat:dat + k], tokens, srcs,
+                                           r.params.logprobs)
             except Exception as e:  # noqa: BLE001
                 decisions[i] = e
             at, dat = at + k + 1, dat + k
 
 
-def _decision_logprobs(d: Decision, drafts: list[int], base_rows: torch.Tensor, draft_rows: list[torch.Tensor],
-                       top_n: int) -> list[dict[int, float]]:
-    """Log-probabilities under the model that wrote each token (raw logits, temperature 1)."""
-    out = []
-    tokens = drafts[:d.num_accepted] + ([d.emit_token] if d.emit_token is not None else [])
-    sources = d.accepted_sources + [Source.BASE]
-    for pos, (tok, src) in enumerate(zip(tokens, sources)):
-        row = draft_rows[pos] if src == Source.NUDGER else base_rows[pos]
-        lp = torch.log_softmax(host_read(row.float()), dim=-1)
-        entry = {int(tok): float(lp[tok])}
-        if top_n > 0:
-            vals, ids = lp.topk(top_n)
-            for v, t in zip(vals.tolist(), ids.tolist()):
-                entry.setdefault(t, v)
-        out.append(entry)
-    return out
+def _written(d: Decision, drafts: list[int]) -> tuple[list[int], list[int]]:
+    """The round's written tokens and their writers: accepted drafts, then the base's emitted token."""
+    emitted = [d.emit_token] if d.emit_token is not None else []
+    return drafts[:d.num_accepted] + emitted, list(d.accepted_sources[:d.num_accepted]) + [Source.BASE] * len(emitted)

@@ -2,8 +2,9 @@
 token path goes through host_read, which counts it (engine.stats.host_reads beside stats.rounds).
 
 A decode round reads once: the walk's packed result (accepted counts, emitted tokens, modes, the
-drafts' values). Extra reads, each counted: a round whose requests both sample and decide
-greedily (one read per walk kind), logprobs and prompt logprobs, and the text path (not routed).
+drafts' values, the logprobs asked for). Extra reads, each counted: a round whose requests both
+sample and decide greedily (one read per walk kind), prompt logprobs (one per prefill chunk that
+holds prompt rows), and the text path (per pass; tests/test_host_reads.py states its bound).
 """
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ import logging
 
 import torch
 
+from .host_read import host_read
 from .. import _core
 from .text_request import CrossRequest, ReadWork
 from .text_logprobs import JointVocab, prompt_rows, queue_entry, record_prompt, record_queued, record_written
@@ -314,7 +315,9 @@ class TextPairing(TextStops, Pairing):
         for (req, _), num in zip(seqs, nums):
             self._computed(req, BASE, num)
         top1, arg = torch.softmax(logits, -1).max(-1)
-        stats = iter(zip(top1.tolist(), arg.tolist(), logits))     # row logits [vocab]: sampling
+        host = host_read(torch.cat([top1.float(), arg.float()]))   # one read per base pass (ids exact in float32)
+        n = top1.shape[0]
+        stats = iter(zip(host[:n].tolist(), host[n:].long().tolist(), logits))   # row logits [vocab]: sampling
         out = []
         for req, plan in zip(reqs, plans):
             if plan is None:

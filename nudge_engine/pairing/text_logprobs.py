@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import torch
 
+from .host_read import host_read
 from .spans import BASE, NUDGER
 from .token import _top_logprobs
 
 
 def written_entry(row: torch.Tensor, token: int, top_n: int, offset: int) -> dict[int, float]:
     """row [vocab] raw logits of the writer -> {joint id: logprob}, the written token first."""
-    lp = torch.log_softmax(row.float().cpu(), dim=-1)
+    lp = torch.log_softmax(host_read(row.float()), dim=-1)
     entry = {token + offset: float(lp[token])}
     if top_n > 0:
         vals, ids = lp.topk(top_n)
@@ -93,5 +94,5 @@ def record_prompt(req, rows: torch.Tensor) -> None:
     """rows [n, vocab] base logits from prompt_rows -> the next n prompt tokens' entries."""
     done = len(req.prompt_logprobs)
     targets = req.prompts[BASE][done:done + rows.shape[0]]
-    lp = torch.log_softmax(rows.float(), dim=-1).cpu()
+    lp = host_read(torch.log_softmax(rows.float(), dim=-1))
     req.prompt_logprobs.extend(_top_logprobs(lp, targets, req.params.prompt_logprobs))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from .host_read import host_read
 from ..engine.sampler import draw, processed_probs
 
 SEED_MOD = 2**63
@@ -51,16 +52,16 @@ def base_token(req, row: torch.Tensor, argmax: int) -> int:
     draw from its processed distribution with its own generator."""
     if req.params.greedy:
         return argmax
-    return draw(processed_probs(row[None].float().cpu(), [req.params])[0], req.base_gen)
+    return draw(processed_probs(host_read(row[None].float()), [req.params])[0], req.base_gen)
 
 
 def nudger_tokens(reqs: list, rows: torch.Tensor, writing: list[bool]) -> list[int]:
     """rows [n, vocab] nudger logits -> one token each: a draw from q where the request's nudger
     writes (NUDGE mode) and samples, else the argmax (a greedy nudger, or a BASE-mode draft)."""
-    tokens = rows.argmax(-1).tolist()
+    tokens = host_read(rows.argmax(-1)).tolist()
     sampled = [j for j, (r, w) in enumerate(zip(reqs, writing)) if w and not r.nudger_params.greedy]
     if sampled:
-        probs = processed_probs(rows[sampled].float().cpu(), [reqs[j].nudger_params for j in sampled])
+        probs = processed_probs(host_read(rows[sampled].float()), [reqs[j].nudger_params for j in sampled])
         for j, p in zip(sampled, probs):
             tokens[j] = draw(p, reqs[j].nudger_gen)
     return tokens

@@ -68,8 +68,12 @@ MUTATIONS = [
              "keep = torch.arange(vocab, device=dev)[None, :] <= top_k[:, None]",
              (S + "test_two_token_distribution_matches_sequential",)),
     # ---- logprobs
-    Mutation("logprobs of nudger tokens taken from the base model's rows", "nudge_engine/pairing/handoff.py",
-             "row = draft_rows[pos] if src == Source.NUDGER else base_rows[pos]", "row = base_rows[pos]",
+    Mutation("logprobs of nudger tokens taken from the base model's rows", "nudge_engine/pairing/walk_logprobs.py",
+             "value = nudger_draft[pos]", "value = base_draft[pos]",
+             (N + "test_logprobs_of_both_models_tokens_equal_transformers_on_the_writers_context",)),
+    Mutation("sampled walk's logprobs of nudger tokens taken from the base model's rows",
+             "nudge_engine/pairing/walk_logprobs.py",
+             "lp = nudger[pos] if src == Source.NUDGER else base[pos]", "lp = base[pos]",
              (N + "test_logprobs_of_both_models_tokens_equal_transformers_on_the_writers_context",)),
     # ---- greedy handoff rules (nudge_engine/pairing/handoff_torch.py, the CPU engine's walk)
     Mutation("greedy walk: top-1 == gamma nudges (<= for <)", "nudge_engine/pairing/handoff_torch.py",
