@@ -43,7 +43,8 @@ for name in names:
 needed = {"nudge_engine.pairing.text", "nudge_engine.pairing.text_sampling", "nudge_engine.pairing.text_logprobs", "nudge_engine.engine.engine", "nudge_engine.model.loader",
           "nudge_engine.server.app", "nudge_engine.kernels.handoff_step",
           "nudge_engine._core", "nudge_engine.testing.tokenizer_factory", "nudge_engine.distributed.launch",
-          "nudge_engine.model.graph_runner", "nudge_engine.pairing.device_drafts", "nudge_engine.pairing.host_read"}
+          "nudge_engine.model.graph_runner", "nudge_engine.pairing.device_drafts", "nudge_engine.pairing.host_read",
+          "nudge_engine.model.draft_graph", "nudge_engine.pairing.walk_logprobs"}
 assert needed <= set(names), needed - set(names)
 print(f"imported {len(names)} modules from {nudge_engine.__path__[0]}")
 PY

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from .. import _core
 from ..model.loader import resolve_device, resolve_dtype
 from ..model.model_pair import LoadedModel, load_models
+from ..model.draft_graph import attach_draft_graphs
 from ..model.graph_runner import attach_graphs, graph_mode, graph_reserve_tokens
 from ..model.model_runner import DEFAULT_BLOCK_SIZE
 from ..pairing import BASE_MODEL, NUDGER_MODEL, Pairing
@@ -90,6 +91,8 @@ class NudgeEngine:
                                       graph_tokens=graph_reserve_tokens(self.graph_mode, max_num_seqs,
                                                                         len(self.paths), draft_tokens))
             attach_graphs(self.models, self.graph_mode, max_num_seqs, draft_tokens)
+            if len(self.models) > 1:
+                attach_draft_graphs(self.models[1], draft_tokens)
         self.scheduler = _core.Scheduler([m.pool for m in self.models], max_num_seqs, max_num_batched_tokens)
         self.eos_ids = frozenset(itertools.chain.from_iterable(m.config.eos_token_ids for m in self.models))
         self.requests: dict = {}

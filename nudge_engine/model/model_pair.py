@@ -20,6 +20,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     pool: _core.BlockPool
     graphs: object = None  # GraphRunner for decode-shaped passes, or None (eager)
+    draft_graphs: object = None  # the nudger's DraftGraphs (draft_graph.py): passes 2..k as one graph, or None
 
     @property
     def config(self):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _core
 from ..engine.sampler import processed_probs
 
 PLACEHOLDER = 0   # a draft's token id in the host sequences until the walk's read gives its value
@@ -68,7 +69,9 @@ def pick_on_device(engine, reqs: list, rows: torch.Tensor) -> torch.Tensor:
 
 
 def draft_on_device(pairing, reqs: list, num_new: list[int] | None, k: list[int], final: list[bool]):
-    """Nudger passes: catch-up + first draft, then one draft token per pass.
+    """Nudger passes: catch-up + first draft, then one draft token per pass; where the requests that
+    go on drafting all need the same number of further passes (greedy, no logprobs), those run as one
+    captured graph (model/draft_graph.py) and keep no logits rows.
 
     A request that does not draft this round computes nothing in the nudger (lazy catch-up),
     except prefill chunks, which always keep the newest token pending.
@@ -107,7 +110,40 @@ def draft_on_device(pairing, reqs: list, num_new: list[int] | None, k: list[int]
         active = [i for i in picks if len(drafts[i]) < k[i] and reqs[i].id not in engine.failed]
         previous = tokens[[picks.index(i) for i in active]] if active else None
         step_new = {i: 1 for i in active}
+        rest = _rest_in_one_graph(nudger, reqs, active, k, drafts) if j == 0 else 0
+        if rest:
+            _draft_rest(nudger, reqs, active, rest, drafts, values, previous)
+            break
     return drafts, logits, values
+
+
+def _rest_in_one_graph(nudger, reqs: list, active: list[int], k: list[int], drafts: list[list[int]]) -> int:
+    """The further passes the drafting requests all still need, when they can run as one captured
+    graph (model/draft_graph.py); else 0. Only greedy requests without logprobs: their walk needs the
+    drafts' values alone, not the nudger's rows (which the graph does not keep)."""
+    graphs = getattr(nudger, "draft_graphs", None)
+    if graphs is None or not active:
+        return 0
+    rest = {k[i] - len(drafts[i]) for i in active}
+    if len(rest) != 1 or not graphs.fits(len(active), next(iter(rest)), 0):
+        return 0
+    if any(not reqs[i].greedy or reqs[i].logprobs is not None for i in active):
+        return 0
+    return rest.pop()
+
+
+def _draft_rest(nudger, reqs: list, active: list[int], rest: int, drafts: list[list[int]], values: RoundDrafts,
+                first: torch.Tensor) -> None:   # first: [len(active)] int64, the first pass's drafts
+    """Passes 2..k of every active request in one replay; the host gets placeholders as in the loop."""
+    seqs = [reqs[i].nudger_seq for i in active]
+    for seq in seqs:
+        seq.append_provisional([PLACEHOLDER] * rest)
+    batch = _core.build_batch(seqs, [rest] * len(seqs), nudger.runner.block_size)
+    out = nudger.draft_graphs.run(batch, first, rest)            # [rest, len(active)]
+    values.values[torch.tensor(active, device=values.device), 1:1 + rest] = out.t().to(values.device)
+    for i, seq in zip(active, seqs):
+        seq.set_num_computed(seq.num_computed + rest)
+        drafts[i].extend([PLACEHOLDER] * rest)
 
 
 def settle(seq, drafts: list[int]) -> None:

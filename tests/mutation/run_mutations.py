@@ -192,6 +192,9 @@ MUTATIONS = [
     Mutation("kernel rotary_store: K/V slot offset shifted by one within its block", "kernels/rotary_store.py",
              "off = slot % block_size", "off = (slot + 1) % block_size",
              ("tests/test_kernel_rotary_store.py",)),
+    Mutation("draft graph: every further pass re-reads the first draft instead of the previous one",
+             "nudge_engine/model/draft_graph.py", "ids = self.out[t, :n]", "ids = self.first_ids[:n]",
+             ("tests/test_draft_graph.py::test_fused_draft_passes_equal_the_loop_and_eager",)),
 ]
 
 
