@@ -4,7 +4,9 @@
 no layer runs), so what is timed is the engine's own host work per round at 1 / 16 / 256
 requests: scheduling, batch building, static-buffer copies and padding (replay) or fresh input
 tensors (eager), the draft loop, the walk and its one host read, bookkeeping. The CPU's replay is
-the emulation (it calls the recorded callable), so replay - eager there is the static-buffer cost.
+the emulation (it calls the recorded callable), so replay - eager there is the static-buffer cost;
+nudged rows also time the replay with one graph per draft pass ("replay per pass") beside the draft
+passes after the first as one graph (model/draft_graph.py).
 
 --gpu: real forwards on CUDA at batch 1 (a small pair, where launches dominate): ms per token of
 the base alone and nudged (k = 4), eager against CUDA graphs; benchmarks/gpu_check.sh stage 2.
@@ -87,9 +89,14 @@ def noop_table(pair, device, quick: bool) -> list[dict]:
             blocks = n * (-(-(PROMPT_LEN + (rounds + 8) * (DRAFTS + 1) + 8) // 16) + 1)
             for nudged in (False, True):
                 row = {"requests": n, "pairing": "nudged k=4" if nudged else "base alone"}
-                for mode, eager in (("eager", True), ("replay", False)):
+                # replay: the draft passes after the first as one graph (model/draft_graph.py);
+                # replay per pass: one graph replay per draft pass
+                modes = (("eager", True, False), ("replay per pass", False, False), ("replay", False, True))
+                for mode, eager, fused in modes if nudged else (modes[0], modes[2]):
                     engine = NudgeEngine(pair[0], pair[1] if nudged else None, device=device, enforce_eager=eager,
                                          max_num_seqs=n, num_blocks=blocks, max_num_batched_tokens=max(4096, n * 32))
+                    if nudged and not fused:
+                        engine.nudger.draft_graphs = None
                     row[f"{mode} ms/round"] = 1e3 * time_rounds(engine, n, rounds, nudged, device)
                     row[f"{mode} host reads/round"] = engine.stats.host_reads / max(engine.stats.rounds / n, 1)
                 row["replay / eager"] = row["replay ms/round"] / row["eager ms/round"]
@@ -117,10 +124,10 @@ def gpu_table(pair, device, quick: bool) -> list[dict]:
 
 
 def markdown(rows: list[dict], title: str) -> str:
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = [f"# {title}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(r.get(k, "-")) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
 
 
