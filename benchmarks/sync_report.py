@@ -84,15 +84,20 @@ def main(argv=None) -> int:
         base, nudger = make_tiny_pair(f"{tmp}/pair", "llama", "llama", "bytelevel", agreement=0.6,
                                       hidden_size=128, num_heads=2, num_kv_heads=1)
         engine = NudgeEngine(base, nudger, device="cuda", attention_backend="triton", kv_cache_bytes=256 << 20)
-        for k in (0, 4):
+        # fixed k = 4: every drafting round runs its passes after the first as one draft graph (model/draft_graph.py)
+        for k, adaptive in ((0, True), (4, True), (4, False)):
             params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
             for n in range(4):
-                engine.add_request([5 + i for i in range(8 + n)], params, NudgeParams(gamma=0.5, draft_tokens=k))
+                engine.add_request([5 + i for i in range(8 + n)], params,
+                                   NudgeParams(gamma=0.5, draft_tokens=k, adaptive_drafting=adaptive))
             engine.step()  # the first round compiles kernels and prefills: not a steady round
             per_round, where = count_round_syncs(engine, args.rounds)
             while engine.has_unfinished():
                 engine.step()
-            report[f"draft_tokens={k}"] = {"syncs_per_round": per_round, "where": dict(where.most_common(10))}
+            graphs = getattr(engine.nudger, "draft_graphs", None)
+            report[f"draft_tokens={k}{'' if adaptive else ' fixed'}"] = {
+                "syncs_per_round": per_round, "where": dict(where.most_common(10)),
+                "draft_graph_replays": sum(graphs.replays.values()) if graphs else 0}
             print(f"draft_tokens={k}: host syncs per round {per_round}; top sites {where.most_common(5)}; "
                   f"in the draft loop {where['draft loop (must be 0)']}")
         assert engine.pools_all_free()
