@@ -4,6 +4,7 @@ batch size, with preemption; and the passes really ran as one replay."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from nudge_engine.engine import NudgeEngine
 from nudge_engine.engine.sampling_params import NudgeParams, SamplingParams
@@ -66,3 +67,28 @@ def test_the_further_passes_are_one_replay_not_k_python_passes(engines, check_po
     saved = sum(steps * (count - before.get((bs, steps), 0)) for (bs, steps), count in fused.replays.items())
     assert saved > 0 and calls["fused"] + saved == calls["loop"]
     assert calls["fused"] < calls["loop"] / 2
+
+
+def test_a_fused_draft_graph_run_on_its_whole_padded_shape_writes_no_kv_for_padded_rows(tiny_pair, check_pools):
+    """As a GPU runs it: every step computes all padded rows. Those write no K/V (PAD_SLOT): the slots
+    written are exactly the eager engine's, and the live rows' tokens are the eager ones."""
+    from nudge_engine.model.draft_graph import attach_draft_graphs
+    from nudge_engine.model.graph_runner import ReplayCapture
+    base, nudger = tiny_pair("llama", "llama", "bytelevel", agreement=0.7)
+    eager = NudgeEngine(base, nudger, max_num_seqs=MAX_NUM_SEQS, enforce_eager=True, num_blocks=64)
+    padded = NudgeEngine(base, nudger, max_num_seqs=MAX_NUM_SEQS, enforce_eager=False, draft_tokens=8, num_blocks=64)
+    padded.nudger.graphs.capture_impl = ReplayCapture(padded=True)
+    attach_draft_graphs(padded.nudger, 8)
+    written = {}
+    for name, e in (("eager", eager), ("padded", padded)):
+        check_pools(e)
+        e.nudger.runner.kv_cache.zero_()
+        prompts = prompts_for(e.base.config.vocab_size, 3, seed=11)   # 3 live rows of a padded 4
+        outs = e.generate(prompts, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True),
+                          NudgeParams(gamma=0.0, draft_tokens=8, adaptive_drafting=False))
+        kv = e.nudger.runner.kv_cache.clone()
+        slots = kv[:, 0].flatten(3).abs().sum((0, 3)) != 0   # [num_blocks, block_size]
+        written[name] = (slots.nonzero().tolist(), [o.token_ids for o in outs], kv)
+    assert sum(steps * n for (bs, steps), n in padded.nudger.draft_graphs.replays.items() if bs == 4) > 0
+    assert written["padded"][:2] == written["eager"][:2]
+    assert torch.allclose(written["padded"][2], written["eager"][2], atol=1e-4)   # nothing overwritten
