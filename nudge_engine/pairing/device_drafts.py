@@ -110,7 +110,7 @@ def draft_on_device(pairing, reqs: list, num_new: list[int] | None, k: list[int]
         active = [i for i in picks if len(drafts[i]) < k[i] and reqs[i].id not in engine.failed]
         previous = tokens[[picks.index(i) for i in active]] if active else None
         step_new = {i: 1 for i in active}
-        rest = _rest_in_one_graph(nudger, reqs, active, k, drafts) if j == 0 else 0
+        rest = _rest_in_one_graph(nudger, reqs, active, k, drafts)   # after any pass: a mixed round fuses its tail
         if rest:
             _draft_rest(nudger, reqs, active, rest, drafts, values, previous)
             break
@@ -140,7 +140,8 @@ def _draft_rest(nudger, reqs: list, active: list[int], rest: int, drafts: list[l
         seq.append_provisional([PLACEHOLDER] * rest)
     batch = _core.build_batch(seqs, [rest] * len(seqs), nudger.runner.block_size)
     out = nudger.draft_graphs.run(batch, first, rest)            # [rest, len(active)]
-    values.values[torch.tensor(active, device=values.device), 1:1 + rest] = out.t().to(values.device)
+    done = len(drafts[active[0]])   # the same for all: every active request drafted in every pass so far
+    values.values[torch.tensor(active, device=values.device), done:done + rest] = out.t().to(values.device)
     for i, seq in zip(active, seqs):
         seq.set_num_computed(seq.num_computed + rest)
         drafts[i].extend([PLACEHOLDER] * rest)
