@@ -1,7 +1,9 @@
 """Builds nudge_engine with its C++ core (`nudge_engine._core`, pybind11, C++17).
 
 CUDA sources in csrc/cuda/ are added only where torch was built with CUDA and nvcc exists.
-`kernels/` (Triton) ships inside the package as `nudge_engine.kernels`.
+`kernels/` (Triton) ships inside the package as `nudge_engine.kernels`: `nudge_engine/kernels` is a
+symlink to it, and the folder has no `__init__.py`, so a checkout's root on sys.path never hides an
+installed package named `kernels` (Hugging Face's, which transformers imports); see kernels/README.md.
 """
 import glob
 import os
@@ -68,8 +70,8 @@ setup(
     description="Fast exact nudging: a base model writes, a small aligned model writes where the base is unsure",
     # Every subpackage (cross/, server/, ... found, not listed: a hand-kept list once left two out
     # of the wheel); `.ci/wheel_check.sh` installs the wheel and runs it.
+    # nudge_engine.kernels is a namespace package (no __init__.py; see the docstring), so it is named.
     packages=find_packages(include=["nudge_engine", "nudge_engine.*"]) + ["nudge_engine.kernels"],
-    package_dir={"nudge_engine.kernels": "kernels"},
     package_data={"nudge_engine.testing": ["*.txt"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},

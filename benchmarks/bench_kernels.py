@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import re
@@ -32,17 +31,6 @@ if "--smoke" in sys.argv:
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-
-try:
-    import nudge_engine.kernels  # noqa: E402,F401
-except ImportError:
-    # A plain checkout without `pip install -e .`: kernels/ is not yet mapped into the package.
-    _spec = importlib.util.spec_from_file_location(
-        "nudge_engine.kernels", ROOT / "kernels" / "__init__.py",
-        submodule_search_locations=[str(ROOT / "kernels")])
-    _mod = importlib.util.module_from_spec(_spec)
-    sys.modules["nudge_engine.kernels"] = _mod
-    _spec.loader.exec_module(_mod)
 
 from nudge_engine.pairing.handoff_torch import NO_TOKEN, handoff_step_torch, top1_stats_torch  # noqa: E402
 from nudge_engine.kernels.handoff_step import handoff_step  # noqa: E402

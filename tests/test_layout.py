@@ -94,3 +94,34 @@ OVER_BUDGET: set[str] = set()   # modules allowed over MAX_LINES (none)
 def test_no_module_over_450_lines():
     over = {str(p.relative_to(ROOT)) for p in _modules().values() if len(p.read_text().splitlines()) > MAX_LINES}
     assert over <= OVER_BUDGET, sorted(over - OVER_BUDGET)
+
+
+def test_repo_kernels_folder_never_hides_an_installed_kernels_package(tmp_path):
+    """From the repository root (the root first on sys.path, as `python -m pytest`, `python -m
+    benchmarks.x` and `python -c` put it), an installed regular package named `kernels` (Hugging
+    Face's, which transformers >= 5.25 imports) is the one `import kernels` finds, and
+    `nudge_engine.kernels` is still ours. A stand-in package after the root on sys.path proves it
+    where Hugging Face's is not installed; where it is, transformers' hub_kernels must import too."""
+    import subprocess
+    import sys
+    assert not (ROOT / "kernels" / "__init__.py").exists(), "kernels/ must stay a namespace folder (kernels/README.md)"
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("CUDAProperties = 'the installed kernels package'\n")
+    code = (
+        "import sys; sys.path.append(sys.argv[1])\n"
+        "import importlib.util as u\n"
+        "real = u.find_spec('kernels').origin\n"
+        "import kernels\n"
+        "from kernels import CUDAProperties\n"
+        "import nudge_engine.kernels.top1_stats as t\n"
+        "assert t.__file__.startswith(sys.argv[2]), t.__file__\n"
+        "assert not kernels.__file__.startswith(sys.argv[2] + '/kernels'), kernels.__file__\n"
+        "if u.find_spec('transformers') is not None and real.endswith('site-packages/kernels/__init__.py'):\n"
+        "    import transformers.integrations.hub_kernels\n"
+        "    print('hub_kernels')\n"
+        "print(kernels.__file__)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site"), str(ROOT)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "kernels/__init__.py" in out.stdout and str(ROOT / "kernels") not in out.stdout, out.stdout

@@ -201,7 +201,6 @@ MUTATIONS = [
 def make_copy(dest: Path) -> None:
     shutil.copytree(ROOT / "nudge_engine", dest / "nudge_engine",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "kernels", dest / "nudge_engine" / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "tests", dest / "tests", ignore=shutil.ignore_patterns("__pycache__", "mutation"))
     shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
 
@@ -242,7 +241,7 @@ def main() -> int:
         dest = Path(tmp)
         make_copy(dest)
         check = subprocess.run([sys.executable, "-c", "import nudge_engine, nudge_engine.kernels as k; "
-                                "print(nudge_engine.__file__); print(k.__file__)"],
+                                "print(nudge_engine.__file__); print(*k.__path__)"],
                                cwd=dest, env={**os.environ, "PYTHONPATH": str(dest)}, capture_output=True, text=True)
         assert check.returncode == 0 and all(line.startswith(tmp) for line in check.stdout.split()), check
         baseline = sorted({t for m in chosen for t in m.tests})
