@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <cstddef>
 #include <new>
 #include <stdexcept>
@@ -13,6 +14,7 @@
 #include "block_pool.h"
 #include "handoff_walk.h"
 #include "round_ops.h"
+#include "round_plan.h"
 #include "scheduler.h"
 #include "sequence.h"
 
@@ -261,6 +263,22 @@ PYBIND11_MODULE(_core, m) {
         "After the walk: drafts' values over their placeholders, rejected ones cut, emit[i] (-1: none) appended, "
         "the newest token left pending -> [(i, error)].");
 
+  m.def("best_round_plan",
+        [](std::vector<double> rate, std::vector<uint8_t> nudging, std::vector<int64_t> cap, std::vector<int64_t> fixed,
+           std::vector<int64_t> pending, double overhead, std::array<double, 4> uniform, std::array<double, 4> mixed,
+           bool padded, double margin) {
+          PlanInputs in{std::move(rate), std::move(nudging), std::move(cap), std::move(fixed), std::move(pending),
+                        overhead, {uniform[0], uniform[1], uniform[2], uniform[3]},
+                        {mixed[0], mixed[1], mixed[2], mixed[3]}, padded, margin};
+          PlanResult r = best_round_plan(in);
+          return py::make_tuple(r.ks, r.tokens, r.rate, r.floor, r.floor_tokens, r.floor_rate);
+        },
+        py::arg("rate"), py::arg("nudging"), py::arg("cap"), py::arg("fixed"), py::arg("pending"), py::arg("overhead"),
+        py::arg("uniform"), py::arg("mixed"), py::arg("padded"), py::arg("margin"),
+        "The draft plan's best candidate (engine/draft_policy.py) -> (ks, tokens, rate, floor, floor tokens, "
+        "floor rate). fixed: -1 where the plan decides; costs: (verify s/pass, verify s/token, draft s/pass, "
+        "draft s/token) of a uniform and of a mixed verify pass.");
+  m.def("expected_tokens", &expected_tokens, py::arg("k"), py::arg("accept_rate"));
   m.def("build_batch", &build_batch, py::arg("seqs"), py::arg("num_new"), py::arg("block_size"),
         "Flat batch of seqs[i].tokens[num_computed : num_computed + num_new[i]].");
 }

@@ -30,7 +30,13 @@ passes they force. Greedy requests follow the plan.
 """
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass
+from typing import Callable
+
+from .. import _core
+
 
 ACCEPT_PRIOR, REJECT_PRIOR = 1.0, 1.0   # start at a = 0.5: one cheap draft until the request shows more
 HISTORY_DECAY = 0.8                      # per round: acceptance is a property of the recent text
@@ -38,12 +44,18 @@ PRIOR_WEIGHT = ACCEPT_PRIOR + REJECT_PRIOR
 POPULATION_DECAY = 0.98                  # per observation, over all planned requests together
 UNIFORM, MIXED = True, False             # a verify pass's shape: every query as long, or not
 PROBE_EVERY = 8                          # BASE rounds without drafts before drafting once more
-COST_DECAY = 0.9
-FIT_DECAY = 0.97                         # per observation of a pass cost: costs drift (threads, batch mix)
+FIT_WINDOW = 48                          # observations a pass cost is fitted to: costs drift (threads, batch mix)
+TRIM_SCALE = 4.0                         # residuals beyond this many median absolute residuals are outliers
+TRIM_FLOOR = 0.02                        # ... and beyond 2% of the median time (exact data trims nothing)
 RIDGE = 1e-3                             # ties a per-token slope the data cannot tell apart to zero
 MIN_FIT_OBS = 3                          # observations before a fit replaces the static prior
 PLAN_MARGIN = 0.05                       # drafts beyond the floor must promise this much: the model errs by ~10%
 FORCED_PROBE_ROUNDS = 64                 # rounds without any nudger pass before the plan drafts once to re-measure
+NO_FIXED = -1                            # best_round_plan's "the plan decides this request's count"
+DRAFT, FLOOR = True, False               # a round whose plan drafts beyond the floor, or one that does not
+CALIBRATION_WINDOW = 24                  # rounds of each kind the measured gain is judged on
+MIN_CALIBRATION = 6                      # rounds of a kind before its factor moves from 1
+EXPLORE_MIN, EXPLORE_MAX = 16, 128       # vetoed rounds before one drafts anyway to re-measure (doubling)
 
 
 @dataclass
@@ -101,48 +113,120 @@ def expected_speedup(k: int, accept_rate: float, cost_ratio: float) -> float:
 
 
 class PassCost:
-    """seconds ~= per_pass * passes + per_token * tokens, fitted by decayed least squares.
+    """seconds ~= per_pass * passes + per_token * tokens, fitted to the last FIT_WINDOW observations.
 
+    Robust to a loaded machine: a pass descheduled for tens of ms, or a burst of slow passes, is one
+    observation far above the line, and least squares would let it lift the line for dozens of rounds
+    (which makes a round's fixed cost look dearer, and drafts, which save rounds, look cheaper than
+    they are). So the fit is least squares twice: once on the window, then again without the
+    observations whose residual exceeds TRIM_SCALE x the median absolute residual (a slow burst
+    longer than half the window is no longer an outlier: it is the machine's new speed).
     A small ridge on the per-token slope settles data that cannot separate the two (every round the
     same batch size) toward "a pass costs the same whatever it holds", the small-batch regime.
     """
 
     def __init__(self):
-        self.spp = self.spt = self.stt = self.sy_p = self.sy_t = 0.0  # decayed sums of x x^T and x y
-        self.n = 0
+        self.obs: deque[tuple[float, float, float]] = deque(maxlen=FIT_WINDOW)   # (seconds, passes, tokens)
+        self._coef: tuple[float, float] | None = None
 
     def observe(self, seconds: float, passes: float, tokens: float) -> None:
         if seconds <= 0 or passes <= 0:
             return
-        d = FIT_DECAY
-        self.spp = d * self.spp + passes * passes
-        self.spt = d * self.spt + passes * tokens
-        self.stt = d * self.stt + tokens * tokens
-        self.sy_p = d * self.sy_p + seconds * passes
-        self.sy_t = d * self.sy_t + seconds * tokens
-        self.n += 1
+        self.obs.append((seconds, passes, tokens))
+        self._coef = None
+
+    @property
+    def n(self) -> int:
+        return len(self.obs)
 
     @property
     def ready(self) -> bool:
-        return self.n >= MIN_FIT_OBS
+        return len(self.obs) >= MIN_FIT_OBS
 
     def coefficients(self) -> tuple[float, float]:
         """(seconds per pass, seconds per token), both >= 0."""
-        stt = self.stt * (1 + RIDGE) + 1e-12
-        det = self.spp * stt - self.spt * self.spt
-        if det <= 1e-12 * self.spp * stt:   # collinear: all on the per-pass cost
-            return self.sy_p / max(self.spp, 1e-12), 0.0
-        per_pass = (stt * self.sy_p - self.spt * self.sy_t) / det
-        per_token = (self.spp * self.sy_t - self.spt * self.sy_p) / det
-        if per_token < 0:
-            return self.sy_p / self.spp, 0.0
-        if per_pass < 0:
-            return 0.0, self.sy_t / stt
-        return per_pass, per_token
+        if self._coef is None:
+            self._coef = _trimmed_fit(list(self.obs))
+        return self._coef
 
     def predict(self, passes: float, tokens: float) -> float:
         per_pass, per_token = self.coefficients()
         return per_pass * passes + per_token * tokens
+
+
+def _least_squares(obs: list[tuple[float, float, float]]) -> tuple[float, float]:
+    spp = spt = stt = sy_p = sy_t = 0.0
+    for y, p, t in obs:
+        spp += p * p
+        spt += p * t
+        stt += t * t
+        sy_p += y * p
+        sy_t += y * t
+    stt = stt * (1 + RIDGE) + 1e-12
+    det = spp * stt - spt * spt
+    if det <= 1e-12 * spp * stt:   # collinear: all on the per-pass cost
+        return sy_p / max(spp, 1e-12), 0.0
+    per_pass = (stt * sy_p - spt * sy_t) / det
+    per_token = (spp * sy_t - spt * sy_p) / det
+    if per_token < 0:
+        return sy_p / spp, 0.0
+    if per_pass < 0:
+        return 0.0, sy_t / stt
+    return per_pass, per_token
+
+
+def _trimmed_fit(obs: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """Least squares, then again without the observations far from the first line (see PassCost)."""
+    per_pass, per_token = _least_squares(obs)
+    residuals = [y - per_pass * p - per_token * t for y, p, t in obs]
+    spread = statistics.median(abs(r) for r in residuals)
+    floor = TRIM_FLOOR * statistics.median(y for y, _, _ in obs)   # exact data: trim nothing
+    kept = [o for o, r in zip(obs, residuals) if abs(r) <= TRIM_SCALE * max(spread, floor)]
+    return _least_squares(kept) if MIN_FIT_OBS <= len(kept) < len(obs) else (per_pass, per_token)
+
+
+class RobustMean:
+    """A per-round cost (the round's own overhead) as the median of the last FIT_WINDOW values."""
+
+    def __init__(self):
+        self.values: deque[float] = deque(maxlen=FIT_WINDOW)
+        self._value: float | None = 0.0
+
+    def observe(self, value: float) -> None:
+        self.values.append(value)
+        self._value = None
+
+    @property
+    def value(self) -> float:
+        if self._value is None:
+            self._value = statistics.median(self.values)
+        return self._value
+
+
+class Calibration:
+    """How the plan's predictions held up, for rounds that drafted beyond the floor (DRAFT) and rounds
+    that did not (FLOOR): the factor by which realized tokens per second differ from predicted ones.
+
+    Tokens: the ratio of sums over the window (a round's tokens are a random count, so a median of
+    per-round ratios would be biased). Seconds: the median of per-round ratios (a descheduled round is
+    one value among CALIBRATION_WINDOW). The plan's drafts must beat the floor by PLAN_MARGIN after
+    both factors; this is the guard against a cost model that is wrong in a way no fit shows (threads
+    contending, a machine whose speed drifts): the measured gain of drafting, not its modelled one."""
+
+    def __init__(self):
+        self.rounds = {DRAFT: deque(maxlen=CALIBRATION_WINDOW), FLOOR: deque(maxlen=CALIBRATION_WINDOW)}
+
+    def observe(self, kind: bool, predicted_tokens: float, tokens: int, predicted_s: float, seconds: float) -> None:
+        if predicted_tokens > 0 and predicted_s > 0 and seconds > 0:
+            self.rounds[kind].append((predicted_tokens, tokens, seconds / predicted_s))
+
+    def factor(self, kind: bool) -> float:
+        """Realized over predicted tokens per second (1 until MIN_CALIBRATION rounds were seen)."""
+        rounds = self.rounds[kind]
+        if len(rounds) < MIN_CALIBRATION:
+            return 1.0
+        tokens = sum(r[1] for r in rounds) / sum(r[0] for r in rounds)
+        return tokens / statistics.median(r[2] for r in rounds)
 
 
 @dataclass
@@ -157,16 +241,30 @@ class PlanEntry:
 
 
 class DraftPolicy:
-    def __init__(self, cost_ratio: float, padded_queries: bool = False):
+    def __init__(self, cost_ratio: float, padded_queries: bool = False, recorder: Callable[[dict], None] | None = None):
         self.padded_queries = padded_queries  # the attention backend pads every query to the longest (torch)
         self.static_cost_ratio = cost_ratio  # from the models' sizes
-        self.cost_ratio = cost_ratio         # one nudger pass over one base pass, measured as the engine runs
+        self._ratios: deque[float] = deque(maxlen=FIT_WINDOW)   # measured nudger pass / base pass
         self.draft_cost = PassCost()         # the round's nudger passes together
         # The base pass (+ the walk that waits for it), by its shape: UNIFORM when every request verifies
         # as many tokens (decode-shaped: a graph replay where graphs are on), MIXED otherwise (eager).
         self.verify_cost = {UNIFORM: PassCost(), MIXED: PassCost()}
-        self.overhead_s = 0.0                # per round, outside the passes (bookkeeping, scheduling)
+        self.overhead = RobustMean()         # per round, outside the passes (bookkeeping, scheduling)
         self.rounds_since_pass = 0
+        self.calibration = Calibration()
+        self.explore_every = EXPLORE_MIN     # vetoed rounds between two rounds that draft anyway (backs off)
+        self.vetoed = 0                      # vetoed rounds since the last exploring one
+        self._prediction: tuple[bool, float, float] | None = None   # this round's plan: (kind, tokens, seconds)
+        self.recorder = recorder             # gets every observation and plan (engine/draft_record.py)
+
+    @property
+    def overhead_s(self) -> float:
+        return self.overhead.value
+
+    @property
+    def cost_ratio(self) -> float:
+        """One nudger pass over one base pass: measured (median of the window), else the static ratio."""
+        return statistics.median(self._ratios) if self._ratios else self.static_cost_ratio
 
     # ------------------------------------------------------------------ one request alone
     def choose(self, stats: DraftStats, max_k: int, measured: bool = True) -> int:
@@ -182,15 +280,18 @@ class DraftPolicy:
 
     def observe_pass_times(self, nudger_pass_s: float, base_pass_s: float) -> None:
         if nudger_pass_s > 0 and base_pass_s > 0:
-            measured = nudger_pass_s / base_pass_s
-            self.cost_ratio = COST_DECAY * self.cost_ratio + (1 - COST_DECAY) * measured
+            self._ratios.append(nudger_pass_s / base_pass_s)
 
     # ------------------------------------------------------------------ the whole round
     def observe_round(self, draft_s: float, draft_passes: int, draft_tokens: int,
                       verify_s: float, verify_tokens: int, overhead_s: float | None = None,
-                      uniform: bool = UNIFORM) -> None:
+                      uniform: bool = UNIFORM, emitted: int | None = None) -> None:
         """The round's own timings: its nudger passes together, its base pass (its size and shape as
-        `verify_size` gives them), and what else it spent."""
+        `verify_size` gives them), and what else it spent; emitted: the tokens the round wrote, when
+        every request in it was decoding (then the round checks the plan's prediction)."""
+        if self.recorder is not None:
+            self.recorder({"observe": [draft_s, draft_passes, draft_tokens, verify_s, verify_tokens, overhead_s,
+                                       uniform, emitted]})
         if verify_s > 0:
             self.verify_cost[uniform].observe(verify_s, 1, verify_tokens)
         if draft_passes > 0:
@@ -200,7 +301,11 @@ class DraftPolicy:
         else:
             self.rounds_since_pass += 1
         if overhead_s is not None and overhead_s >= 0:
-            self.overhead_s = COST_DECAY * self.overhead_s + (1 - COST_DECAY) * overhead_s
+            self.overhead.observe(overhead_s)
+        prediction, self._prediction = self._prediction, None
+        if prediction is not None and emitted is not None:
+            kind, tokens, seconds = prediction
+            self.calibration.observe(kind, tokens, emitted, seconds, draft_s + verify_s + (overhead_s or 0.0))
 
     def verify_size(self, queries: list[int]) -> tuple[int, bool]:
         """A verify pass's tokens as its cost counts them (padded where the backend pads), and whether
@@ -228,73 +333,70 @@ class DraftPolicy:
         drafted = sum(e.pending + k - 1 for e, k in zip(entries, ks) if k > 0)
         return self._rate(ks, tokens, drafted)
 
-    def _rate(self, ks: list[int], tokens: float, drafted: int, costs=None) -> float:
-        """tokens: expected emitted; drafted: nudger tokens of the round's passes."""
+    def _seconds(self, ks: list[int], drafted: int, costs=None) -> float:
         passes = max(ks, default=0)
         vp, vt, dp, dt = costs or self._costs(min(ks, default=0) == passes)
         verify_tokens = len(ks) * (1 + passes) if self.padded_queries else len(ks) + sum(ks)
-        seconds = self.overhead_s + vp + vt * verify_tokens + (dp * passes + dt * drafted if passes else 0.0)
-        return tokens / max(seconds, 1e-12)
+        return self.overhead_s + vp + vt * verify_tokens + (dp * passes + dt * drafted if passes else 0.0)
+
+    def _rate(self, ks: list[int], tokens: float, drafted: int, costs=None) -> float:
+        """tokens: expected emitted; drafted: nudger tokens of the round's passes."""
+        return tokens / max(self._seconds(ks, drafted, costs), 1e-12)
 
     def plan_round(self, entries: list[PlanEntry]) -> list[int]:
         """Draft counts for the requests of one round (entries with `fixed` keep theirs).
 
         For each pass count K, two candidates: each planned request drafts the k <= min(K, cap) whose
-        expected tokens best pay for the tokens it adds at the floor's rate (its j-th draft adds a^j;
-        see `_best_upto`), or every planned request drafts min(K, cap) (a uniform verify pass, which
-        graphs replay and the torch backend does not pad). The plan keeps the candidate whose round
-        rate is best. O(requests x cap) per round: it runs every round, on the host, while the device
-        waits."""
+        expected tokens best pay for the tokens it adds at the floor's rate (its j-th draft adds a^j),
+        or every planned request drafts min(K, cap) (a uniform verify pass, which graphs replay and the
+        torch backend does not pad). The model keeps the candidate whose round rate is best; then the
+        measured gain decides (`Calibration`): drafts beyond the floor stay only if the rounds that
+        drafted so far realized their predicted advantage, with an exploring round now and then.
+        The search runs in the C++ core (csrc/round_plan.cpp, number for number the Python it replaced,
+        tests/test_draft_policy.py's slow reference): it runs every round, on the host, while the device waits."""
         if not entries:
             return []
-        floor = [e.fixed if e.fixed is not None else (min(1, e.cap) if e.nudging else 0) for e in entries]
-        top = max([e.cap for e in entries if e.fixed is None] + floor)
-        costs = {shape: self._costs(shape) for shape in (UNIFORM, MIXED)}
-        floor_rate = self.round_rate(entries, floor)
-        _, vt, _, dt = costs[MIXED]
-        per_token = floor_rate * (vt + dt)  # tokens forgone per extra draft token in the two passes
-        plans = [None if e.fixed is not None else _best_upto(e, f, per_token) for e, f in zip(entries, floor)]
-        best_ks, best_rate = floor, floor_rate * (1 + PLAN_MARGIN)  # drafts that barely pay are a coin toss
-        for K in range(1, top + 1):
-            for uniform in (False, True):
-                ks, tokens, drafted = [], 0.0, 0
-                for e, f, plan in zip(entries, floor, plans):
-                    if plan is None:
-                        k, t = f, _tokens(e, f)
-                    else:
-                        upto, table = plan
-                        k = min(K, e.cap) if uniform else upto[min(K, e.cap) - f]
-                        t = table[k - f]
-                    ks.append(k)
-                    tokens += t
-                    if k > 0:
-                        drafted += e.pending + k - 1
-                rate = self._rate(ks, tokens, drafted, costs[min(ks) == max(ks)])
-                if rate > best_rate * (1 + 1e-9):
-                    best_ks, best_rate = ks, rate
+        best_ks, best_tokens, best_rate, floor, floor_tokens, floor_rate = _core.best_round_plan(
+            [e.stats.nudge_rate if e.nudging else e.stats.accept_rate for e in entries],
+            [e.nudging for e in entries], [e.cap for e in entries],
+            [NO_FIXED if e.fixed is None else e.fixed for e in entries], [e.pending for e in entries],
+            self.overhead_s, self._costs(UNIFORM), self._costs(MIXED), self.padded_queries, PLAN_MARGIN)
+        kind = DRAFT if best_ks != floor else FLOOR
+        if kind == DRAFT and not self._measured_gain(best_rate, floor_rate):
+            best_ks, best_tokens, kind = floor, floor_tokens, FLOOR
         if max(best_ks) == 0 and self.rounds_since_pass >= FORCED_PROBE_ROUNDS:
             best_ks = [min(1, e.cap) if e.fixed is None else k for e, k in zip(entries, best_ks)]
         # Passes that happen anyway: a request whose history is stale drafts in them (nearly free).
         passes = max(best_ks)
-        return [k if e.fixed is not None or k > 0 or e.stats.rounds_without_draft < PROBE_EVERY
-                else min(passes, e.cap, 1) for e, k in zip(entries, best_ks)]
+        ks = [k if e.fixed is not None or k > 0 or e.stats.rounds_without_draft < PROBE_EVERY
+              else min(passes, e.cap, 1) for e, k in zip(entries, best_ks)]
+        if ks != best_ks:
+            best_tokens = sum(_tokens(e, k) for e, k in zip(entries, ks))
+        drafted = sum(e.pending + k - 1 for e, k in zip(entries, ks) if k > 0)
+        self._prediction = (kind, best_tokens, self._seconds(ks, drafted))
+        if self.recorder is not None:
+            self.recorder({"plan": [_entry_record(e) for e in entries], "ks": ks})
+        return ks
+
+    def _measured_gain(self, rate: float, floor_rate: float) -> bool:
+        """Whether the model's drafts may run: their predicted gain holds after the calibration factors
+        of both kinds of round; else an exploring round every `explore_every` vetoed ones (backing off
+        while drafting keeps losing), so the factors follow a machine whose speed changes."""
+        if rate * self.calibration.factor(DRAFT) > floor_rate * self.calibration.factor(FLOOR) * (1 + PLAN_MARGIN):
+            self.explore_every, self.vetoed = EXPLORE_MIN, 0
+            return True
+        self.vetoed += 1
+        if self.vetoed < self.explore_every:
+            return False
+        self.vetoed = 0
+        self.explore_every = min(2 * self.explore_every, EXPLORE_MAX)
+        return True
 
 
-def _best_upto(e: PlanEntry, floor: int, per_token: float) -> tuple[list[int], list[float]]:
-    """([b - floor] -> the request's best draft count <= b, [k - floor] -> its expected tokens with k
-    drafts), for b and k in floor..cap. Its k-th draft pays
-    while its expected tokens exceed what the extra tokens cost at the current rate (drafting at all
-    also computes its pending catch-up tokens; the passes themselves are paid once, by the plan)."""
-    penalty = per_token * (e.pending - 1) if floor == 0 else 0.0
-    table = [_tokens(e, k) for k in range(floor, e.cap + 1)]
-    best_k, best_gain = floor, table[0] - per_token * floor
-    upto = [floor]
-    for k in range(floor + 1, e.cap + 1):
-        gain = table[k - floor] - per_token * k - penalty
-        if gain > best_gain:
-            best_k, best_gain = k, gain
-        upto.append(best_k)
-    return upto, table
+def _entry_record(e: PlanEntry) -> list:
+    s = e.stats
+    return [s.accepted, s.rejected, s.nudge_accepted, s.nudge_rejected, s.rounds_without_draft, e.cap, e.nudging,
+            e.fixed, e.pending]
 
 
 def _tokens(e: PlanEntry, k: int) -> float:

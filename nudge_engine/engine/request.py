@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import IntEnum
+from functools import cached_property
 
 import torch
 
@@ -106,8 +107,8 @@ class Request:
     emitted_text_upto: int = 0
     error: str | None = None       # set with finish_reason "error"
 
-    @property
-    def greedy(self) -> bool:
+    @cached_property
+    def greedy(self) -> bool:   # the parameters never change after admission
         return self.params.greedy and self.nudger_params.greedy
 
     def add_tokens(self, tokens: list[int], sources: list[int], logprobs: list[dict[int, float]] | None) -> None:

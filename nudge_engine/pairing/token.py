@@ -17,6 +17,7 @@ import torch
 
 from .. import _core
 from ..engine.draft_policy import DraftPolicy
+from ..engine.draft_record import attach_from_env
 from .device_drafts import PLACEHOLDER, check_core, concat_ranges, draft_on_device
 from .draft_plan import DraftPlanner
 from .round_clock import RoundClock
@@ -35,6 +36,7 @@ MIN_BATCHED_TOKENS_NUDGING = 2
 FAILED = object()     # what a guarded per-request call returns when the request failed this step
 NO_EMIT = -1          # settle_round's "no emitted token" (csrc/round_ops.cpp)
 MODES = (Mode.BASE, Mode.NUDGE)   # a walk's mode value -> Mode
+SRC_BASE, SRC_NUDGER = Source.BASE, Source.NUDGER
 
 
 class TokenPairing(Pairing):
@@ -52,8 +54,9 @@ class TokenPairing(Pairing):
         self.word_start = torch.zeros(vocab, dtype=torch.bool)        # [vocab]
         self.word_start[: len(table)] = torch.tensor(table, dtype=torch.bool)
         ratio = e.models[-1].num_parameters / e.base.num_parameters
-        self.draft_policy = DraftPolicy(cost_ratio=max(ratio, MIN_COST_RATIO),
-                                        padded_queries=e.base.runner.backend.name == "torch")
+        self.draft_policy = attach_from_env(DraftPolicy(cost_ratio=max(ratio, MIN_COST_RATIO),
+                                                        padded_queries=e.base.runner.backend.name == "torch"))
+        self._emitted = 0       # tokens the last round wrote (the plan checks its prediction against it)
         self.draft_planner = DraftPlanner(self.draft_policy, e)
         self._round_end = None  # perf_counter at the end of the previous round (the gap is overhead)
         self.clock = RoundClock(e.device)
@@ -125,39 +128,34 @@ class TokenPairing(Pairing):
         return touched
 
     def _apply_all(self, reqs: list[Request], drafts: list[list[int]], decisions: list) -> list[Request]:
-        """Each request's tokens, stops and history (Python, guarded per request), then the sequences
-        of every request that goes on, both models, in one C++ call each (csrc/round_ops.cpp)."""
+        """Each request's tokens, stops and history (Python, per request: a raise ends that request
+        alone), then the sequences of every request that goes on, both models, in one C++ call each."""
         e = self.engine
-        touched, updates = [], ([], [], [], [], [])   # per model below: seqs, values, counts, accepted, emit
-        nudger_updates = ([], [], [], [], [])
+        failed = e.failed
+        touched = []
+        base, nudger = SeqUpdates(), SeqUpdates()
         totals = [0, 0, 0, 0, 0]   # drafted, accepted, nudger tokens, base tokens, handoffs
         for req, d, decision in zip(reqs, drafts, decisions):
             if isinstance(decision, Exception):
-                e.failed[req.id] = decision
+                failed[req.id] = decision
                 continue
-            if e.guard(req, self._apply, req, d, decision, totals) is FAILED:
+            try:
+                self._apply(req, d, decision, totals)
+            except Exception as exc:  # noqa: BLE001 - it belongs to this request alone
+                failed[req.id] = exc
                 continue
             touched.append(req)
             if req.finished:
                 continue
-            m, emit = decision.num_accepted, decision.emit_token
-            emit = NO_EMIT if emit is None else emit
-            for seq, into in ((req.base_seq, updates), (req.nudger_seq, nudger_updates)):
-                if seq is None or (into is nudger_updates and not d):
-                    continue   # the nudger holds this round's tokens only if it drafted (lazy catch-up)
-                into[0].append(seq)
-                into[1].extend(d)
-                into[2].append(len(d))
-                into[3].append(m)
-                into[4].append(emit)
+            emit = NO_EMIT if decision.emit_token is None else decision.emit_token
+            base.add(req, req.base_seq, d, decision.num_accepted, emit)
+            if d:   # the nudger holds this round's tokens only if it drafted (lazy catch-up)
+                nudger.add(req, req.nudger_seq, d, decision.num_accepted, emit)
         e.stats.record_rounds(len(touched), *totals)
-        for seqs, values, counts, accepted, emit in (updates, nudger_updates):
-            if seqs:
-                # Invariant between rounds: the newest token is pending in both models.
-                for i, message in _core.settle_round(seqs, values, counts, accepted, emit):
-                    req = next(r for r in touched if seqs[i] in (r.base_seq, r.nudger_seq))
-                    e.failed[req.id] = RuntimeError(message)
-        return [r for r in touched if r.id not in e.failed] if e.failed else touched
+        self._emitted = totals[2] + totals[3]
+        base.run(failed)
+        nudger.run(failed)
+        return [r for r in touched if r.id not in failed] if failed else touched
 
     def _observe_round(self, reqs, sched, drafts_k, drafts, started, drafted, launched, verified) -> None:
         """The round's own timings feed the draft policy's cost model (no extra syncs)."""
@@ -170,9 +168,11 @@ class TokenPairing(Pairing):
         gap = started.host_s - self._round_end if self._round_end is not None else None
         busy = ended - started.host_s
         overhead = (ended - verified.host_s) + (gap if gap is not None and gap < busy * 4 else 0.0)
+        decoding = all(sched.is_final_chunk) and not self.engine.failed   # else the emitted count says little
         self.draft_policy.observe_round(RoundClock.between(started, drafted), passes, draft_tokens,
                                         RoundClock.between(drafted, launched, host_end=verified),
-                                        verify_tokens, overhead, uniform=uniform)
+                                        verify_tokens, overhead, uniform=uniform,
+                                        emitted=self._emitted if decoding else None)
         self.draft_planner.next_round()
         self._round_end = ended
 
@@ -275,22 +275,24 @@ class TokenPairing(Pairing):
         if emit is None:
             tokens, sources = drafts[:m], decision.accepted_sources[:m]
         else:
-            tokens, sources = drafts[:m] + [emit], decision.accepted_sources[:m] + [Source.BASE]
+            tokens, sources = drafts[:m] + [emit], decision.accepted_sources[:m] + [SRC_BASE]
         was_mode = req.mode
         req.mode, req.run = MODES[decision.mode], decision.run
         req.rounds += 1
         req.drafted += len(drafts)
         req.accepted += m
-        nudged = sources.count(Source.NUDGER)
+        nudged = sources.count(SRC_NUDGER)
         totals[0] += len(drafts)
         totals[1] += m
         totals[2] += nudged
         totals[3] += len(sources) - nudged
-        totals[4] += was_mode != req.mode
-        if was_mode == Mode.BASE:
-            self._observe_drafts(req, len(drafts), decision)
-        else:
-            self._observe_nudging(req, len(drafts), decision)
+        if was_mode is not req.mode:
+            totals[4] += 1
+        if req.nudger_seq is not None:
+            if was_mode is Mode.BASE:
+                self._observe_drafts(req, len(drafts), decision)
+            else:
+                self._observe_nudging(req, len(drafts), decision)
         req.add_tokens(tokens, sources, decision.logprobs)
         if req.finished:
             self.scheduler.finish(req.id)
@@ -316,6 +318,29 @@ class TokenPairing(Pairing):
         if drafted:
             req.draft_stats.observe_nudge(max(decision.num_accepted - 1, 0), int(decision.num_accepted < drafted))
 
+
+
+class SeqUpdates:
+    """One model's sequence updates of a round, gathered request by request, applied in one C++ call
+    (csrc/round_ops.cpp settle_round): drafts' values over placeholders, rejected ones cut, the
+    emitted token appended, the newest token left pending (the invariant between rounds)."""
+
+    def __init__(self):
+        self.reqs, self.seqs, self.values, self.counts, self.accepted, self.emit = [], [], [], [], [], []
+
+    def add(self, req: Request, seq, drafts: list[int], accepted: int, emit: int) -> None:
+        self.reqs.append(req)
+        self.seqs.append(seq)
+        self.values.extend(drafts)
+        self.counts.append(len(drafts))
+        self.accepted.append(accepted)
+        self.emit.append(emit)
+
+    def run(self, failed: dict) -> None:
+        """A sequence whose update raised fails its request alone."""
+        if self.seqs:
+            for i, message in _core.settle_round(self.seqs, self.values, self.counts, self.accepted, self.emit):
+                failed[self.reqs[i].id] = RuntimeError(message)
 
 
 def _walk_rows(nums: list[int], counts: list[int], final: list[bool]) -> tuple[np.ndarray, list[slice]]:
