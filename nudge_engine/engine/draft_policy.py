@@ -39,14 +39,17 @@ from .. import _core
 
 
 ACCEPT_PRIOR, REJECT_PRIOR = 1.0, 1.0   # start at a = 0.5: one cheap draft until the request shows more
-HISTORY_DECAY = 0.8                      # per round: acceptance is a property of the recent text
+HISTORY_DECAY = 0.95                     # per observation: acceptance drifts with the text, slowly; a shorter memory
+                                         # is too noisy for a plan to act on (tests/draft_sim.py)
 PRIOR_WEIGHT = ACCEPT_PRIOR + REJECT_PRIOR
 POPULATION_DECAY = 0.98                  # per observation, over all planned requests together
 UNIFORM, MIXED = True, False             # a verify pass's shape: every query as long, or not
 PROBE_EVERY = 8                          # BASE rounds without drafts before drafting once more
+PROBE_GAP_MIN, PROBE_GAP_MAX = 16, 256   # ... in a round with no nudger pass otherwise (growing while drafts fail)
 FIT_WINDOW = 48                          # observations a pass cost is fitted to: costs drift (threads, batch mix)
 TRIM_SCALE = 4.0                         # residuals beyond this many median absolute residuals are outliers
 TRIM_FLOOR = 0.02                        # ... and beyond 2% of the median time (exact data trims nothing)
+TRIM_ROUNDS = 2                          # trim, refit, trim again
 RIDGE = 1e-3                             # ties a per-token slope the data cannot tell apart to zero
 MIN_FIT_OBS = 3                          # observations before a fit replaces the static prior
 PLAN_MARGIN = 0.05                       # drafts beyond the floor must promise this much: the model errs by ~10%
@@ -55,7 +58,8 @@ NO_FIXED = -1                            # best_round_plan's "the plan decides t
 DRAFT, FLOOR = True, False               # a round whose plan drafts beyond the floor, or one that does not
 CALIBRATION_WINDOW = 24                  # rounds of each kind the measured gain is judged on
 MIN_CALIBRATION = 6                      # rounds of a kind before its factor moves from 1
-EXPLORE_MIN, EXPLORE_MAX = 16, 128       # vetoed rounds before one drafts anyway to re-measure (doubling)
+LOCAL_ROUNDS = 8                         # a round's time is judged against this many rounds before it
+EXPLORE_MIN, EXPLORE_MAX = 16, 128       # rounds before the losing kind runs once to re-measure (doubling)
 
 
 @dataclass
@@ -66,6 +70,7 @@ class DraftStats:
     accepted: float = ACCEPT_PRIOR
     rejected: float = REJECT_PRIOR
     rounds_without_draft: int = 0
+    probe_gap: int = PROBE_GAP_MIN   # BASE rounds without drafts before a probe that costs a nudger pass
     nudge_accepted: float = ACCEPT_PRIOR
     nudge_rejected: float = REJECT_PRIOR
     population: "DraftStats | None" = None   # where a planned request's observations also go
@@ -88,6 +93,7 @@ class DraftStats:
     def observe(self, accepted: int, rejected: int, decay: float = HISTORY_DECAY) -> None:
         self.accepted = self.accepted * decay + accepted
         self.rejected = self.rejected * decay + rejected
+        self.probe_gap = PROBE_GAP_MIN if accepted else min(self.probe_gap + PROBE_GAP_MIN, PROBE_GAP_MAX)
         if self.population is not None:
             self.population.observe(accepted, rejected, POPULATION_DECAY)
 
@@ -118,9 +124,9 @@ class PassCost:
     Robust to a loaded machine: a pass descheduled for tens of ms, or a burst of slow passes, is one
     observation far above the line, and least squares would let it lift the line for dozens of rounds
     (which makes a round's fixed cost look dearer, and drafts, which save rounds, look cheaper than
-    they are). So the fit is least squares twice: once on the window, then again without the
-    observations whose residual exceeds TRIM_SCALE x the median absolute residual (a slow burst
-    longer than half the window is no longer an outlier: it is the machine's new speed).
+    they are). So the fit is robust (_trimmed_fit): a first line through each pass size's median time,
+    then least squares without the observations far from it (a slow burst longer than half the window
+    is no longer an outlier: it is the machine's new speed).
     A small ridge on the per-token slope settles data that cannot separate the two (every round the
     same batch size) toward "a pass costs the same whatever it holds", the small-batch regime.
     """
@@ -154,14 +160,14 @@ class PassCost:
         return per_pass * passes + per_token * tokens
 
 
-def _least_squares(obs: list[tuple[float, float, float]]) -> tuple[float, float]:
+def _least_squares(obs: list[tuple[float, float, float]], weights: list[float] | None = None) -> tuple[float, float]:
     spp = spt = stt = sy_p = sy_t = 0.0
-    for y, p, t in obs:
-        spp += p * p
-        spt += p * t
-        stt += t * t
-        sy_p += y * p
-        sy_t += y * t
+    for (y, p, t), w in zip(obs, weights or [1.0] * len(obs)):
+        spp += w * p * p
+        spt += w * p * t
+        stt += w * t * t
+        sy_p += w * y * p
+        sy_t += w * y * t
     stt = stt * (1 + RIDGE) + 1e-12
     det = spp * stt - spt * spt
     if det <= 1e-12 * spp * stt:   # collinear: all on the per-pass cost
@@ -176,13 +182,29 @@ def _least_squares(obs: list[tuple[float, float, float]]) -> tuple[float, float]
 
 
 def _trimmed_fit(obs: list[tuple[float, float, float]]) -> tuple[float, float]:
-    """Least squares, then again without the observations far from the first line (see PassCost)."""
-    per_pass, per_token = _least_squares(obs)
-    residuals = [y - per_pass * p - per_token * t for y, p, t in obs]
-    spread = statistics.median(abs(r) for r in residuals)
+    """A robust line through the observations (see PassCost). The first line goes through the median
+    time of each pass size (passes, tokens), weighted by how often it occurs, and never above a larger
+    size's: a slow pass among several of its size moves it not at all (a line through all of them would
+    be lifted by it, and with it the spread that is to tell it apart). Then least squares on the
+    observations within TRIM_SCALE median absolute residuals of that line, and once more from the new line."""
+    groups: dict[tuple[float, float], list[float]] = {}
+    for y, p, t in obs:
+        groups.setdefault((p, t), []).append(y)
+    medians = {size: statistics.median(ys) for size, ys in groups.items()}
+    # A pass is never dearer than a larger one: a size all of whose passes were slow (a burst that hit
+    # only it, a shape the plan then stopped choosing) takes the cost of the cheapest larger size.
+    envelope = {(p, t): min(m for (p2, t2), m in medians.items() if p2 >= p and t2 >= t) for p, t in medians}
+    line = _least_squares([(envelope[size], *size) for size in groups],
+                          [float(len(ys)) for ys in groups.values()])
     floor = TRIM_FLOOR * statistics.median(y for y, _, _ in obs)   # exact data: trim nothing
-    kept = [o for o, r in zip(obs, residuals) if abs(r) <= TRIM_SCALE * max(spread, floor)]
-    return _least_squares(kept) if MIN_FIT_OBS <= len(kept) < len(obs) else (per_pass, per_token)
+    for _ in range(TRIM_ROUNDS):
+        residuals = [abs(y - line[0] * p - line[1] * t) for y, p, t in obs]
+        bound = TRIM_SCALE * max(statistics.median(residuals), floor)
+        kept = [o for o, r in zip(obs, residuals) if r <= bound]
+        if len(kept) < MIN_FIT_OBS:
+            break
+        line = _least_squares(kept)
+    return line
 
 
 class RobustMean:
@@ -203,30 +225,37 @@ class RobustMean:
         return self._value
 
 
-class Calibration:
-    """How the plan's predictions held up, for rounds that drafted beyond the floor (DRAFT) and rounds
-    that did not (FLOOR): the factor by which realized tokens per second differ from predicted ones.
+class MeasuredGain:
+    """How the plan's predicted seconds held up on rounds that drafted beyond the floor (DRAFT) and on
+    rounds that did not (FLOOR): the guard against a cost model that is wrong in a way no fit shows
+    (threads contending for cores, drafts timed short). Drafting must pay as measured.
 
-    Tokens: the ratio of sums over the window (a round's tokens are a random count, so a median of
-    per-round ratios would be biased). Seconds: the median of per-round ratios (a descheduled round is
-    one value among CALIBRATION_WINDOW). The plan's drafts must beat the floor by PLAN_MARGIN after
-    both factors; this is the guard against a cost model that is wrong in a way no fit shows (threads
-    contending, a machine whose speed drifts): the measured gain of drafting, not its modelled one."""
+    Each round's ratio of realized to predicted seconds is taken relative to the median ratio of the
+    LOCAL_ROUNDS rounds just before it (of either kind): a machine that slows down for a while slows
+    both kinds alike, so a round is judged against its neighbours. Per kind, the median over its last
+    CALIBRATION_WINDOW rounds (a descheduled round is one value among them). Tokens are left to the
+    acceptance histories: the plan drafts where they look best, so realized over predicted tokens of
+    its drafting rounds is biased low (the winner's curse) and would hold drafts back where they pay."""
 
     def __init__(self):
+        self.recent: deque[float] = deque(maxlen=LOCAL_ROUNDS)   # time ratios of the last rounds, any kind
         self.rounds = {DRAFT: deque(maxlen=CALIBRATION_WINDOW), FLOOR: deque(maxlen=CALIBRATION_WINDOW)}
 
-    def observe(self, kind: bool, predicted_tokens: float, tokens: int, predicted_s: float, seconds: float) -> None:
-        if predicted_tokens > 0 and predicted_s > 0 and seconds > 0:
-            self.rounds[kind].append((predicted_tokens, tokens, seconds / predicted_s))
+    def observe(self, kind: bool, predicted_s: float, seconds: float) -> None:
+        if predicted_s <= 0 or seconds <= 0:
+            return
+        ratio = seconds / predicted_s
+        local = statistics.median(self.recent) if self.recent else ratio
+        self.recent.append(ratio)
+        self.rounds[kind].append(ratio / local)
+
+    def ready(self, kind: bool) -> bool:
+        return len(self.rounds[kind]) >= MIN_CALIBRATION
 
     def factor(self, kind: bool) -> float:
-        """Realized over predicted tokens per second (1 until MIN_CALIBRATION rounds were seen)."""
+        """Predicted over realized seconds (1 until MIN_CALIBRATION rounds of the kind were seen)."""
         rounds = self.rounds[kind]
-        if len(rounds) < MIN_CALIBRATION:
-            return 1.0
-        tokens = sum(r[1] for r in rounds) / sum(r[0] for r in rounds)
-        return tokens / statistics.median(r[2] for r in rounds)
+        return 1.0 / statistics.median(rounds) if len(rounds) >= MIN_CALIBRATION else 1.0
 
 
 @dataclass
@@ -251,10 +280,11 @@ class DraftPolicy:
         self.verify_cost = {UNIFORM: PassCost(), MIXED: PassCost()}
         self.overhead = RobustMean()         # per round, outside the passes (bookkeeping, scheduling)
         self.rounds_since_pass = 0
-        self.calibration = Calibration()
-        self.explore_every = EXPLORE_MIN     # vetoed rounds between two rounds that draft anyway (backs off)
-        self.vetoed = 0                      # vetoed rounds since the last exploring one
-        self._prediction: tuple[bool, float, float] | None = None   # this round's plan: (kind, tokens, seconds)
+        self.gain = MeasuredGain()
+        self.verdict = True                  # whether drafting beyond the floor pays, as last measured
+        self.explore_every = EXPLORE_MIN     # rounds between two that run the other kind (backs off)
+        self.since_explore = 0
+        self._prediction: tuple[bool, float] | None = None   # this round's plan: (kind, predicted seconds)
         self.recorder = recorder             # gets every observation and plan (engine/draft_record.py)
 
     @property
@@ -304,8 +334,8 @@ class DraftPolicy:
             self.overhead.observe(overhead_s)
         prediction, self._prediction = self._prediction, None
         if prediction is not None and emitted is not None:
-            kind, tokens, seconds = prediction
-            self.calibration.observe(kind, tokens, emitted, seconds, draft_s + verify_s + (overhead_s or 0.0))
+            kind, seconds = prediction
+            self.gain.observe(kind, seconds, draft_s + verify_s + (overhead_s or 0.0))
 
     def verify_size(self, queries: list[int]) -> tuple[int, bool]:
         """A verify pass's tokens as its cost counts them (padded where the backend pads), and whether
@@ -350,53 +380,64 @@ class DraftPolicy:
         expected tokens best pay for the tokens it adds at the floor's rate (its j-th draft adds a^j),
         or every planned request drafts min(K, cap) (a uniform verify pass, which graphs replay and the
         torch backend does not pad). The model keeps the candidate whose round rate is best; then the
-        measured gain decides (`Calibration`): drafts beyond the floor stay only if the rounds that
+        measured gain decides (`MeasuredGain`): drafts beyond the floor stay only if the rounds that
         drafted so far realized their predicted advantage, with an exploring round now and then.
         The search runs in the C++ core (csrc/round_plan.cpp, number for number the Python it replaced,
         tests/test_draft_policy.py's slow reference): it runs every round, on the host, while the device waits."""
         if not entries:
             return []
-        best_ks, best_tokens, best_rate, floor, floor_tokens, floor_rate = _core.best_round_plan(
+        best_ks, _, best_rate, floor, _, floor_rate = _core.best_round_plan(
             [e.stats.nudge_rate if e.nudging else e.stats.accept_rate for e in entries],
             [e.nudging for e in entries], [e.cap for e in entries],
             [NO_FIXED if e.fixed is None else e.fixed for e in entries], [e.pending for e in entries],
             self.overhead_s, self._costs(UNIFORM), self._costs(MIXED), self.padded_queries, PLAN_MARGIN)
-        kind = DRAFT if best_ks != floor else FLOOR
-        if kind == DRAFT and not self._measured_gain(best_rate, floor_rate):
-            best_ks, best_tokens, kind = floor, floor_tokens, FLOOR
+        if best_ks != floor and not self._measured_gain(best_rate, floor_rate):
+            best_ks = floor
         if max(best_ks) == 0 and self.rounds_since_pass >= FORCED_PROBE_ROUNDS:
             best_ks = [min(1, e.cap) if e.fixed is None else k for e, k in zip(entries, best_ks)]
-        # Passes that happen anyway: a request whose history is stale drafts in them (nearly free).
-        passes = max(best_ks)
-        ks = [k if e.fixed is not None or k > 0 or e.stats.rounds_without_draft < PROBE_EVERY
-              else min(passes, e.cap, 1) for e, k in zip(entries, best_ks)]
-        if ks != best_ks:
-            best_tokens = sum(_tokens(e, k) for e, k in zip(entries, ks))
+        ks = _probes(entries, best_ks)
         drafted = sum(e.pending + k - 1 for e, k in zip(entries, ks) if k > 0)
-        self._prediction = (kind, best_tokens, self._seconds(ks, drafted))
+        self._prediction = (DRAFT if ks != floor else FLOOR, self._seconds(ks, drafted))
         if self.recorder is not None:
             self.recorder({"plan": [_entry_record(e) for e in entries], "ks": ks})
         return ks
 
     def _measured_gain(self, rate: float, floor_rate: float) -> bool:
-        """Whether the model's drafts may run: their predicted gain holds after the calibration factors
-        of both kinds of round; else an exploring round every `explore_every` vetoed ones (backing off
-        while drafting keeps losing), so the factors follow a machine whose speed changes."""
-        if rate * self.calibration.factor(DRAFT) > floor_rate * self.calibration.factor(FLOOR) * (1 + PLAN_MARGIN):
-            self.explore_every, self.vetoed = EXPLORE_MIN, 0
-            return True
-        self.vetoed += 1
-        if self.vetoed < self.explore_every:
-            return False
-        self.vetoed = 0
+        """Whether the model's drafts run this round. With both kinds of round measured, drafting must
+        beat the floor by PLAN_MARGIN after their factors (MeasuredGain); without, the model is trusted.
+        The kind that loses still runs now and then, so its measure follows a machine whose speed
+        changes: every `explore_every` rounds, a gap that doubles (up to EXPLORE_MAX) while the verdict
+        stays the same, which bounds what exploring costs, and restarts when the verdict turns."""
+        g = self.gain
+        pays = (not (g.ready(DRAFT) and g.ready(FLOOR))
+                or rate * g.factor(DRAFT) > floor_rate * g.factor(FLOOR) * (1 + PLAN_MARGIN))
+        if pays != self.verdict:
+            self.verdict, self.explore_every, self.since_explore = pays, EXPLORE_MIN, 0
+        self.since_explore += 1
+        if self.since_explore < self.explore_every:
+            return pays
+        self.since_explore = 0
         self.explore_every = min(2 * self.explore_every, EXPLORE_MAX)
-        return True
+        return not pays
+
+
+def _probes(entries: list[PlanEntry], ks: list[int]) -> list[int]:
+    """ks with the probes of requests whose BASE-mode history is stale: one draft each. A request
+    that has not drafted for its probe gap (PROBE_GAP_MIN, growing by as much while its drafts are rejected)
+    probes even if that costs a nudger pass; then, in a round with passes, every request that has not
+    drafted for PROBE_EVERY rounds drafts one in them (nearly free). Without probes a request whose
+    first drafts were unlucky would never draft again, whatever its drafts would earn."""
+    ks = [min(e.cap, 1) if k == 0 and e.fixed is None and not e.nudging
+          and e.stats.rounds_without_draft >= e.stats.probe_gap else k for e, k in zip(entries, ks)]
+    passes = max(ks)
+    return [k if e.fixed is not None or k > 0 or e.stats.rounds_without_draft < PROBE_EVERY
+            else min(passes, e.cap, 1) for e, k in zip(entries, ks)]
 
 
 def _entry_record(e: PlanEntry) -> list:
     s = e.stats
-    return [s.accepted, s.rejected, s.nudge_accepted, s.nudge_rejected, s.rounds_without_draft, e.cap, e.nudging,
-            e.fixed, e.pending]
+    return [s.accepted, s.rejected, s.nudge_accepted, s.nudge_rejected, s.rounds_without_draft, s.probe_gap, e.cap,
+            e.nudging, e.fixed, e.pending]
 
 
 def _tokens(e: PlanEntry, k: int) -> float:

@@ -50,9 +50,10 @@ def attach_from_env(policy: DraftPolicy) -> DraftPolicy:
 
 
 def entry_from_record(values: list) -> PlanEntry:
-    accepted, rejected, nudge_accepted, nudge_rejected, rounds_without_draft, cap, nudging, fixed, pending = values
+    accepted, rejected, nudge_accepted, nudge_rejected, rounds_without_draft, probe_gap, cap, nudging, fixed, pending \
+        = values
     stats = DraftStats(accepted=accepted, rejected=rejected, rounds_without_draft=rounds_without_draft,
-                       nudge_accepted=nudge_accepted, nudge_rejected=nudge_rejected)
+                       probe_gap=probe_gap, nudge_accepted=nudge_accepted, nudge_rejected=nudge_rejected)
     return PlanEntry(stats=stats, cap=cap, nudging=nudging, fixed=fixed, pending=pending)
 
 
