@@ -14,6 +14,7 @@
 #include "block_pool.h"
 #include "handoff_walk.h"
 #include "round_ops.h"
+#include "pass_fit.h"
 #include "round_plan.h"
 #include "scheduler.h"
 #include "sequence.h"
@@ -278,6 +279,18 @@ PYBIND11_MODULE(_core, m) {
         "The draft plan's best candidate (engine/draft_policy.py) -> (ks, tokens, rate, floor, floor tokens, "
         "floor rate). fixed: -1 where the plan decides; costs: (verify s/pass, verify s/token, draft s/pass, "
         "draft s/token) of a uniform and of a mixed verify pass.");
+  m.def("robust_pass_fit",
+        [](const std::vector<std::array<double, 3>>& obs, double ridge, double trim_scale, double trim_floor,
+           int trim_rounds, size_t min_obs) {
+          std::vector<Observation> o;
+          o.reserve(obs.size());
+          for (const auto& x : obs) o.push_back({x[0], x[1], x[2]});
+          return robust_pass_fit(o, FitSettings{ridge, trim_scale, trim_floor, trim_rounds, min_obs});
+        },
+        py::arg("obs"), py::arg("ridge"), py::arg("trim_scale"), py::arg("trim_floor"), py::arg("trim_rounds"),
+        py::arg("min_obs"),
+        "obs: [(seconds, passes, tokens)] -> (seconds per pass, per token) of the draft plan's robust cost fit "
+        "(engine/draft_policy.py PassCost).");
   m.def("expected_tokens", &expected_tokens, py::arg("k"), py::arg("accept_rate"));
   m.def("build_batch", &build_batch, py::arg("seqs"), py::arg("num_new"), py::arg("block_size"),
         "Flat batch of seqs[i].tokens[num_computed : num_computed + num_new[i]].");

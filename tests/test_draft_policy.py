@@ -282,7 +282,8 @@ def _reference_plan(policy: DraftPolicy, entries: list[PlanEntry]) -> list[int]:
     if max(best_ks) == 0 and policy.rounds_since_pass >= FORCED_PROBE_ROUNDS:
         best_ks = [min(1, e.cap) if e.fixed is None else k for e, k in zip(entries, best_ks)]
     for i, e in enumerate(entries):   # a stale BASE-mode history probes once, even at the cost of a pass
-        if best_ks[i] == 0 and e.fixed is None and not e.nudging and e.stats.rounds_without_draft >= e.stats.probe_gap:
+        if best_ks[i] == 0 and e.fixed is None and not e.nudging and e.stats.rounds_without_draft >= e.stats.probe_gap \
+                and e.stats.accept_rate >= 0.15:
             best_ks[i] = min(e.cap, 1)
     passes = max(best_ks)
     return [k if e.fixed is not None or k > 0 or e.stats.rounds_without_draft < PROBE_EVERY
@@ -449,7 +450,6 @@ def test_a_request_whose_first_drafts_were_unlucky_drafts_again():
 def test_a_stalled_pass_moves_the_cost_fit_by_little():
     """One observation in 8 waits 50 ms for a core (passes of 10-14 ms): the robust fit keeps both
     coefficients within 5% (least squares would lift the per-pass cost by about half)."""
-    from nudge_engine.engine.draft_policy import _least_squares
     fit = PassCost()
     obs = []
     for i in range(48):
@@ -459,7 +459,7 @@ def test_a_stalled_pass_moves_the_cost_fit_by_little():
         obs.append((seconds, 1, tokens))
     per_pass, per_token = fit.coefficients()
     assert per_pass == pytest.approx(0.010, rel=0.05) and per_token == pytest.approx(0.0002, rel=0.05)
-    assert _least_squares(obs)[0] > 0.013   # what the outliers do to a plain fit
+    assert _reference_least_squares(obs)[0] > 0.013   # what the outliers do to a plain fit
 
 
 def test_the_measured_gain_turns_drafting_off_when_drafting_rounds_run_slower_than_predicted():
@@ -510,3 +510,79 @@ def test_the_engine_records_its_plan_for_replay(tiny_pair, check_pools, tmp_path
     assert "policy" in records[0] and any("observe" in r for r in records)
     plans = replay(records)
     assert plans and all(recorded == replayed for recorded, replayed in plans)
+
+
+# --------------------------------------------------------------------------- the cost fit's slow reference
+import statistics  # noqa: E402
+
+import nudge_engine.engine.draft_policy as dp  # noqa: E402
+
+
+def _reference_least_squares(obs: list[tuple[float, float, float]], weights: list[float] | None = None) -> tuple[float, float]:
+    spp = spt = stt = sy_p = sy_t = 0.0
+    for (y, p, t), w in zip(obs, weights or [1.0] * len(obs)):
+        spp += w * p * p
+        spt += w * p * t
+        stt += w * t * t
+        sy_p += w * y * p
+        sy_t += w * y * t
+    stt = stt * (1 + dp.RIDGE) + 1e-12
+    det = spp * stt - spt * spt
+    if det <= 1e-12 * spp * stt:   # collinear: all on the per-pass cost
+        return sy_p / max(spp, 1e-12), 0.0
+    per_pass = (stt * sy_p - spt * sy_t) / det
+    per_token = (spp * sy_t - spt * sy_p) / det
+    if per_token < 0:
+        return sy_p / spp, 0.0
+    if per_pass < 0:
+        return 0.0, sy_t / stt
+    return per_pass, per_token
+
+
+def _reference_fit(obs: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """The robust cost fit (csrc/pass_fit.cpp) written in Python: see PassCost. The first line goes through the median
+    time of each pass size (passes, tokens), weighted by how often it occurs, and never above a larger
+    size's: a slow pass among several of its size moves it not at all (a line through all of them would
+    be lifted by it, and with it the spread that is to tell it apart). Then least squares on the
+    observations within dp.TRIM_SCALE median absolute residuals of that line, and once more from the new line."""
+    groups: dict[tuple[float, float], list[float]] = {}
+    for y, p, t in obs:
+        groups.setdefault((p, t), []).append(y)
+    medians = {size: statistics.median(ys) for size, ys in groups.items()}
+    # A pass is never dearer than a larger one: a size all of whose passes were slow (a burst that hit
+    # only it, a shape the plan then stopped choosing) takes the cost of the cheapest larger size.
+    envelope = {(p, t): min(m for (p2, t2), m in medians.items() if p2 >= p and t2 >= t) for p, t in medians}
+    line = _reference_least_squares([(envelope[size], *size) for size in groups],
+                          [float(len(ys)) for ys in groups.values()])
+    floor = dp.TRIM_FLOOR * statistics.median(y for y, _, _ in obs)   # exact data: trim nothing
+    for _ in range(dp.TRIM_ROUNDS):
+        residuals = [abs(y - line[0] * p - line[1] * t) for y, p, t in obs]
+        bound = dp.TRIM_SCALE * max(statistics.median(residuals), floor)
+        kept = [o for o, r in zip(obs, residuals) if r <= bound]
+        if len(kept) < dp.MIN_FIT_OBS:
+            break
+        line = _reference_least_squares(kept)
+    return line
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_robust_cost_fit_equals_its_python_reference(seed):
+    """The C++ fit against the Python it replaced, on windows with repeated and fresh pass sizes, stalls,
+    bursts, collinear data and data whose slope comes out negative."""
+    import random
+    from nudge_engine import _core
+    rng = random.Random(seed)
+    for trial in range(60):
+        n = rng.randrange(1, 49)
+        sizes = [(rng.randrange(1, 5), rng.randrange(1, 40)) for _ in range(rng.randrange(1, 6))]
+        per_pass, per_token = rng.uniform(1e-4, 2e-2), rng.choice([0.0, rng.uniform(0, 5e-4)])
+        obs = []
+        for _ in range(n):
+            p, t = rng.choice(sizes)
+            y = per_pass * p + per_token * t
+            if rng.random() < 0.15:
+                y += rng.choice([0.05, 0.1, y * 3])   # a stall, or a slow burst
+            obs.append((y * rng.uniform(0.97, 1.03), float(p), float(t)))
+        got = _core.robust_pass_fit(obs, dp.RIDGE, dp.TRIM_SCALE, dp.TRIM_FLOOR, dp.TRIM_ROUNDS, dp.MIN_FIT_OBS)
+        want = _reference_fit(obs)
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-15), (seed, trial)

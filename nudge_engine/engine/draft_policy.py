@@ -46,6 +46,7 @@ POPULATION_DECAY = 0.98                  # per observation, over all planned req
 UNIFORM, MIXED = True, False             # a verify pass's shape: every query as long, or not
 PROBE_EVERY = 8                          # BASE rounds without drafts before drafting once more
 PROBE_GAP_MIN, PROBE_GAP_MAX = 16, 256   # ... in a round with no nudger pass otherwise (growing while drafts fail)
+PROBE_MIN_RATE = 0.15                    # ... if its drafts were accepted at least this often (else not worth a pass)
 FIT_WINDOW = 48                          # observations a pass cost is fitted to: costs drift (threads, batch mix)
 TRIM_SCALE = 4.0                         # residuals beyond this many median absolute residuals are outliers
 TRIM_FLOOR = 0.02                        # ... and beyond 2% of the median time (exact data trims nothing)
@@ -124,9 +125,11 @@ class PassCost:
     Robust to a loaded machine: a pass descheduled for tens of ms, or a burst of slow passes, is one
     observation far above the line, and least squares would let it lift the line for dozens of rounds
     (which makes a round's fixed cost look dearer, and drafts, which save rounds, look cheaper than
-    they are). So the fit is robust (_trimmed_fit): a first line through each pass size's median time,
-    then least squares without the observations far from it (a slow burst longer than half the window
-    is no longer an outlier: it is the machine's new speed).
+    they are). So the fit is robust (csrc/pass_fit.cpp, run every round): a first line through each pass
+    size's median time, weighted by its count and never above a larger size's (a size all of whose passes
+    were slow, say the shape the plan then stopped choosing, takes the cost of the cheapest larger one),
+    then least squares without the observations far from it (TRIM_SCALE median absolute residuals),
+    twice. A slow burst longer than half the window is no longer an outlier: it is the machine's new speed.
     A small ridge on the per-token slope settles data that cannot separate the two (every round the
     same batch size) toward "a pass costs the same whatever it holds", the small-batch regime.
     """
@@ -152,59 +155,12 @@ class PassCost:
     def coefficients(self) -> tuple[float, float]:
         """(seconds per pass, seconds per token), both >= 0."""
         if self._coef is None:
-            self._coef = _trimmed_fit(list(self.obs))
+            self._coef = _core.robust_pass_fit(list(self.obs), RIDGE, TRIM_SCALE, TRIM_FLOOR, TRIM_ROUNDS, MIN_FIT_OBS)
         return self._coef
 
     def predict(self, passes: float, tokens: float) -> float:
         per_pass, per_token = self.coefficients()
         return per_pass * passes + per_token * tokens
-
-
-def _least_squares(obs: list[tuple[float, float, float]], weights: list[float] | None = None) -> tuple[float, float]:
-    spp = spt = stt = sy_p = sy_t = 0.0
-    for (y, p, t), w in zip(obs, weights or [1.0] * len(obs)):
-        spp += w * p * p
-        spt += w * p * t
-        stt += w * t * t
-        sy_p += w * y * p
-        sy_t += w * y * t
-    stt = stt * (1 + RIDGE) + 1e-12
-    det = spp * stt - spt * spt
-    if det <= 1e-12 * spp * stt:   # collinear: all on the per-pass cost
-        return sy_p / max(spp, 1e-12), 0.0
-    per_pass = (stt * sy_p - spt * sy_t) / det
-    per_token = (spp * sy_t - spt * sy_p) / det
-    if per_token < 0:
-        return sy_p / spp, 0.0
-    if per_pass < 0:
-        return 0.0, sy_t / stt
-    return per_pass, per_token
-
-
-def _trimmed_fit(obs: list[tuple[float, float, float]]) -> tuple[float, float]:
-    """A robust line through the observations (see PassCost). The first line goes through the median
-    time of each pass size (passes, tokens), weighted by how often it occurs, and never above a larger
-    size's: a slow pass among several of its size moves it not at all (a line through all of them would
-    be lifted by it, and with it the spread that is to tell it apart). Then least squares on the
-    observations within TRIM_SCALE median absolute residuals of that line, and once more from the new line."""
-    groups: dict[tuple[float, float], list[float]] = {}
-    for y, p, t in obs:
-        groups.setdefault((p, t), []).append(y)
-    medians = {size: statistics.median(ys) for size, ys in groups.items()}
-    # A pass is never dearer than a larger one: a size all of whose passes were slow (a burst that hit
-    # only it, a shape the plan then stopped choosing) takes the cost of the cheapest larger size.
-    envelope = {(p, t): min(m for (p2, t2), m in medians.items() if p2 >= p and t2 >= t) for p, t in medians}
-    line = _least_squares([(envelope[size], *size) for size in groups],
-                          [float(len(ys)) for ys in groups.values()])
-    floor = TRIM_FLOOR * statistics.median(y for y, _, _ in obs)   # exact data: trim nothing
-    for _ in range(TRIM_ROUNDS):
-        residuals = [abs(y - line[0] * p - line[1] * t) for y, p, t in obs]
-        bound = TRIM_SCALE * max(statistics.median(residuals), floor)
-        kept = [o for o, r in zip(obs, residuals) if r <= bound]
-        if len(kept) < MIN_FIT_OBS:
-            break
-        line = _least_squares(kept)
-    return line
 
 
 class RobustMean:
@@ -424,11 +380,12 @@ class DraftPolicy:
 def _probes(entries: list[PlanEntry], ks: list[int]) -> list[int]:
     """ks with the probes of requests whose BASE-mode history is stale: one draft each. A request
     that has not drafted for its probe gap (PROBE_GAP_MIN, growing by as much while its drafts are rejected)
-    probes even if that costs a nudger pass; then, in a round with passes, every request that has not
+    probes even if that costs a nudger pass (and the nudger's catch-up), unless its drafts were hardly
+    ever accepted (PROBE_MIN_RATE: an unrelated nudger); then, in a round with passes, every request that has not
     drafted for PROBE_EVERY rounds drafts one in them (nearly free). Without probes a request whose
     first drafts were unlucky would never draft again, whatever its drafts would earn."""
-    ks = [min(e.cap, 1) if k == 0 and e.fixed is None and not e.nudging
-          and e.stats.rounds_without_draft >= e.stats.probe_gap else k for e, k in zip(entries, ks)]
+    ks = [min(e.cap, 1) if k == 0 and e.fixed is None and not e.nudging and e.stats.rounds_without_draft >= e.stats.probe_gap
+          and e.stats.accept_rate >= PROBE_MIN_RATE else k for e, k in zip(entries, ks)]
     passes = max(ks)
     return [k if e.fixed is not None or k > 0 or e.stats.rounds_without_draft < PROBE_EVERY
             else min(passes, e.cap, 1) for e, k in zip(entries, ks)]
