@@ -32,9 +32,10 @@ from benchmarks import hardware, report, timing, workload  # noqa: E402
 from benchmarks.draft_sweep import configs, paired_ratio, sweep_batch  # noqa: E402
 
 BUSY_LOOP = """
-import random, time
+import os, random, time
 rng = random.Random({seed})
-while True:
+parent = os.getppid()
+while os.getppid() == parent:   # ends with the benchmark, however that ends
     end = time.perf_counter() + rng.uniform(0.02, 0.08)
     while time.perf_counter() < end:
         pass
@@ -51,18 +52,18 @@ class PairSpec:
     extra: dict = field(default_factory=dict)
 
 
+W = dict(hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=512)   # runs long enough to time
 PAIRS = {
-    "unrelated": PairSpec("olmo2 4x256 + llama3 2x128, unrelated", dict(family="olmo2", hidden_size=256, num_layers=4,
-                          num_heads=4, num_kv_heads=2, intermediate_size=512),
+    "unrelated": PairSpec("olmo2 4x256 + llama3 2x128, unrelated", dict(family="olmo2", num_layers=4, **W),
                           dict(family="llama3", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                                intermediate_size=256)),
-    "agree-0.9": PairSpec("llama 2x64 + 1x64, agreement 0.9", dict(family="llama", num_layers=2),
-                          dict(family="llama", num_layers=1), agreement=0.9),
-    "agree-0.6": PairSpec("llama 4x64 + 1x64, agreement 0.6", dict(family="llama", num_layers=4),
+    "agree-0.9": PairSpec("llama 4x256 + 2x256, agreement 0.9", dict(family="llama", num_layers=4, **W),
+                          dict(family="llama", num_layers=2), agreement=0.9),
+    "agree-0.6": PairSpec("llama 4x256 + 1x256, agreement 0.6", dict(family="llama", num_layers=4, **W),
                           dict(family="llama", num_layers=1), agreement=0.6),
-    "cheap-nudger": PairSpec("llama 8x128 + 1x128, agreement 0.8", dict(family="llama", num_layers=8, hidden_size=128,
-                             intermediate_size=256), dict(family="llama", num_layers=1), agreement=0.8),
-    "dear-nudger": PairSpec("qwen2 3x64 + llama 2x64, agreement 0.7", dict(family="qwen2", num_layers=3),
+    "cheap-nudger": PairSpec("llama 8x256 + 1x256, agreement 0.8", dict(family="llama", num_layers=8, **W),
+                             dict(family="llama", num_layers=1), agreement=0.8),
+    "dear-nudger": PairSpec("qwen2 3x256 + llama 2x256, agreement 0.7", dict(family="qwen2", num_layers=3, **W),
                             dict(family="llama", num_layers=2), agreement=0.7),
 }
 # (pair, target nudged fraction, batches)
@@ -166,8 +167,8 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--conditions", default="idle,loaded")
     ap.add_argument("--load", type=int, default=3, help="busy processes in the loaded condition")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=24)
     ap.add_argument("--ks", default="0,1,2,4")
     ap.add_argument("--cases", default=None, help="comma-separated indices into CASES (default: all)")

@@ -55,6 +55,7 @@ RIDGE = 1e-3                             # ties a per-token slope the data canno
 MIN_FIT_OBS = 3                          # observations before a fit replaces the static prior
 PLAN_MARGIN = 0.05                       # drafts beyond the floor must promise this much: the model errs by ~10%
 FORCED_PROBE_ROUNDS = 64                 # rounds without any nudger pass before the plan drafts once to re-measure
+LAST_PLAN = object()                     # observe_round's default prediction: the last plan's
 NO_FIXED = -1                            # best_round_plan's "the plan decides this request's count"
 DRAFT, FLOOR = True, False               # a round whose plan drafts beyond the floor, or one that does not
 CALIBRATION_WINDOW = 24                  # rounds of each kind the measured gain is judged on
@@ -271,13 +272,17 @@ class DraftPolicy:
     # ------------------------------------------------------------------ the whole round
     def observe_round(self, draft_s: float, draft_passes: int, draft_tokens: int,
                       verify_s: float, verify_tokens: int, overhead_s: float | None = None,
-                      uniform: bool = UNIFORM, emitted: int | None = None) -> None:
+                      uniform: bool = UNIFORM, emitted: int | None = None, prediction=LAST_PLAN) -> None:
         """The round's own timings: its nudger passes together, its base pass (its size and shape as
         `verify_size` gives them), and what else it spent; emitted: the tokens the round wrote, when
-        every request in it was decoding (then the round checks the plan's prediction)."""
+        every request in it was decoding (then the round checks the plan's prediction). prediction: the
+        round's plan as take_prediction() gave it (default: the last plan's, for a caller that observes
+        each round before it plans the next)."""
+        if prediction is LAST_PLAN:
+            prediction = self.take_prediction()
         if self.recorder is not None:
             self.recorder({"observe": [draft_s, draft_passes, draft_tokens, verify_s, verify_tokens, overhead_s,
-                                       uniform, emitted]})
+                                       uniform, emitted, prediction]})
         if verify_s > 0:
             self.verify_cost[uniform].observe(verify_s, 1, verify_tokens)
         if draft_passes > 0:
@@ -288,10 +293,22 @@ class DraftPolicy:
             self.rounds_since_pass += 1
         if overhead_s is not None and overhead_s >= 0:
             self.overhead.observe(overhead_s)
-        prediction, self._prediction = self._prediction, None
         if prediction is not None and emitted is not None:
             kind, seconds = prediction
             self.gain.observe(kind, seconds, draft_s + verify_s + (overhead_s or 0.0))
+
+    def take_prediction(self) -> tuple[bool, float] | None:
+        """The last plan's (kind, predicted seconds), once: the round it planned observes against it."""
+        prediction, self._prediction = self._prediction, None
+        return prediction
+
+    def refresh(self) -> None:
+        """Refits what the next plan reads (run off the round's critical path: pairing/token.py)."""
+        for fit in (self.draft_cost, *self.verify_cost.values()):
+            if fit.ready:
+                fit.coefficients()
+        if self.overhead.values:
+            self.overhead.value  # noqa: B018 - computes and caches the median
 
     def verify_size(self, queries: list[int]) -> tuple[int, bool]:
         """A verify pass's tokens as its cost counts them (padded where the backend pads), and whether

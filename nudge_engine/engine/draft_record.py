@@ -69,8 +69,10 @@ def replay(records: Iterable[dict], policy: DraftPolicy | None = None) -> list[t
         if "policy" in item:
             policy = policy or DraftPolicy(**item["policy"])
         elif "observe" in item:
-            draft_s, passes, draft_tokens, verify_s, verify_tokens, overhead_s, uniform, emitted = item["observe"]
-            policy.observe_round(draft_s, passes, draft_tokens, verify_s, verify_tokens, overhead_s, uniform, emitted)
+            draft_s, passes, draft_tokens, verify_s, verify_tokens, overhead_s, uniform, emitted, prediction = \
+                item["observe"]
+            policy.observe_round(draft_s, passes, draft_tokens, verify_s, verify_tokens, overhead_s, uniform, emitted,
+                                 tuple(prediction) if prediction is not None else None)
         elif "plan" in item:
             plans.append((item["ks"], policy.plan_round([entry_from_record(v) for v in item["plan"]])))
     return plans

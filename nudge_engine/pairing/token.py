@@ -57,6 +57,7 @@ class TokenPairing(Pairing):
         self.draft_policy = attach_from_env(DraftPolicy(cost_ratio=max(ratio, MIN_COST_RATIO),
                                                         padded_queries=e.base.runner.backend.name == "torch"))
         self._emitted = 0       # tokens the last round wrote (the plan checks its prediction against it)
+        self._observation = None   # the last round's timings, observed during the next (_observe_previous)
         self.draft_planner = DraftPlanner(self.draft_policy, e)
         self._round_end = None  # perf_counter at the end of the previous round (the gap is overhead)
         self.clock = RoundClock(e.device)
@@ -106,6 +107,7 @@ class TokenPairing(Pairing):
         e = self.engine
         final = sched.is_final_chunk
         drafts_k = [r.planned_drafts if f else 0 for r, f in zip(reqs, final)]
+        prediction = self.draft_policy.take_prediction()   # what the plan expected of this round
         started = self.clock.mark()
         drafts, draft_logits, values = draft_on_device(
             self, reqs, sched.num_new_tokens[NUDGER_MODEL] if self.nudger else None, drafts_k, final)
@@ -113,6 +115,7 @@ class TokenPairing(Pairing):
         base_logits, walk_rows, prompt_rows = self._verify(reqs, sched.num_new_tokens[BASE_MODEL], drafts, final,
                                                            values)
         launched = self.clock.mark()    # on CUDA: the verify pass is queued, not yet run
+        self._observe_previous()        # ... so the previous round's bookkeeping overlaps it (README: host time)
         if prompt_rows is not None:
             for entry in prompt_rows:
                 if entry is not None:
@@ -124,7 +127,9 @@ class TokenPairing(Pairing):
                                         [draft_logits[i] for i in finals], values, finals)
         verified = self.clock.mark()  # the walk's copy back has waited for the base pass
         touched = self._apply_all([reqs[i] for i in finals], [drafts[i] for i in finals], decisions)
-        self._observe_round(reqs, sched, drafts_k, drafts, started, drafted, launched, verified)
+        self._observation = self._measure_round(reqs, sched, drafts_k, drafts, started, drafted, launched, verified,
+                                                prediction)
+        self.draft_planner.next_round()
         return touched
 
     def _apply_all(self, reqs: list[Request], drafts: list[list[int]], decisions: list) -> list[Request]:
@@ -157,8 +162,10 @@ class TokenPairing(Pairing):
         nudger.run(failed)
         return [r for r in touched if r.id not in failed] if failed else touched
 
-    def _observe_round(self, reqs, sched, drafts_k, drafts, started, drafted, launched, verified) -> None:
-        """The round's own timings feed the draft policy's cost model (no extra syncs)."""
+    def _measure_round(self, reqs, sched, drafts_k, drafts, started, drafted, launched, verified,
+                       prediction) -> tuple:
+        """The round's own timings and sizes for the draft policy's cost model (no extra syncs): the
+        arguments of DraftPolicy.observe_round, given to it in the next round (_observe_previous)."""
         ended = time.perf_counter()
         passes = max(drafts_k, default=0)
         nudger_new = sched.num_new_tokens[NUDGER_MODEL] if self.nudger else [0] * len(reqs)
@@ -169,12 +176,24 @@ class TokenPairing(Pairing):
         busy = ended - started.host_s
         overhead = (ended - verified.host_s) + (gap if gap is not None and gap < busy * 4 else 0.0)
         decoding = all(sched.is_final_chunk) and not self.engine.failed   # else the emitted count says little
+        self._round_end = ended
+        return (started, drafted, launched, verified, passes, draft_tokens, verify_tokens, overhead, uniform,
+                self._emitted if decoding else None, prediction)
+
+    def _observe_previous(self) -> None:
+        """The previous round's observation, and the cost fits refitted with it, while this round's passes
+        run on the device (on CUDA; the CPU runs them in turn). The next round's plan reads the refitted
+        fits; this round's plan was made without its predecessor's timings (one round late)."""
+        if self._observation is None:
+            return
+        (started, drafted, launched, verified, passes, draft_tokens, verify_tokens, overhead, uniform, emitted,
+         prediction) = self._observation
+        self._observation = None
         self.draft_policy.observe_round(RoundClock.between(started, drafted), passes, draft_tokens,
                                         RoundClock.between(drafted, launched, host_end=verified),
-                                        verify_tokens, overhead, uniform=uniform,
-                                        emitted=self._emitted if decoding else None)
-        self.draft_planner.next_round()
-        self._round_end = ended
+                                        verify_tokens, overhead, uniform=uniform, emitted=emitted,
+                                        prediction=prediction)
+        self.draft_policy.refresh()
 
     def _draft_count(self, req: Request) -> int:
         """Draft tokens this round: while nudging, the nudger writes anyway (at least one token);
