@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -114,8 +115,10 @@ def make_engine(engine_cls, pair, n: int, config: str, rounds: int, eager: bool,
     return engine
 
 
-def time_rounds(engine, n: int, rounds: int, config: str, keep: bool = False, device=None) -> float:
-    """Median seconds per engine.step() over `rounds` decode rounds of n requests (keep: leave them running)."""
+def time_rounds(engine, n: int, rounds: int, config: str, keep: bool = False, device=None) -> tuple[float, float]:
+    """(median wall seconds, median CPU seconds of this thread) per engine.step() over `rounds` decode
+    rounds of n requests (keep: leave them running). On a shared machine the CPU time is the steadier
+    measure of the host's work: it leaves out the time the thread waited for a core."""
     from nudge_engine.engine.sampling_params import SamplingParams
     max_tokens = (rounds * (2 if keep else 1) + 8) * (DRAFTS + 1)
     for r in range(n):
@@ -124,18 +127,19 @@ def time_rounds(engine, n: int, rounds: int, config: str, keep: bool = False, de
     for _ in range(3):   # prefill and warm-up
         engine.step()
     cuda = device is not None and device.type == "cuda"
-    times = []
+    times, cpu = [], []
     for _ in range(rounds):
         if cuda:
             torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         engine.step()
         if cuda:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.thread_time() - c0)
     if not keep:
         drain(engine)
-    return statistics.median(times)
+    return statistics.median(times), statistics.median(cpu)
 
 
 def drain(engine) -> None:
@@ -157,7 +161,8 @@ def noop_rows(quick: bool) -> list[dict]:
                                                                     if config == "nudged k=4" else [])
                 for mode, eager, fused in modes:
                     engine = make_engine(engine_cls, pair, n, config, rounds, eager, fused)
-                    row[f"{mode} ms"] = 1e3 * time_rounds(engine, n, rounds, config)
+                    wall, cpu = time_rounds(engine, n, rounds, config)
+                    row[f"{mode} ms"], row[f"{mode} cpu ms"] = 1e3 * wall, 1e3 * cpu
                     row[f"{mode} reads"] = engine.stats.host_reads / max(engine.stats.rounds / n, 1)
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
@@ -197,6 +202,7 @@ def side_by_side(before: list[dict], after: list[dict]) -> list[dict]:
             row[f"{mode} before ms"] = b[f"{mode} ms"]
             row[f"{mode} after ms"] = a[f"{mode} ms"]
             row[f"{mode} after / before"] = a[f"{mode} ms"] / b[f"{mode} ms"]
+            row[f"{mode} after cpu ms"] = a[f"{mode} cpu ms"]
         row["after host reads/round"] = a["eager reads"]
         rows.append(row)
     return rows
@@ -212,7 +218,7 @@ def gpu_table(pair, device, quick: bool) -> list[dict]:
             engine = NudgeEngine(pair[0], pair[1] if config != "base alone" else None, device=device,
                                  dtype="bfloat16", enforce_eager=eager, max_num_seqs=8, kv_cache_bytes=512 << 20)
             before_tokens = engine.stats.base_tokens + engine.stats.nudger_tokens
-            per_round = time_rounds(engine, 1, rounds, config, device=device)
+            per_round = time_rounds(engine, 1, rounds, config, device=device)[0]
             tokens = engine.stats.base_tokens + engine.stats.nudger_tokens - before_tokens
             row[f"{mode} ms/token"] = 1e3 * per_round * max(engine.stats.rounds, 1) / max(tokens, 1)
         row["graphs / eager"] = row["graphs ms/token"] / row["eager ms/token"]
@@ -247,7 +253,7 @@ def main(argv=None) -> int:
         print(json.dumps(noop_rows(args.quick)))
         return 0
     from benchmarks.report import write_results
-    env = hardware.environment(device)
+    env = hardware.environment(device) | {"load": os.getloadavg()}
     label = hardware.device_name(device)
     if args.gpu:
         from nudge_engine.testing import make_tiny_pair
@@ -265,8 +271,10 @@ def main(argv=None) -> int:
                 "runs": runs}
         md = markdown(rows, f"host ms per round, model forwards as no-ops: before ({env['before_commit']}) and after "
                             f"({env['commit']}), {label}",
-                      f"Medians of {args.repeats} worker runs per tree, interleaved (the trees alternate). "
-                      "eager: the CPU engine's default; replay: the CUDA-graph path's emulation on the CPU.")
+                      f"Medians of {args.repeats} worker runs per tree, interleaved (the trees alternate), each the "
+                      "median round of its run; wall ms, and the thread's CPU ms (what the host worked, without "
+                      "waiting for a core on a shared machine). eager: the CPU engine's default; replay: the "
+                      f"CUDA-graph path's emulation on the CPU. Load average at the start: {env['load']}.")
         suite = "host_round"
     else:
         rows = median_table([noop_rows(args.quick)])

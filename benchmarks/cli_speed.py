@@ -7,17 +7,23 @@ each command in its own process, as a user runs it:
   serve     `nudge serve --base SMOL`, then the same chat request twice, streamed; the second is timed
             (decode rate: tokens after the first over the time after the first, as the commands print)
 for each --threads value ("default": no option) and each --load (busy processes beside it, in 20-80 ms
-bursts). --tree runs another checkout's commands (its `python -m nudge_engine`), for a before/after; that
+bursts); --repeats runs of each, interleaved (rotated order), medians. --tree runs another checkout's commands (its `python -m nudge_engine`), for a before/after; that
 checkout's CLI may print the whole call's rate (prompt included), which --tree reports as it is.
 
     python -m benchmarks.cli_speed [--threads default,1,2] [--load 0,1] [--tree DIR] [--out DIR]
 """
 from __future__ import annotations
 
+import os
+
+# The caller's own OpenMP wait policy, before anything here imports nudge_engine (which sets one): the
+# commands run under it, so a --tree checkout that sets none runs as its users would run it.
+CALLER_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
+
 import argparse
 import json
-import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -41,6 +47,9 @@ def smollm2() -> str:
 
 def nudge_cmd(tree: Path, *args: str) -> tuple[list[str], dict]:
     env = dict(os.environ, PYTHONPATH=str(tree) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("OMP_WAIT_POLICY", None)
+    if CALLER_WAIT_POLICY is not None:
+        env["OMP_WAIT_POLICY"] = CALLER_WAIT_POLICY
     return [sys.executable, "-m", "nudge_engine", *args], env
 
 
@@ -63,30 +72,32 @@ def run_demo(tree: Path, threads: str) -> float:
     return float(RATE.findall(real)[-1])   # the second question's answer
 
 
-def run_serve(tree: Path, model: str, question: str, threads: str) -> float:
-    import httpx
-    port = free_port()
-    cmd, env = nudge_cmd(tree, "serve", "--base", model, "--port", str(port), "--log-level", "warning",
-                         "--served-model-name", "m",
-                         *threads_args(threads))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]!r}")
+class Server:
+    """`nudge serve` for one thread setting, kept up while the other commands run beside it (idle)."""
+
+    def __init__(self, tree: Path, model: str, threads: str):
+        import httpx
+        port = free_port()
+        cmd, env = nudge_cmd(tree, "serve", "--base", model, "--port", str(port), "--log-level", "warning",
+                             "--served-model-name", "m", *threads_args(threads))
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{port}"
+        for _ in range(1200):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}")
             try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 time.sleep(0.5)
-        rate = 0.0
-        for _ in range(2):   # the first warms the server up, as the demo's warm-up does
-            rate = _stream_rate(url, question)
-        return rate
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+
+    def rate(self, question: str) -> float:
+        _stream_rate(self.url, question)          # the first warms the server up, as the demo's warm-up does
+        return _stream_rate(self.url, question)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
 
 
 def _stream_rate(url: str, question: str) -> float:
@@ -112,6 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", default="default,1,2")
     ap.add_argument("--load", default="0,1", help="busy processes beside the commands, per pass")
     ap.add_argument("--tree", default=None, help="another checkout whose commands to run (default: this one)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each command, interleaved; medians")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     from nudge_engine.cli import DEMO_QUESTIONS
@@ -125,10 +137,20 @@ def main(argv=None) -> int:
         try:
             time.sleep(1 if procs else 0)
             for threads in args.threads.split(","):
-                row = dict(load=load, threads=threads, loadavg=os.getloadavg()[0])
-                row["demo"] = run_demo(tree, threads)
-                row["generate"] = run_generate(tree, model, question, threads)
-                row["serve"] = run_serve(tree, model, question, threads)
+                server = Server(tree, model, threads)
+                try:
+                    runs = {"demo": lambda: run_demo(tree, threads),
+                            "generate": lambda: run_generate(tree, model, question, threads),
+                            "serve": lambda: server.rate(question)}
+                    got = {name: [] for name in runs}
+                    names = list(runs)
+                    for r in range(args.repeats):     # interleaved, the order rotated per repeat
+                        for name in names[r % 3:] + names[:r % 3]:
+                            got[name].append(runs[name]())
+                finally:
+                    server.stop()
+                row = dict(load=load, threads=threads, loadavg=os.getloadavg()[0],
+                           **{name: statistics.median(v) for name, v in got.items()}, runs=got)
                 row["generate / serve"] = row["generate"] / row["serve"]
                 row["demo / serve"] = row["demo"] / row["serve"]
                 rows.append(row)
@@ -142,7 +164,8 @@ def main(argv=None) -> int:
     md = (f"# SmolLM2-135M-Instruct through demo, generate and serve ({env['device'].split(' (')[0]}, "
           f"{hardware.usable_cores_label()})\n\nQuestion {question!r}, greedy, {MAX_TOKENS} tokens at most; decode "
           f"tok/s as each command reports it (serve: the second streamed request, tokens after the first over "
-          f"the time after the first); commands from {tree}.\n\n" + report.markdown_table(rows, cols))
+          f"the time after the first); medians of {args.repeats} interleaved runs; commands from {tree}; the "
+          f"machine was shared with other work.\n\n" + report.markdown_table(rows, cols))
     print(md)
     print("wrote", *report.write_results(args.out, device, "cli-speed", "smollm2", {"env": env, "rows": rows}, md))
     return 0

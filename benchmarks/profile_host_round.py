@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import io
+import os
 import pstats
 import sys
 from pathlib import Path
@@ -31,7 +31,7 @@ def profile_cell(engine_cls, pair, n: int, config: str, rounds: int, top: int, t
     from benchmarks import bench_host_round as bhr
     rounds //= 2   # timed, then profiled: both within the tiny models' context
     engine = bhr.make_engine(engine_cls, pair, n, config, 2 * rounds, eager=True)
-    ms = bhr.time_rounds(engine, n, rounds, config, keep=True) * 1e3
+    ms, cpu_ms = (1e3 * t for t in bhr.time_rounds(engine, n, rounds, config, keep=True))
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(rounds):
@@ -45,7 +45,7 @@ def profile_cell(engine_cls, pair, n: int, config: str, rounds: int, top: int, t
         entries.append({"function": _where(file, line, func, tree), "calls_per_round": nc / rounds,
                         "tottime_ms_per_round": 1e3 * tt / rounds, "cumtime_ms_per_round": 1e3 * ct / rounds,
                         "share": tt / total if total else 0.0})
-    return {"requests": n, "config": config, "ms_per_round": ms, "profiled_ms_per_round": 1e3 * total / rounds,
+    return {"requests": n, "config": config, "ms_per_round": ms, "cpu_ms_per_round": cpu_ms, "profiled_ms_per_round": 1e3 * total / rounds,
             "top": entries}
 
 
@@ -64,8 +64,8 @@ def _where(file: str, line: int, func: str, tree: Path) -> str:
 def markdown(cells: list[dict], title: str) -> str:
     lines = [f"# {title}", ""]
     for c in cells:
-        lines += [f"## {c['requests']} requests, {c['config']}: {c['ms_per_round']:.3f} ms/round "
-                  f"(profiled {c['profiled_ms_per_round']:.3f})", "",
+        lines += [f"## {c['requests']} requests, {c['config']}: {c['ms_per_round']:.3f} ms/round, "
+                  f"{c['cpu_ms_per_round']:.3f} CPU ms (profiled {c['profiled_ms_per_round']:.3f})", "",
                   "| function | calls/round | own ms/round | cum ms/round | share of own time |",
                   "|---|---:|---:|---:|---:|"]
         for e in c["top"]:
@@ -98,9 +98,10 @@ def main(argv=None) -> int:
                 rounds = bhr.rounds_for(n, args.quick)
                 cells.append(profile_cell(engine_cls, pair, n, config, rounds, args.top, tree))
                 print(f"{n} {config}: {cells[-1]['ms_per_round']:.3f} ms/round", flush=True)
-    env = hardware.environment(device) | {"commit": commit, "tree": str(tree)}
+    env = hardware.environment(device) | {"commit": commit, "tree": str(tree), "load": os.getloadavg()}
     md = markdown(cells, f"Host time per round by function, model forwards as no-ops, eager, engine at {commit} "
-                         f"({hardware.device_name(device)}; cProfile, top {args.top} by own time)")
+                         f"({hardware.device_name(device)}; cProfile, top {args.top} by own time; load average "
+                         f"{', '.join(f'{x:.1f}' for x in env['load'])})")
     paths = write_results(args.out, device, "host_round_profile", "tiny", {"env": env, "cells": cells}, md)
     print("wrote", *paths)
     return 0
