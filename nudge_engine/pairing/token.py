@@ -307,7 +307,7 @@ class TokenPairing(Pairing):
         totals[3] += len(sources) - nudged
         if was_mode is not req.mode:
             totals[4] += 1
-        if req.nudger_seq is not None:
+        if req.nudger_seq is not None and req.adaptive_drafting:   # only an adaptive request's k reads its history
             if was_mode is Mode.BASE:
                 self._observe_drafts(req, len(drafts), decision)
             else:
