@@ -6,8 +6,8 @@ each command in its own process, as a user runs it:
   generate  `nudge generate --base SMOL --chat QUESTION --max-tokens 48`
   serve     `nudge serve --base SMOL`, then the same chat request twice, streamed; the second is timed
             (decode rate: tokens after the first over the time after the first, as the commands print)
-for each --threads value ("default": no option) and each --load (busy processes beside it, in 20-80 ms
-bursts); --repeats runs of each, interleaved (rotated order), medians. --tree runs another checkout's commands (its `python -m nudge_engine`), for a before/after; that
+for each --threads value ("default": no option) and each --load (busy processes beside it: Python loops in
+20-80 ms bursts, or with --load-kind torch small torch operations on two OpenMP threads, as a test suite runs); --repeats runs of each, interleaved (rotated order), medians. --tree runs another checkout's commands (its `python -m nudge_engine`), for a before/after; that
 checkout's CLI may print the whole call's rate (prompt included), which --tree reports as it is.
 
     python -m benchmarks.cli_speed [--threads default,1,2] [--load 0,1] [--tree DIR] [--out DIR]
@@ -37,6 +37,22 @@ from benchmarks.draft_matrix import start_load, stop_load  # noqa: E402
 from benchmarks.serving import free_port  # noqa: E402
 
 MAX_TOKENS = 48
+# Another torch job, as a test suite is: small operations on two OpenMP threads, under the runtime's own wait policy.
+TORCH_LOOP = """
+import os
+os.environ.pop("OMP_WAIT_POLICY", None)
+import torch
+torch.set_num_threads(2)
+a, b = torch.randn(64, 256), torch.randn(256, 256)
+parent = os.getppid()
+while os.getppid() == parent:
+    for _ in range(50):
+        (a @ b).softmax(-1).sum()
+"""
+
+
+def start_torch_load(n: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", TORCH_LOOP]) for _ in range(n)]
 RATE = re.compile(r"([0-9.]+) tokens/s")
 
 
@@ -122,6 +138,8 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="default,1,2")
     ap.add_argument("--load", default="0,1", help="busy processes beside the commands, per pass")
+    ap.add_argument("--load-kind", choices=("python", "torch"), default="python",
+                    help="python: a busy loop in bursts; torch: small torch operations on 2 OpenMP threads (a test suite)")
     ap.add_argument("--tree", default=None, help="another checkout whose commands to run (default: this one)")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each command, interleaved; medians")
     ap.add_argument("--out", default=None)
@@ -133,7 +151,7 @@ def main(argv=None) -> int:
     device = hardware.setup_device("cpu")
     rows = []
     for load in (int(x) for x in args.load.split(",")):
-        procs = start_load(load)
+        procs = start_load(load) if args.load_kind == "python" else start_torch_load(load)
         try:
             time.sleep(1 if procs else 0)
             for threads in args.threads.split(","):
@@ -149,7 +167,7 @@ def main(argv=None) -> int:
                             got[name].append(runs[name]())
                 finally:
                     server.stop()
-                row = dict(load=load, threads=threads, loadavg=os.getloadavg()[0],
+                row = dict(load=load, kind=args.load_kind, threads=threads, loadavg=os.getloadavg()[0],
                            **{name: statistics.median(v) for name, v in got.items()}, runs=got)
                 row["generate / serve"] = row["generate"] / row["serve"]
                 row["demo / serve"] = row["demo"] / row["serve"]
@@ -158,7 +176,7 @@ def main(argv=None) -> int:
         finally:
             stop_load(procs)
     env = hardware.environment(device) | {"tree": str(tree)}
-    cols = [("load", "busy processes"), ("threads", "--threads"), ("loadavg", "load avg"), ("demo", "demo tok/s"),
+    cols = [("load", "busy processes"), ("kind", "kind"), ("threads", "--threads"), ("loadavg", "load avg"), ("demo", "demo tok/s"),
             ("generate", "generate tok/s"), ("serve", "serve tok/s"), ("generate / serve", "generate / serve"),
             ("demo / serve", "demo / serve")]
     md = (f"# SmolLM2-135M-Instruct through demo, generate and serve ({env['device'].split(' (')[0]}, "
