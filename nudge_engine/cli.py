@@ -393,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--header-timeout", type=_positive_float, default=30.0,
                    help="seconds a client may take to send a request's headers (default: 30)")
     g.add_argument("--body-timeout", type=_positive_float, default=30.0,
-                   help="seconds a client may pause while sending a request body; then 408 (default: 30)")
+                   help="seconds a client has to send a whole request body, counted from its headers; "
+                   "then 408 and the connection is closed (default: 30)")
     g.add_argument("--allow-request-chat-template", action="store_true",
                    help="accept a chat_template in chat requests (rendered in a jinja2 sandbox); refused otherwise")
     g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))

@@ -16,6 +16,9 @@ WORD_START_PREFIXES = ("Ġ", "Ċ", "ĉ", "▁")  # U+0120, U+010A, U+0109, U+258
 WHITESPACE_BYTE_PIECES = {"<0x09>", "<0x0A>", "<0x0D>", "<0x20>"}
 INCOMPLETE_CHAR = "\ufffd"    # what a decoder yields for a multi-byte character cut between tokens
 DETOKENIZE_CONTEXT = 5        # tokens of left context re-decoded so spaces and merges come out right
+# Longer texts are encoded without holding the GIL (a megabyte takes about a second): a server thread
+# tokenizing one does not stall the event loop. Shorter ones take the cheaper call.
+GIL_FREE_ENCODE_CHARS = 4096
 
 
 def _token_text(token: Any) -> str | None:
@@ -55,6 +58,8 @@ class Tokenizer:
         self.eos_token = _token_text(self.config.get("eos_token"))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > GIL_FREE_ENCODE_CHARS:   # encode_batch releases the GIL; encode holds it throughout
+            return self.hf.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
