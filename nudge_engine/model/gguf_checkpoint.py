@@ -12,7 +12,9 @@ converter changed: the rotary Q/K row permutation (Llama, OLMo) and Gemma's `nor
 from __future__ import annotations
 
 import functools
+import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -37,6 +39,7 @@ PERMUTED_QK = {"llama", "olmo"}
 # llama.cpp stores Gemma's RMSNorm weights as (1 + w).
 NORM_PLUS_ONE = {"gemma2"}
 GEMMA2_27B_LAYERS = 46  # llama.cpp scales Gemma-2 27B's queries by hidden/heads, the others by head_dim
+MAX_DIMS = 4   # GGML_MAX_DIMS
 DEQUANTIZABLE = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
                  "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
@@ -79,7 +82,10 @@ def _cached_reader(path: str, mtime_ns: int, size: int):
     """Parsing a 50k-token vocabulary takes seconds; config, tokenizer and weights share one reader."""
     gguf = _gguf()
     try:
-        return gguf.GGUFReader(path, "r")
+        # A hostile offset overflows gguf's uint64 arithmetic: silence numpy's warning, _check_tensors refuses it.
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            return gguf.GGUFReader(path, "r")
     except Exception as e:  # gguf raises ValueError, struct and numpy errors alike on a bad file
         raise ModelFolderError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
 
@@ -99,13 +105,35 @@ def open_gguf(path: str | Path):
 
 
 def _check_tensors(reader, path: Path, size: int) -> None:
+    """Every tensor's type, shape and place in the file, from the raw tensor-info fields (in Python
+    integers: gguf's own uint64 sums wrap around, so an offset of 2**64 - 32 would read the bytes
+    before the data section). As llama.cpp requires, the tensors follow each other in file order,
+    each at the previous one's end rounded up to the file's alignment, and the last ends in the file."""
+    gguf = _gguf()
+    data_start = int(reader.data_offset)
+    alignment = int(getattr(reader, "alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+    expected = 0
     for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise ModelFolderError(f"{path}: truncated: tensor {t.name!r} ends at byte {end}, the file has {size}")
+        _, _, _, dims, _, offset = t.field.parts
+        offset, shape = int(offset[0]), [int(d) for d in dims]
         if t.tensor_type.name not in DEQUANTIZABLE:
             raise ModelFolderError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which cannot be "
                                    f"dequantized (supported: {', '.join(DEQUANTIZABLE)})")
+        block, block_bytes = gguf.GGML_QUANT_SIZES[t.tensor_type]
+        if not shape or len(shape) > MAX_DIMS or min(shape) < 1 or shape[0] % block:
+            raise ModelFolderError(f"{path}: tensor {t.name!r} has a malformed shape {hf_shape(t)} for type "
+                                   f"{t.tensor_type.name} (rows of whole {block}-value blocks, 1 to {MAX_DIMS} dimensions)")
+        n_bytes = math.prod(shape) // block * block_bytes
+        end = data_start + offset + n_bytes
+        if end > size:
+            if data_start + offset < size:
+                raise ModelFolderError(f"{path}: truncated: tensor {t.name!r} ends at byte {end}, the file has {size}")
+            raise ModelFolderError(f"{path}: corrupt: tensor {t.name!r} has offset {offset}, past the end of the file "
+                                   f"(its data would start at byte {data_start + offset}, the file has {size})")
+        if offset != expected:
+            raise ModelFolderError(f"{path}: corrupt: tensor {t.name!r} starts at offset {offset} of the data section, "
+                                   f"expected {expected} (each tensor follows the previous one)")
+        expected = -(-(offset + n_bytes) // alignment) * alignment
 
 
 def field(reader, key: str, default: Any = None) -> Any:
