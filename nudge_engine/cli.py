@@ -64,6 +64,9 @@ def _engine_options(p: argparse.ArgumentParser, nudger_required: bool) -> None:
                    help="reuse the KV blocks of shared prompt prefixes in both models (default: on)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: run decode passes eagerly (graphs are on by default on CUDA)")
+    g.add_argument("--chat-template-timeout", type=_positive_float, default=5.0,
+                   help="seconds one chat template rendering may take (in a sandboxed process, also capped in "
+                   "output and memory); a template that runs longer fails its request (default: 5)")
 
 
 def _positive_float(text: str) -> float:
@@ -98,6 +101,8 @@ def _check_can_listen(host: str, port: int) -> None:
 
 def _make_engine(args):
     from .engine.engine import NudgeEngine
+    from .model import chat_sandbox
+    chat_sandbox.set_time_budget(args.chat_template_timeout)   # before loading: each template is tried at load
     kw = dict(device=args.device, dtype=args.dtype, gamma=args.gamma, draft_tokens=args.draft_tokens,
               resume_on_agreement=not args.no_resume_on_agreement, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_bytes,

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from .responses import (RETRY_AFTER_S, APIError, Echo, _AbortingStreamingRespons
 log = logging.getLogger("nudge_engine.server")
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+PROMPT_THREADS = 8      # threads that render chat templates and tokenize prompts (never the event loop)
 DEFAULT_COMPLETION_MAX_TOKENS = 16      # OpenAI's legacy completions default (at most what the request has room for)
 DEFAULT_CHAT_MAX_TOKENS = 1024          # chat: at most this many, and what the request has room for
 
@@ -73,6 +75,9 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
         return x.token_ids if ids is None else ids
 
     nudger_tok = engine.nudger.tokenizer if engine.nudger is not None else None
+    for m in engine.models:
+        if m.tokenizer.chat_template_error:
+            log.warning("%s", m.tokenizer.chat_template_error)
     context = min(m.config.max_position_embeddings for m in engine.models)
     kv_tokens = min(m.pool.num_blocks * m.pool.block_size for m in engine.models)
     # What one request (prompt + output) can hold: the models' context, or a whole KV pool if that is
@@ -87,10 +92,19 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         ae.start(asyncio.get_running_loop())
+        prompt_threads.append(ThreadPoolExecutor(PROMPT_THREADS, thread_name_prefix="nudge-prompt"))
         try:
             yield
         finally:
+            prompt_threads.pop().shutdown(wait=False, cancel_futures=True)
             await asyncio.to_thread(ae.shutdown, 10.0)
+
+    # Prompts are prepared on threads of their own (the running app's): a chat template that takes its whole
+    # time budget (model/chat_sandbox.py) delays other prompts at most, never the responses built on asyncio's.
+    prompt_threads: list[ThreadPoolExecutor] = []
+
+    async def off_loop(fn):
+        return await asyncio.get_running_loop().run_in_executor(prompt_threads[-1] if prompt_threads else None, fn)
 
     app = FastAPI(title="nudge_engine", version="0.1.0", lifespan=lifespan)
     app.state.async_engine = ae
@@ -330,7 +344,7 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
                 raise bad_request(str(e), "prompt") from None
 
         # Tokenizing a megabyte of text takes a second: never on the event loop (README: How it runs).
-        tokenized = await asyncio.to_thread(tokenize_all)
+        tokenized = await off_loop(tokenize_all)
         prompts, base_prompts, prompt_tokens, longest = [], [], 0, 0
         for base_ids, nudger_ids in tokenized:
             prompt, length = engine_prompt(base_ids, nudger_ids, "prompt")
@@ -411,7 +425,7 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
                 raise bad_request(f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e),
                                   "chat_template" if body.chat_template is not None else "messages") from None
 
-        base_ids, nudger_ids = await asyncio.to_thread(render_and_tokenize)
+        base_ids, nudger_ids = await off_loop(render_and_tokenize)
         prompt, longest = engine_prompt(base_ids, nudger_ids, "messages")
         max_tokens, defaulted = body.max_completion_tokens or body.max_tokens, None
         if max_tokens is None:
