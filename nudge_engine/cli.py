@@ -388,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(also read from $NUDGE_API_KEY)")
     g.add_argument("--served-model-name", default=None, help="the model id clients send (default: the --base path)")
     g.add_argument("--max-queue", type=int, default=512,
-                   help="requests waiting for the engine before new ones get 503 (default: 512)")
+                   help="requests that may wait beyond the --max-num-seqs running ones; a request past "
+                   "both gets 503 (default: 512)")
     g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit; larger gets 413 "
                    "(default: 1 MiB)")
     g.add_argument("--default-max-tokens", type=int, default=1024,

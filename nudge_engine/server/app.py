@@ -8,7 +8,8 @@ Routes
 
 Errors use the OpenAI shape {"error": {"message", "type", "param", "code"}}: 400 for bad input
 (never a 500), 401 without the API key, 404 for an unknown model or route, 413 for a body over
---max-body-bytes, 503 when the waiting queue is full or the engine is dead, 500 when the engine
+--max-body-bytes, 408 for a body that took longer than --body-timeout, 503 when --max-num-seqs running
+plus --max-queue waiting requests are already in the engine or the engine is dead, 500 when the engine
 failed while the request was in flight (streams get an error chunk instead, then [DONE]).
 """
 from __future__ import annotations
