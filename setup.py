@@ -39,6 +39,8 @@ ext_modules = [
     )
 ]
 
+# Ranges for users; an upper bound only where a release is known to break, with the reason beside it
+# (none today). The versions the suite last passed with are locked in constraints.txt (`make lock`).
 runtime = [
     "torch>=2.4",
     "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",

@@ -20,7 +20,7 @@ trap cleanup EXIT
 "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$work/dist" . 2>&1 | grep -v "^WARNING: Location" || true
 wheel=$(ls "$work"/dist/nudge_engine-*.whl)
 echo "wheel: $(basename "$wheel")"
-"$PY" -m zipfile -l "$wheel" | awk '{print $1}' | grep -E '^nudge_engine/(engine|model|pairing|server|kernels)/__init__.py$' | sort
+"$PY" -m zipfile -l "$wheel" | awk '{print $1}' | grep -E '^nudge_engine/((engine|model|pairing|server)/__init__|kernels/handoff_step).py$' | sort
 
 "$PY" -m venv "$work/venv"
 venv_py="$work/venv/bin/python"
@@ -33,11 +33,17 @@ own=$("$venv_py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 
 cd "$work"   # nothing from the checkout on sys.path from here on
 "$venv_py" - <<'PY'
-import importlib, pkgutil, sys
+import importlib, sys
+from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import Path
 import nudge_engine
 assert nudge_engine.__file__.startswith(sys.prefix), f"imported from {nudge_engine.__file__}, not the wheel"
-names = [m.name for m in pkgutil.walk_packages(nudge_engine.__path__, "nudge_engine.")
-         if not m.name.endswith("__main__")]      # __main__ runs the CLI
+# Every module file of the installed package, namespace folders included (nudge_engine.kernels has
+# no __init__.py on purpose, and pkgutil.walk_packages does not enter such folders).
+root = Path(nudge_engine.__file__).parent
+files = [f for f in root.rglob("*") if f.name.endswith((".py", *EXTENSION_SUFFIXES)) and f.name != "__main__.py"]
+names = sorted(".".join(("nudge_engine", *f.relative_to(root).parent.parts, f.name.split(".")[0])).removesuffix(".__init__")
+               for f in files)   # __main__ runs the CLI
 for name in names:
     importlib.import_module(name)
 needed = {"nudge_engine.pairing.text", "nudge_engine.pairing.text_sampling", "nudge_engine.pairing.text_logprobs", "nudge_engine.engine.engine", "nudge_engine.model.loader",

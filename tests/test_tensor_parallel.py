@@ -285,3 +285,28 @@ def test_sizes_that_do_not_divide_the_model_are_refused_before_any_process_start
     with pytest.raises(ValueError, match="nudger_placement"):
         NudgeEngine(folder, tensor_parallel_size=2, nudger_placement="everywhere")
     assert not mp.active_children()
+
+
+def test_a_script_without_the_main_guard_builds_a_tensor_parallel_engine(tiny_model, tmp_path):
+    """Workers are fresh interpreters that do not re-run the user's script (distributed/worker.py), so
+    an engine built at module level, with no `if __name__ == "__main__":`, works as it would in one
+    process, instead of failing in multiprocessing's bootstrapping phase."""
+    folder = tiny_model("llama")
+    kw = dict(num_blocks=16, attention_backend="torch", max_num_seqs=4)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    want = NudgeEngine(folder, enforce_eager=True, **kw).generate([[5, 6, 7, 8]], params)[0].token_ids
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        "from nudge_engine import NudgeEngine, SamplingParams\n"
+        f"engine = NudgeEngine({str(folder)!r}, tensor_parallel_size=2, enforce_eager=True, **{kw!r})\n"
+        "out = engine.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))\n"
+        "print('TOKENS', out[0].token_ids)\n"
+        "print('WORKERS', *[p.pid for p in engine._tp.procs])\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "NUDGE_TP_TIMEOUT_S": "60"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "bootstrapping" not in out.stderr
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.startswith(("TOKENS", "WORKERS")))
+    assert lines["TOKENS"] == str(want)
+    for pid in lines["WORKERS"].split():   # the workers ended with the script
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()

@@ -1,7 +1,7 @@
 """Rank 0's side of tensor parallelism: start and watch the workers, broadcast each pass, shut down.
 
-NudgeEngine(..., tensor_parallel_size=N) calls start(): it spawns ranks 1..N-1 with
-torch.multiprocessing over a group of the engine's own (group.py: several engines per process), or,
+NudgeEngine(..., tensor_parallel_size=N) calls start(): it spawns ranks 1..N-1 as fresh interpreters
+(worker.WorkerProcess: the user's main script is not re-run, so no `__main__` guard is needed) over a group of the engine's own (group.py: several engines per process), or,
 under torchrun, joins the env:// default group (then ranks other than 0 run the worker loop and then
 end their process); it loads rank 0's shards, captures their graphs (as every worker does, in the
 same order) and returns a TensorParallelGroup whose `models` the engine uses like load_models()'s.
@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 from .. import _core
 from ..model.config import load_config
@@ -34,7 +33,7 @@ from .channel import StepChannel
 from .group import (LaunchSpec, abort_group, destroy_group, init_default_group, new_group, open_store, rank_device,
                     under_torchrun)
 from .shard import attach_rank_graphs, load_rank_models
-from .worker import EXIT_DONE, exit_worker, run_worker, spawn_main
+from .worker import EXIT_DONE, WorkerProcess, exit_worker, run_worker
 
 JOIN_TIMEOUT_S = 10.0     # a worker told to stop has this long to exit before it is terminated, then killed
 WATCH_INTERVAL_S = 0.5    # how often the monitor looks at the workers
@@ -194,11 +193,7 @@ def start(spec: LaunchSpec) -> TensorParallelGroup:
             exit_worker(EXIT_DONE)
     else:
         store = open_store(spec, 0)   # this engine's own: a free port, read back for the workers
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=spawn_main, args=(r, spec, store.port, os.getpid()), daemon=True,
-                             name=f"nudge-tp-worker-{r}") for r in range(1, spec.tp_size)]
-        for p in procs:
-            p.start()
+        procs = [WorkerProcess(r, spec, store.port) for r in range(1, spec.tp_size)]
         device = rank_device(spec.device, 0)
         try:
             tp = new_group(spec, 0, store, device)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import subprocess
 import sys
 import threading
 import time
@@ -50,8 +52,56 @@ def _exit_when_orphaned(parent_pid: int) -> None:
             os._exit(EXIT_PARENT_GONE)
 
 
+# A worker is a fresh interpreter that runs only this bootstrap: the engine's sys.path, then
+# spawn_main. multiprocessing's "spawn" would first re-run the user's main script (as __mp_main__),
+# so a script that builds a tensor-parallel engine at module level, without the
+# `if __name__ == "__main__":` guard, would start engines recursively and fail in bootstrapping.
+_BOOTSTRAP = ("import pickle, sys; payload = pickle.load(sys.stdin.buffer); sys.path[:] = payload['sys_path']; "
+              "from nudge_engine.distributed.worker import spawn_main; spawn_main(*pickle.loads(payload['args']))")
+
+
+class WorkerProcess:
+    """A spawned worker rank: a subprocess running _BOOTSTRAP, with multiprocessing.Process's
+    is_alive / exitcode / join / terminate / kill (a negative exit code names the signal)."""
+
+    def __init__(self, rank: int, spec: LaunchSpec, store_port: int):
+        self.rank = rank
+        self.popen = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP], stdin=subprocess.PIPE)
+        payload = {"sys_path": list(sys.path), "args": pickle.dumps((rank, spec, store_port, os.getpid()))}
+        try:
+            pickle.dump(payload, self.popen.stdin)
+            self.popen.stdin.close()
+        except OSError:   # it died at once: is_alive() / exitcode say so
+            pass
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.poll()
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def terminate(self) -> None:
+        if self.is_alive():
+            self.popen.terminate()
+
+    def kill(self) -> None:
+        if self.is_alive():
+            self.popen.kill()
+
+
 def spawn_main(rank: int, spec: LaunchSpec, store_port: int, parent_pid: int) -> None:
-    """Entry point of a worker that NudgeEngine started with torch.multiprocessing (spawn)."""
+    """Entry point of a worker that NudgeEngine started as a WorkerProcess."""
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
     device = rank_device(spec.device, rank)
     if device.type == "cpu":
