@@ -161,3 +161,38 @@ class _ticker:
     def __exit__(self, *exc):
         self.stop.set()
         self.thread.join()
+
+
+def test_the_async_engine_renders_away_from_its_loop_and_engine_thread(tiny_pair, check_pools):
+    """AsyncNudgeEngine (what embedders use) renders a chat on a worker thread: while a runaway request
+    template spends its budget, another request runs to its end and the event loop keeps ticking."""
+    import asyncio
+
+    from nudge_engine import AsyncNudgeEngine, NudgeEngine, SamplingParams
+    from nudge_engine.engine.async_errors import InvalidRequestError
+    engine = NudgeEngine(*tiny_pair("llama", "llama", "bytelevel", 0.5))
+    check_pools(engine)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+    async def main():
+        front = AsyncNudgeEngine(engine)
+        try:
+            hostile = asyncio.ensure_future(front.generate({"messages": MESSAGES, "chat_template": LOOP}, params))
+            await asyncio.sleep(0.1)
+            t0 = time.monotonic()
+            out = await front.generate("Hi", params)
+            well_formed_s = time.monotonic() - t0
+            ticks, t1 = 0, time.monotonic()
+            while not hostile.done():
+                await asyncio.sleep(0.01)
+                ticks += 1
+            with pytest.raises(InvalidRequestError, match="time budget"):
+                await hostile
+            return out, well_formed_s, ticks / (time.monotonic() - t1 + 1e-9)
+        finally:
+            front.shutdown()
+
+    out, well_formed_s, tick_rate = asyncio.run(main())
+    assert out.finish_reason == "length" and len(out.token_ids) == 8
+    assert well_formed_s < BUDGET_S * 0.8, well_formed_s
+    assert tick_rate > 20, tick_rate

@@ -99,20 +99,21 @@ def _raise_exception(message: str) -> None:
     raise TemplateError(f"it raised an error: {message}")
 
 
-_environments: dict[int, Any] = {}
+_environment_made: list = []
+_render_limit = threading.local()     # .max_output of the render running on this thread
 
 
-def _environment(max_output: int):
-    """jinja2's immutable sandbox, with `*` and `**` checked before they run."""
-    env = _environments.get(max_output)
-    if env is not None:
-        return env
+def _environment():
+    """jinja2's immutable sandbox, with `*` and `**` checked before they run (one per process)."""
+    if _environment_made:
+        return _environment_made[0]
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class BudgetedSandbox(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset({"*", "**"})
 
         def call_binop(self, context, operator, left, right):
+            max_output = _render_limit.max_output
             if operator == "*":
                 for seq, times in ((left, right), (right, left)):
                     if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > max_output:
@@ -125,27 +126,26 @@ def _environment(max_output: int):
 
     env = BudgetedSandbox(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise_exception
-    _environments.clear()    # one limit at a time is enough: it changes with the input's size
-    _environments[max_output] = env
+    _environment_made.append(env)
     return env
 
 
-_compiled: dict[tuple[int, str], Any] = {}
+_compiled: dict[str, Any] = {}     # template source -> compiled (the last COMPILED_CACHE)
 
 
 def render_here(template: str, context: dict, max_output: int) -> str:
     """Renders in this process: the sandbox and the output limit, no time limit (the renderer adds it).
     Raises TemplateError."""
     import jinja2
-    env = _environment(max_output)
+    env = _environment()
+    _render_limit.max_output = max_output
     try:
-        key = (max_output, template)
-        compiled = _compiled.get(key)
+        compiled = _compiled.get(template)
         if compiled is None:
             compiled = env.from_string(template)
             if len(_compiled) >= COMPILED_CACHE:
-                _compiled.pop(next(iter(_compiled)))
-            _compiled[key] = compiled
+                _compiled.pop(next(iter(_compiled)), None)
+            _compiled[template] = compiled
         out, size = [], 0
         for chunk in compiled.generate(**context):
             size += len(chunk)
