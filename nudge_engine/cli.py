@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,6 @@ from .cli_bench import cmd_bench
 NUDGE_COLOR = "\x1b[1;32m"   # bold green: tokens the nudger wrote
 RESET = "\x1b[0m"
 MARK_OPEN, MARK_CLOSE = "[[", "]]"
-DRAIN_GRACE_S = 5            # after --drain-timeout: time for the error chunks to reach the clients
 DEMO_PROMPT = "Question: Why is the sky blue?\nAnswer:"
 DEMO_QUESTIONS = ("What is the capital of France?", "Write a haiku about the sea.")
 
@@ -274,6 +272,7 @@ def cmd_serve(args) -> int:
 
     from .server.app import ServerSettings, build_app
     from .engine.async_errors import fault_steps_from_env
+    from .server.draining import DRAIN_GRACE_S, DrainingServer
     from .server.guard import header_timeout_protocol
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fault_steps = fault_steps_from_env()
@@ -297,47 +296,13 @@ def cmd_serve(args) -> int:
                             timeout_graceful_shutdown=args.drain_timeout + DRAIN_GRACE_S, access_log=args.access_log,
                             http=header_timeout_protocol(args.header_timeout))
     ae = app.state.async_engine
-    server = _draining_server_class()(config, args.drain_timeout, lambda: ae.expire(
+    server = DrainingServer(config, args.drain_timeout, lambda: ae.expire(
         f"the server is shutting down and its drain time-out ({args.drain_timeout} s) ran out; retry elsewhere"))
     try:
         server.run()
     finally:
         engine.close()
     return 0
-
-
-def _draining_server_class():
-    import asyncio
-
-    import uvicorn
-
-    class DrainingServer(uvicorn.Server):
-        """SIGTERM: stop accepting, let in-flight requests finish (up to --drain-timeout), then end the
-        rest with an error (streams get an error chunk and [DONE]), exit with status 0.
-
-        Plain uvicorn re-raises the signal after its graceful shutdown, so the process would end
-        "killed by SIGTERM" even after a clean drain.
-        """
-
-        def __init__(self, config, drain_timeout: float, on_drain_timeout):
-            super().__init__(config)
-            self.drain_timeout = drain_timeout
-            self.on_drain_timeout = on_drain_timeout
-
-        async def shutdown(self, sockets=None):
-            timer = asyncio.get_running_loop().call_later(self.drain_timeout, self.on_drain_timeout)
-            try:
-                await super().shutdown(sockets)
-            finally:
-                timer.cancel()
-
-        def handle_exit(self, sig, frame):
-            super().handle_exit(sig, frame)
-            captured = getattr(self, "_captured_signals", None)
-            if sig == signal.SIGTERM and isinstance(captured, list) and sig in captured:
-                captured.remove(sig)
-
-    return DrainingServer
 
 
 def build_parser() -> argparse.ArgumentParser:

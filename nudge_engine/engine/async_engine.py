@@ -11,12 +11,7 @@ The HTTP side only appends to the inbox and awaits its queue: it never blocks on
 A *group* is one HTTP request: n choices (x prompts) = that many engine requests, added together
 (all or none) and aborted together (client disconnect, server shutdown).
 
-Admission (the queue limit): the engine runs at most `max_num_seqs` requests at once; `max_queue`
-more may wait behind them. A group is refused (QueueFullError, 503) when the engine requests
-admitted and not yet ended, plus the group's own, would pass `max_num_seqs + max_queue`, unless
-nothing at all is admitted (a group larger than the whole limit still runs alone). The count is
-exact: taken and checked on the event loop at submit, given back by the engine thread the moment a
-request ends (finished, failed, aborted or refused).
+Admission (admission.py): at most max_num_seqs running plus max_queue waiting engine requests.
 
 Failure design (engine.step() raises, e.g. a forward pass fails):
   - every in-flight request fails with an EngineStepError (the server sends an error chunk when
@@ -43,12 +38,14 @@ import logging
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from .engine import NudgeEngine
 from .request import RequestOutput, StreamDelta
 from .sampling_params import NudgeParams, SamplingParams
+from .admission import Admission
+from .snapshot import EngineSnapshot, take_snapshot
 from .async_errors import (FAULT_ENV, EngineDeadError, EngineStepError, InvalidRequestError, QueueFullError,  # noqa: F401
                             RequestFailedError, ShuttingDownError, fault_steps_from_env)
 
@@ -142,16 +139,6 @@ class RequestGroup:
         self.owner._send(("abort", self))
 
 
-@dataclass
-class EngineSnapshot:
-    running: int = 0
-    waiting: int = 0
-    kv_free: dict[str, int] = field(default_factory=dict)
-    kv_total: dict[str, int] = field(default_factory=dict)
-    prefix_cache: dict[str, tuple[int, int]] = field(default_factory=dict)  # model -> (hit, query) tokens
-    counters: dict[str, int] = field(default_factory=dict)
-
-
 class AsyncEngine:
     def __init__(self, engine: NudgeEngine, *, max_queue: int = 512,
                  max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES,
@@ -168,9 +155,7 @@ class AsyncEngine:
         self._live: dict[int, _Choice] = {}          # engine request id -> choice (engine thread only)
         self._outbox: list[tuple[Callable, tuple]] = []
         self._pending_choices = 0                    # submitted, not yet accepted or refused (loop only)
-        self.max_running = engine.max_num_seqs
-        self._admitted = 0                           # engine requests admitted and not yet ended (both threads)
-        self._admitted_lock = threading.Lock()
+        self.admission = Admission(engine.max_num_seqs, max_queue)
         self.dead_reason: str | None = None
         self.steps = 0                               # steps with work
         self.step_failures = 0
@@ -199,25 +184,10 @@ class AsyncEngine:
     @property
     def num_waiting(self) -> int:
         """Admitted requests the engine does not run yet (submitted, queued or preempted)."""
-        return max(0, self._admitted - self.snapshot.running)
-
-    def _admit(self, n: int) -> None:
-        """Takes n places of max_num_seqs + max_queue, or raises QueueFullError (module docstring)."""
-        limit = self.max_running + self.max_queue
-        with self._admitted_lock:
-            if self._admitted and self._admitted + n > limit:
-                admitted = self._admitted
-            else:
-                self._admitted += n
-                return
-        raise QueueFullError(
-            f"the server is busy: {admitted} requests are running or waiting, the most it takes is {limit} "
-            f"(--max-num-seqs {self.max_running} running + --max-queue {self.max_queue} waiting)"
-            + (f"; this request adds {n}" if n > 1 else "") + "; retry later")
+        return max(0, self.admission.count - self.snapshot.running)
 
     def _release(self, n: int) -> None:
-        with self._admitted_lock:
-            self._admitted -= n
+        self.admission.give_back(n)
 
     def _forget(self, rid: int) -> "_Choice | None":
         """Engine thread: a request leaves the engine (finished, failed or aborted); its place is free."""
@@ -230,7 +200,7 @@ class AsyncEngine:
         """Adds a group; returns once the engine accepted it (raises otherwise)."""
         if not self.alive:
             raise EngineDeadError(self.dead_reason or "the engine is not running")
-        self._admit(len(items))
+        self.admission.take(len(items))
         group = RequestGroup(self, items)
         self._pending_choices += group.n
         try:
@@ -455,22 +425,9 @@ class AsyncEngine:
         self.recoveries += 1
 
     def _publish_snapshot(self) -> None:
-        e = self.engine
-        s = e.stats
-        self.snapshot = EngineSnapshot(
-            running=int(e.scheduler.num_running),
-            waiting=int(e.scheduler.num_waiting),
-            kv_free={name: int(m.pool.num_free) for name, m in zip(self.names, e.models)},
-            kv_total={name: int(m.pool.num_blocks) for name, m in zip(self.names, e.models)},
-            prefix_cache={name: (int(m.pool.prefix_cache_hit_tokens), int(m.pool.prefix_cache_query_tokens))
-                          for name, m in zip(self.names, e.models)},
-            counters={
-                "rounds": s.rounds, "drafted_tokens": s.drafted_tokens, "accepted_tokens": s.accepted_tokens,
-                "base_tokens": s.base_tokens, "nudger_tokens": s.nudger_tokens, "handoffs": s.handoffs,
-                "preemptions": s.preemptions, "steps": self.steps, "step_failures": self.step_failures,
-                "recoveries": self.recoveries, **{f"finished_{k}": v for k, v in self._finish_counts.items()},
-            },
-        )
+        self.snapshot = take_snapshot(self.engine, self.names, {
+            "steps": self.steps, "step_failures": self.step_failures, "recoveries": self.recoveries,
+            **{f"finished_{k}": v for k, v in self._finish_counts.items()}})
 
 
 def _dispatch(batch: list[tuple[Callable, tuple]]) -> None:

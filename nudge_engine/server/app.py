@@ -36,6 +36,7 @@ from ..engine.async_nudge_engine import AsyncNudgeEngine
 from ..engine.async_engine import (AsyncEngine, EngineDeadError, EngineStepError, GenerateItem, GroupError,
                            InvalidRequestError, QueueFullError, RequestFailedError, ShuttingDownError)
 from .guard import DEFAULT_BODY_TIMEOUT_S, GuardMiddleware
+from .limits import RequestLimits
 from .metrics import ServerMetrics
 from .openapi import ROUTE_RESPONSES, document_responses
 from .responses import (RETRY_AFTER_S, APIError, Echo, _AbortingStreamingResponse, _clean_logprobs, _ClientGone,
@@ -79,14 +80,7 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
     for m in engine.models:
         if m.tokenizer.chat_template_error:
             log.warning("%s", m.tokenizer.chat_template_error)
-    context = min(m.config.max_position_embeddings for m in engine.models)
-    kv_tokens = min(m.pool.num_blocks * m.pool.block_size for m in engine.models)
-    # What one request (prompt + output) can hold: the models' context, or a whole KV pool if that is
-    # smaller. /v1/models advertises it, and a max_tokens the client leaves out is at most the room it leaves.
-    max_model_len = min(context, kv_tokens)
-    limit_text = (f"the model's context of {context} tokens" if context <= kv_tokens else
-                  f"a whole KV pool ({kv_tokens} tokens: {engine.base.pool.num_blocks} blocks of "
-                  f"{engine.base.pool.block_size}; the model's context is {context})")
+    limits = RequestLimits(engine)   # what one request can hold (limits.py)
     base_path = str(engine.base.path)
     aliases = {settings.model_name, base_path, str(Path(base_path).resolve()), Path(base_path).name}
 
@@ -200,22 +194,6 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
             raise bad_request(str(e)) from None
         return params, nudge
 
-    def engine_prompt(base_ids: list[int], nudger_ids: list[int] | None, param: str):
-        if not base_ids or (nudger_tok is not None and not nudger_ids):
-            raise bad_request("the prompt is empty after tokenization", param)
-        longest = max(len(base_ids), len(nudger_ids or ()))
-        if longest >= max_model_len:
-            raise bad_request(f"the prompt ({longest} tokens) leaves no room for a completion: one request holds at "
-                              f"most {max_model_len} tokens here, {limit_text}", param)
-        return ({"base": base_ids, "nudger": nudger_ids} if nudger_ids is not None else base_ids), longest
-
-    def default_max_tokens(default: int, flag: str, longest: int) -> tuple[int, str]:
-        """(max_tokens, what the error messages say about it) for a request that did not send one."""
-        room = max_model_len - longest
-        value = min(default, room)
-        return value, (f"max_tokens was not sent: the server used {value}, the smaller of its default "
-                       f"({default}, {flag}) and the room the prompt leaves ({room} of {max_model_len} tokens)")
-
     async def submit(items: list[GenerateItem], defaulted: str | None = None):
         try:
             return await ae.submit(items)
@@ -315,7 +293,7 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
     async def models():
         return {"object": "list", "data": [{
             "id": settings.model_name, "object": "model", "created": P.now(), "owned_by": "nudge_engine",
-            "root": base_path, "max_model_len": max_model_len, "context_length": context, "kv_cache_tokens": kv_tokens,
+            "root": base_path, **limits.advertised(),
             "nudger": str(engine.nudger.path) if engine.nudger is not None else None,
             "pairing": engine.pairing if engine.nudger is not None else "base-alone",
             "gamma": engine.defaults.gamma, "draft_tokens": engine.defaults.draft_tokens,
@@ -348,14 +326,14 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
         tokenized = await off_loop(tokenize_all)
         prompts, base_prompts, prompt_tokens, longest = [], [], 0, 0
         for base_ids, nudger_ids in tokenized:
-            prompt, length = engine_prompt(base_ids, nudger_ids, "prompt")
+            prompt, length = limits.engine_prompt(base_ids, nudger_ids, "prompt")
             prompts.append(prompt)
             base_prompts.append(base_ids)
             prompt_tokens += len(base_ids)
             longest = max(longest, length)
         max_tokens, defaulted = body.max_tokens, None
         if max_tokens is None:
-            max_tokens, defaulted = default_max_tokens(DEFAULT_COMPLETION_MAX_TOKENS, "OpenAI's for completions",
+            max_tokens, defaulted = limits.default_max_tokens(DEFAULT_COMPLETION_MAX_TOKENS, "OpenAI's for completions",
                                                        longest)
         n_logprobs = body.logprobs
         params, nudge = make_params(body, max_tokens, n_logprobs,
@@ -427,10 +405,10 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
                                   "chat_template" if body.chat_template is not None else "messages") from None
 
         base_ids, nudger_ids = await off_loop(render_and_tokenize)
-        prompt, longest = engine_prompt(base_ids, nudger_ids, "messages")
+        prompt, longest = limits.engine_prompt(base_ids, nudger_ids, "messages")
         max_tokens, defaulted = body.max_completion_tokens or body.max_tokens, None
         if max_tokens is None:
-            max_tokens, defaulted = default_max_tokens(settings.default_chat_max_tokens, "--default-max-tokens",
+            max_tokens, defaulted = limits.default_max_tokens(settings.default_chat_max_tokens, "--default-max-tokens",
                                                        longest)
         n_top = (body.top_logprobs or 0) if body.logprobs else None
         params, nudge = make_params(body, max_tokens, n_top)
