@@ -45,7 +45,7 @@ runtime = [
     "torch>=2.4",
     "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
     "safetensors>=0.4",
-    "tokenizers>=0.19",
+    "tokenizers>=0.21",         # encode_batch_fast (model/tokenizer.py)
     "jinja2>=3.1",
     "numpy>=1.24",
     "tqdm>=4.60",

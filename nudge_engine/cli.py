@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,6 @@ from .cli_bench import cmd_bench
 NUDGE_COLOR = "\x1b[1;32m"   # bold green: tokens the nudger wrote
 RESET = "\x1b[0m"
 MARK_OPEN, MARK_CLOSE = "[[", "]]"
-DRAIN_GRACE_S = 5            # after --drain-timeout: time for the error chunks to reach the clients
 DEMO_PROMPT = "Question: Why is the sky blue?\nAnswer:"
 DEMO_QUESTIONS = ("What is the capital of France?", "Write a haiku about the sea.")
 
@@ -65,6 +63,9 @@ def _engine_options(p: argparse.ArgumentParser, nudger_required: bool) -> None:
     _threads_option(g)
     g.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: run decode passes eagerly (graphs are on by default on CUDA)")
+    g.add_argument("--chat-template-timeout", type=_positive_float, default=5.0,
+                   help="seconds one chat template rendering may take (in a sandboxed process, also capped in "
+                   "output and memory); a template that runs longer fails its request (default: 5)")
 
 
 def _threads_option(p) -> None:
@@ -115,6 +116,8 @@ def _check_can_listen(host: str, port: int) -> None:
 
 def _make_engine(args):
     from .engine.engine import NudgeEngine
+    from .model import chat_sandbox
+    chat_sandbox.set_time_budget(args.chat_template_timeout)   # before loading: each template is tried at load
     kw = dict(device=args.device, dtype=args.dtype, gamma=args.gamma, draft_tokens=args.draft_tokens,
               resume_on_agreement=not args.no_resume_on_agreement, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_bytes,
@@ -300,6 +303,7 @@ def cmd_serve(args) -> int:
 
     from .server.app import ServerSettings, build_app
     from .engine.async_errors import fault_steps_from_env
+    from .server.draining import DRAIN_GRACE_S, DrainingServer
     from .server.guard import header_timeout_protocol
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fault_steps = fault_steps_from_env()
@@ -323,47 +327,13 @@ def cmd_serve(args) -> int:
                             timeout_graceful_shutdown=args.drain_timeout + DRAIN_GRACE_S, access_log=args.access_log,
                             http=header_timeout_protocol(args.header_timeout))
     ae = app.state.async_engine
-    server = _draining_server_class()(config, args.drain_timeout, lambda: ae.expire(
+    server = DrainingServer(config, args.drain_timeout, lambda: ae.expire(
         f"the server is shutting down and its drain time-out ({args.drain_timeout} s) ran out; retry elsewhere"))
     try:
         server.run()
     finally:
         engine.close()
     return 0
-
-
-def _draining_server_class():
-    import asyncio
-
-    import uvicorn
-
-    class DrainingServer(uvicorn.Server):
-        """SIGTERM: stop accepting, let in-flight requests finish (up to --drain-timeout), then end the
-        rest with an error (streams get an error chunk and [DONE]), exit with status 0.
-
-        Plain uvicorn re-raises the signal after its graceful shutdown, so the process would end
-        "killed by SIGTERM" even after a clean drain.
-        """
-
-        def __init__(self, config, drain_timeout: float, on_drain_timeout):
-            super().__init__(config)
-            self.drain_timeout = drain_timeout
-            self.on_drain_timeout = on_drain_timeout
-
-        async def shutdown(self, sockets=None):
-            timer = asyncio.get_running_loop().call_later(self.drain_timeout, self.on_drain_timeout)
-            try:
-                await super().shutdown(sockets)
-            finally:
-                timer.cancel()
-
-        def handle_exit(self, sig, frame):
-            super().handle_exit(sig, frame)
-            captured = getattr(self, "_captured_signals", None)
-            if sig == signal.SIGTERM and isinstance(captured, list) and sig in captured:
-                captured.remove(sig)
-
-    return DrainingServer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -415,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(also read from $NUDGE_API_KEY)")
     g.add_argument("--served-model-name", default=None, help="the model id clients send (default: the --base path)")
     g.add_argument("--max-queue", type=int, default=512,
-                   help="requests waiting for the engine before new ones get 503 (default: 512)")
+                   help="requests that may wait beyond the --max-num-seqs running ones; a request past "
+                   "both gets 503 (default: 512)")
     g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit; larger gets 413 "
                    "(default: 1 MiB)")
     g.add_argument("--default-max-tokens", type=int, default=1024,
@@ -425,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--header-timeout", type=_positive_float, default=30.0,
                    help="seconds a client may take to send a request's headers (default: 30)")
     g.add_argument("--body-timeout", type=_positive_float, default=30.0,
-                   help="seconds a client may pause while sending a request body; then 408 (default: 30)")
+                   help="seconds a client has to send a whole request body, counted from its headers; "
+                   "then 408 and the connection is closed (default: 30)")
     g.add_argument("--allow-request-chat-template", action="store_true",
                    help="accept a chat_template in chat requests (rendered in a jinja2 sandbox); refused otherwise")
     g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))

@@ -4,8 +4,14 @@ NudgeEngine(..., tensor_parallel_size=N) calls start(): it spawns ranks 1..N-1 a
 (worker.WorkerProcess: the user's main script is not re-run, so no `__main__` guard is needed) over a group of the engine's own (group.py: several engines per process), or,
 under torchrun, joins the env:// default group (then ranks other than 0 run the worker loop and then
 end their process); it loads rank 0's shards, captures their graphs (as every worker does, in the
-same order) and returns a TensorParallelGroup whose `models` the engine uses like load_models()'s. A worker that dies makes the next pass raise
-WorkerDiedError (engine_fatal: the async engine turns /health to 503) instead of hanging.
+same order) and returns a TensorParallelGroup whose `models` the engine uses like load_models()'s.
+
+A worker that dies is noticed by a monitor thread within WATCH_INTERVAL_S, even while the engine is
+idle: the group is marked broken (`broken` says which rank, with its exit code), which the async
+engine reads between steps to stop serving (/health turns 503 with that reason); on CUDA the monitor
+also aborts the group, so a pass blocked in an NCCL collective raises instead of waiting for the
+watchdog. The next pass raises WorkerDiedError (engine_fatal) instead of hanging. Under torchrun
+there are no spawned workers to watch: torchrun's own agent ends the job when a rank dies.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from .shard import attach_rank_graphs, load_rank_models
 from .worker import EXIT_DONE, WorkerProcess, exit_worker, run_worker
 
 JOIN_TIMEOUT_S = 10.0     # a worker told to stop has this long to exit before it is terminated, then killed
-WATCH_INTERVAL_S = 0.5    # how often the CUDA monitor looks at the workers
+WATCH_INTERVAL_S = 0.5    # how often the monitor looks at the workers
 NO_ROWS = torch.empty(0, dtype=torch.long)   # a graph pass sends no logits rows: the graph computes them all
 
 
@@ -97,19 +103,23 @@ class TensorParallelGroup:
         self.broken: str | None = None
         self.models: list[LoadedModel] = []
         self._closed = False
-        if procs and device.type == "cuda":
-            # gloo fails a collective as soon as a peer's connection closes; NCCL would wait for its
-            # watchdog (and then end this process), so a dead worker aborts the group from here.
+        if procs:
             threading.Thread(target=self._watch, daemon=True, name="nudge-tp-monitor").start()
 
     def _watch(self) -> None:
         while not self._closed:
-            dead = [r for r, p in enumerate(self.procs, 1) if not p.is_alive()]
+            dead = self._dead_workers()
             if dead and not self._closed:
-                self.broken = self.broken or f"worker rank {dead[0]} died"
-                abort_group(self.tp)   # the pass blocked in a collective raises instead of hanging
+                self.broken = self.broken or f"worker {dead} died"
+                if self.device.type == "cuda":
+                    # gloo fails a collective as soon as a peer's connection closes; NCCL would wait for
+                    # its watchdog (and then end this process): the pass blocked in it raises instead.
+                    abort_group(self.tp)
                 return
             time.sleep(WATCH_INTERVAL_S)
+
+    def _dead_workers(self) -> str:
+        return ", ".join(f"rank {r} (exit code {p.exitcode})" for r, p in enumerate(self.procs, 1) if not p.is_alive())
 
     def failed(self, e: RuntimeError) -> WorkerDiedError:
         """A collective failed or timed out (a peer is gone): the group is broken for good."""
@@ -117,9 +127,9 @@ class TensorParallelGroup:
         return WorkerDiedError(f"tensor-parallel pass failed ({self.broken}); the engine must be restarted")
 
     def check_workers(self) -> None:
-        dead = [f"rank {r} (exit code {p.exitcode})" for r, p in enumerate(self.procs, 1) if not p.is_alive()]
+        dead = self._dead_workers()
         if dead or self.broken is not None:   # a dead worker is the plainest account of a failed collective
-            what = "worker " + ", ".join(dead) + " died" if dead else self.broken
+            what = f"worker {dead} died" if dead else self.broken
             self.broken = self.broken or what
             raise WorkerDiedError(f"tensor-parallel {what}; the engine must be restarted")
 

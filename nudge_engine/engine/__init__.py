@@ -4,8 +4,8 @@ engine.py (NudgeEngine: loading, scheduler, requests, public API, statistics; th
 the pairing's), request.py (Request, RequestOutput, StreamDelta), sampling_params.py (SamplingParams,
 NudgeParams), prompts.py (prompt forms and chat rendering), sampler.py (processed distributions,
 seeded draws), draft_policy.py (adaptive draft length), stats.py (EngineStats),
-async_engine.py + async_nudge_engine.py + async_errors.py (AsyncNudgeEngine: the engine on its own
-thread for asyncio callers; the server builds on it).
+async_engine.py + async_nudge_engine.py + async_errors.py + admission.py (the queue limit) + snapshot.py
+(AsyncNudgeEngine: the engine on its own thread for asyncio callers; the server builds on it).
 
 May import: model/, distributed/ (engine.py only, lazily, for tensor_parallel_size > 1). Only engine.py imports pairing/; pairing/ imports the other modules here, never
 engine.py, so the modules form no import circle. `from nudge_engine.engine import NudgeEngine` works

@@ -11,6 +11,8 @@ The HTTP side only appends to the inbox and awaits its queue: it never blocks on
 A *group* is one HTTP request: n choices (x prompts) = that many engine requests, added together
 (all or none) and aborted together (client disconnect, server shutdown).
 
+Admission (admission.py): at most max_num_seqs running plus max_queue waiting engine requests.
+
 Failure design (engine.step() raises, e.g. a forward pass fails):
   - every in-flight request fails with an EngineStepError (the server sends an error chunk when
     streaming, a 500 otherwise): its state may be half-updated by the failed round, so it is not
@@ -18,8 +20,12 @@ Failure design (engine.step() raises, e.g. a forward pass fails):
   - every request is aborted in the engine, which frees both models' KV blocks;
   - if the engine is then clean (no request left, every pool block free) the loop goes on and
     serves new requests: a failure costs the requests in flight, not the server;
-  - if it is not clean, or `max_consecutive_failures` steps in a row failed, the engine thread
-    stops: new requests get 503 and /health answers 503, so a supervisor restarts the process.
+  - if it is not clean, or `max_consecutive_failures` steps in a row failed, or the failure is one
+    no pass survives (a tensor-parallel worker died), the engine thread stops: new requests get 503
+    and /health answers 503, so a supervisor restarts the process.
+The error each in-flight request gets says which of the two happened.
+Between steps, and every IDLE_WAIT_S while idle, the loop also reads `engine.broken` (a dead
+tensor-parallel worker, noticed by its monitor): then it stops at once, before any request fails on it.
 
 Test-only switch: NUDGE_FAULT_INJECT="3" (or "3,6") makes the base model's forward pass raise
 in the 3rd (and 6th) engine step that has work, counted from server start.
@@ -32,12 +38,14 @@ import logging
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from .engine import NudgeEngine
 from .request import RequestOutput, StreamDelta
 from .sampling_params import NudgeParams, SamplingParams
+from .admission import Admission
+from .snapshot import EngineSnapshot, take_snapshot
 from .async_errors import (FAULT_ENV, EngineDeadError, EngineStepError, InvalidRequestError, QueueFullError,  # noqa: F401
                             RequestFailedError, ShuttingDownError, fault_steps_from_env)
 
@@ -131,16 +139,6 @@ class RequestGroup:
         self.owner._send(("abort", self))
 
 
-@dataclass
-class EngineSnapshot:
-    running: int = 0
-    waiting: int = 0
-    kv_free: dict[str, int] = field(default_factory=dict)
-    kv_total: dict[str, int] = field(default_factory=dict)
-    prefix_cache: dict[str, tuple[int, int]] = field(default_factory=dict)  # model -> (hit, query) tokens
-    counters: dict[str, int] = field(default_factory=dict)
-
-
 class AsyncEngine:
     def __init__(self, engine: NudgeEngine, *, max_queue: int = 512,
                  max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES,
@@ -157,6 +155,7 @@ class AsyncEngine:
         self._live: dict[int, _Choice] = {}          # engine request id -> choice (engine thread only)
         self._outbox: list[tuple[Callable, tuple]] = []
         self._pending_choices = 0                    # submitted, not yet accepted or refused (loop only)
+        self.admission = Admission(engine.max_num_seqs, max_queue)
         self.dead_reason: str | None = None
         self.steps = 0                               # steps with work
         self.step_failures = 0
@@ -184,15 +183,24 @@ class AsyncEngine:
 
     @property
     def num_waiting(self) -> int:
-        return self._pending_choices + self.snapshot.waiting
+        """Admitted requests the engine does not run yet (submitted, queued or preempted)."""
+        return max(0, self.admission.count - self.snapshot.running)
+
+    def _release(self, n: int) -> None:
+        self.admission.give_back(n)
+
+    def _forget(self, rid: int) -> "_Choice | None":
+        """Engine thread: a request leaves the engine (finished, failed or aborted); its place is free."""
+        choice = self._live.pop(rid, None)
+        if choice is not None:
+            self._release(1)
+        return choice
 
     async def submit(self, items: Sequence[GenerateItem]) -> RequestGroup:
         """Adds a group; returns once the engine accepted it (raises otherwise)."""
         if not self.alive:
             raise EngineDeadError(self.dead_reason or "the engine is not running")
-        if self.num_waiting + len(items) > self.max_queue and self.num_waiting > 0:
-            raise QueueFullError(f"the server is busy: {self.num_waiting} requests are waiting "
-                                 f"(--max-queue {self.max_queue}); retry later")
+        self.admission.take(len(items))
         group = RequestGroup(self, items)
         self._pending_choices += group.n
         try:
@@ -234,6 +242,11 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
+                broken = self.engine.broken
+                if broken is not None:
+                    self.dead_reason = f"{broken}; no pass can run again: restart the server"
+                    log.error("the engine stops serving: %s", self.dead_reason)
+                    break
                 self._wake.clear()
                 if self._inbox:
                     self._drain_inbox()
@@ -261,6 +274,7 @@ class AsyncEngine:
             while self._inbox:
                 kind, what = self._inbox.popleft()
                 if kind == "add":
+                    self._release(what.n)
                     self._post(_set_exception, what.accepted, EngineDeadError(reason))
             self._stop.set()
             self._publish_snapshot()
@@ -288,6 +302,7 @@ class AsyncEngine:
             for rid in added:
                 self._live.pop(rid, None)
                 engine.abort(rid)
+            self._release(group.n)
             err = InvalidRequestError(str(e)) if isinstance(e, (ValueError, TypeError, OverflowError)) else e
             self._post(_set_exception, group.accepted, err)
             return
@@ -296,7 +311,7 @@ class AsyncEngine:
 
     def _abort_group(self, group: RequestGroup) -> None:
         for rid in group.request_ids:
-            if self._live.pop(rid, None) is not None:
+            if self._forget(rid) is not None:
                 self.engine.abort(rid)
                 self._finish_counts["abort"] += 1
 
@@ -351,7 +366,7 @@ class AsyncEngine:
                 ev.prompt_logprobs = list(prompt_logprobs)
             if req.finished:
                 ev.output = req.result()
-                del self._live[req.id]
+                self._forget(req.id)
                 self._finish_counts[req.finish_reason] += 1
                 if metrics is not None:
                     metrics.observe_finish(req.finish_reason, now - choice.group.arrival)
@@ -362,7 +377,7 @@ class AsyncEngine:
         """Ends one HTTP request: its other choices are aborted, its stream gets the error."""
         self._finish_counts["error"] += 1
         for rid in group.request_ids:
-            if self._live.pop(rid, None) is not None and rid in self.engine.requests:
+            if self._forget(rid) is not None and rid in self.engine.requests:
                 self.engine.abort(rid)
                 self._finish_counts["abort"] += 1
         self._post(group.queue.put_nowait, GroupError(error))
@@ -377,51 +392,42 @@ class AsyncEngine:
                     self.engine.abort(rid)
                 except Exception:  # noqa: BLE001
                     log.exception("abort of request %d failed", rid)
+        self._release(len(self._live))
         self._live.clear()
         for group in groups.values():
             self._post(group.queue.put_nowait, GroupError(error))
 
     def _recover(self, exc: Exception) -> None:
+        """After a failed step: abort everything, decide whether the engine can go on, then tell each
+        request in flight what happened, in the same words as the decision."""
         self.step_failures += 1
         self._consecutive_failures += 1
-        n = len(self._live)
-        log.error("engine step %d failed (%s: %s); failing the %d request(s) in flight\n%s",
-                  self.steps, type(exc).__name__, exc, n, traceback.format_exc())
-        self._fail_all(EngineStepError(
-            f"the engine failed while this request was in flight ({type(exc).__name__}: {exc}); "
-            f"the request was aborted, and the server goes on serving new requests"), abort=True)
-        for rid in list(self.engine.requests):       # anything the engine still holds
-            self.engine.abort(rid)
+        cause = f"{type(exc).__name__}: {exc}"
+        log.error("engine step %d failed (%s); failing the %d request(s) in flight\n%s",
+                  self.steps, cause, len(self._live), traceback.format_exc())
+        for rid in list(self.engine.requests):       # every request in flight, and anything else the engine holds
+            try:
+                self.engine.abort(rid)
+            except Exception:  # noqa: BLE001 - judged below: the pools are then not free
+                log.exception("abort of request %d failed", rid)
         if getattr(exc, "engine_fatal", False):   # e.g. a tensor-parallel worker died: no pass can run again
-            self.dead_reason = f"{type(exc).__name__}: {exc}; restart the server"
-            raise EngineDeadError(self.dead_reason)
-        clean = not self.engine.has_unfinished() and self.engine.pools_all_free()
-        if not clean:
+            self.dead_reason = f"{cause}; restart the server"
+        elif self.engine.has_unfinished() or not self.engine.pools_all_free():
             self.dead_reason = "the engine could not free its KV pools after a failed step; restart the server"
-            raise EngineDeadError(self.dead_reason)
-        if self._consecutive_failures >= self.max_consecutive_failures:
-            self.dead_reason = (f"{self._consecutive_failures} engine steps in a row failed (last: "
-                                f"{type(exc).__name__}: {exc}); restart the server")
+        elif self._consecutive_failures >= self.max_consecutive_failures:
+            self.dead_reason = f"{self._consecutive_failures} engine steps in a row failed (last: {cause}); restart the server"
+        outcome = ("the request was aborted, and the server goes on serving new requests" if self.dead_reason is None
+                   else f"the request was aborted, and the server stopped serving: {self.dead_reason}")
+        self._fail_all(EngineStepError(f"the engine failed while this request was in flight ({cause}); {outcome}"),
+                       abort=False)
+        if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
         self.recoveries += 1
 
     def _publish_snapshot(self) -> None:
-        e = self.engine
-        s = e.stats
-        self.snapshot = EngineSnapshot(
-            running=int(e.scheduler.num_running),
-            waiting=int(e.scheduler.num_waiting),
-            kv_free={name: int(m.pool.num_free) for name, m in zip(self.names, e.models)},
-            kv_total={name: int(m.pool.num_blocks) for name, m in zip(self.names, e.models)},
-            prefix_cache={name: (int(m.pool.prefix_cache_hit_tokens), int(m.pool.prefix_cache_query_tokens))
-                          for name, m in zip(self.names, e.models)},
-            counters={
-                "rounds": s.rounds, "drafted_tokens": s.drafted_tokens, "accepted_tokens": s.accepted_tokens,
-                "base_tokens": s.base_tokens, "nudger_tokens": s.nudger_tokens, "handoffs": s.handoffs,
-                "preemptions": s.preemptions, "steps": self.steps, "step_failures": self.step_failures,
-                "recoveries": self.recoveries, **{f"finished_{k}": v for k, v in self._finish_counts.items()},
-            },
-        )
+        self.snapshot = take_snapshot(self.engine, self.names, {
+            "steps": self.steps, "step_failures": self.step_failures, "recoveries": self.recoveries,
+            **{f"finished_{k}": v for k, v in self._finish_counts.items()}})
 
 
 def _dispatch(batch: list[tuple[Callable, tuple]]) -> None:

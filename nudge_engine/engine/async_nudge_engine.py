@@ -17,10 +17,11 @@ The OpenAI-compatible server (nudge_engine/server/) is a layer of HTTP over this
 """
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator
 
-from .async_engine import AsyncEngine, ChoiceDelta, GenerateItem, GroupError, RequestGroup
-from .prompts import Prompt
+from .async_engine import AsyncEngine, ChoiceDelta, GenerateItem, GroupError, InvalidRequestError, RequestGroup
+from .prompts import Prompt, tokenize_prompt
 from .request import RequestOutput
 from .sampling_params import NudgeParams, SamplingParams
 
@@ -32,7 +33,21 @@ class AsyncNudgeEngine(AsyncEngine):
                           nudge: NudgeParams | None) -> RequestGroup:
         if self.loop is None:
             self.start()
+        prompt = await self._tokenized(prompt)
         return await self.submit([GenerateItem(prompt, params or SamplingParams(), nudge or NudgeParams())])
+
+    async def _tokenized(self, prompt: Prompt) -> Prompt:
+        """Text and chat prompts as token ids, tokenized (and chat templates rendered, on their budget:
+        model/chat_sandbox.py) on a worker thread: never on the event loop, never on the engine thread."""
+        if not isinstance(prompt, (str, dict)):
+            return prompt
+        e = self.engine
+        nudger_tok = e.nudger.tokenizer if e.nudger is not None else None
+        try:
+            base, nudger = await asyncio.to_thread(tokenize_prompt, prompt, e.base.tokenizer, nudger_tok, e.chat_format)
+        except ValueError as err:
+            raise InvalidRequestError(str(err)) from None
+        return base if nudger is None else {"base": base, "nudger": nudger}
 
     async def stream(self, prompt: Prompt, params: SamplingParams | None = None,
                      nudge: NudgeParams | None = None) -> AsyncIterator[ChoiceDelta]:

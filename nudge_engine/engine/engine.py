@@ -78,6 +78,7 @@ class NudgeEngine:
             torch.get_num_threads()
         self.chat_format = ChatFormat(base_template or DEFAULT_BASE_TEMPLATE, response_prefix, base_template is None)
         self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.graph_mode = graph_mode(enforce_eager, self.device)   # every rank the same (distributed/shard.py)
         self.paths = [Path(base)] + ([Path(nudger)] if nudger is not None else [])
@@ -133,6 +134,12 @@ class NudgeEngine:
     @property
     def tokenizer(self) -> Tokenizer:
         return self.base.tokenizer
+
+    @property
+    def broken(self) -> str | None:
+        """Why no pass can ever run again (a tensor-parallel worker died), or None. The workers' monitor
+        sets it even while the engine is idle (distributed/launch.py)."""
+        return self._tp.broken if self._tp is not None else None
 
     def close(self) -> None:
         """Stops the tensor-parallel workers, if any (idempotent; also run at interpreter exit)."""

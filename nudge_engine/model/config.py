@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ModelFolderError
+from .limits import check_sizes
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ def config_from_raw(raw: dict, path: Path, eos: Any) -> ModelConfig:
             if default is None:
                 raise ModelFolderError(f"{path}: required field {key!r} is missing")
             return default
-        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
               and (kind is float or float(value).is_integer()) and value > 0)
         if not ok:
             raise ModelFolderError(f"{path}: field {key!r} must be a positive {kind.__name__}, got {value!r}")
@@ -116,7 +118,7 @@ def config_from_raw(raw: dict, path: Path, eos: Any) -> ModelConfig:
 
     num_heads = need("num_attention_heads")
     hidden = need("hidden_size")
-    return ModelConfig(
+    config = ModelConfig(
         architecture=archs[0],
         vocab_size=need("vocab_size"),
         hidden_size=hidden,
@@ -134,3 +136,7 @@ def config_from_raw(raw: dict, path: Path, eos: Any) -> ModelConfig:
         bos_token_id=raw.get("bos_token_id"),
         raw=raw,
     )
+    check_sizes(config, path)   # limits.py: before anything is built from these sizes
+    if not (math.isfinite(config.rope.theta) and config.rope.theta > 0):
+        raise ModelFolderError(f"{path}: field 'rope_theta' must be a positive number, got {config.rope.theta}")
+    return config

@@ -12,7 +12,9 @@ converter changed: the rotary Q/K row permutation (Llama, OLMo) and Gemma's `nor
 from __future__ import annotations
 
 import functools
+import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -37,6 +39,7 @@ PERMUTED_QK = {"llama", "olmo"}
 # llama.cpp stores Gemma's RMSNorm weights as (1 + w).
 NORM_PLUS_ONE = {"gemma2"}
 GEMMA2_27B_LAYERS = 46  # llama.cpp scales Gemma-2 27B's queries by hidden/heads, the others by head_dim
+MAX_DIMS = 4   # GGML_MAX_DIMS
 DEQUANTIZABLE = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
                  "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
@@ -78,8 +81,20 @@ def _gguf():
 def _cached_reader(path: str, mtime_ns: int, size: int):
     """Parsing a 50k-token vocabulary takes seconds; config, tokenizer and weights share one reader."""
     gguf = _gguf()
+
+    class CheckedReader(gguf.GGUFReader):
+        """gguf's reader, with the tensor infos checked (_check_tensor_infos) before it builds any tensor."""
+
+        def _build_tensors(self, start_offs, fields) -> None:
+            _check_tensor_infos(fields, int(start_offs), int(self.alignment), len(self.data), gguf)
+            super()._build_tensors(start_offs, fields)
+
     try:
-        return gguf.GGUFReader(path, "r")
+        with warnings.catch_warnings(), np.errstate(all="ignore"):   # numpy's overflow warnings on a bad file
+            warnings.simplefilter("ignore")
+            return CheckedReader(path, "r")
+    except _TensorInfoError as e:
+        raise ModelFolderError(f"{path}: {e}") from None
     except Exception as e:  # gguf raises ValueError, struct and numpy errors alike on a bad file
         raise ModelFolderError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
 
@@ -93,19 +108,46 @@ def open_gguf(path: str | Path):
     if magic != GGUF_MAGIC:
         raise ModelFolderError(f"{path}: not a GGUF file (it does not start with {GGUF_MAGIC!r})")
     stat = path.stat()
-    reader = _cached_reader(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-    _check_tensors(reader, path, stat.st_size)
-    return reader
+    return _cached_reader(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
 
-def _check_tensors(reader, path: Path, size: int) -> None:
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
+class _TensorInfoError(ValueError):
+    """A tensor info is wrong; open_gguf names the file."""
+
+
+def _check_tensor_infos(fields, data_start: int, alignment: int, size: int, gguf) -> None:
+    """Every tensor's type, shape and place in the file, from its raw tensor-info field and in Python
+    integers, before gguf builds any tensor from them (its uint64 sums wrap around: an offset of
+    2**64 - 32 would read the bytes before the data section). As llama.cpp requires, the tensors follow
+    each other in file order, each at the previous one's end rounded up to the file's alignment, and
+    the last ends inside the file."""
+    expected = 0
+    for field_ in fields:
+        name_data, dims, raw_type, offset = (field_.parts[i] for i in (1, 3, 4, 5))
+        name = bytes(name_data).decode("utf-8", "backslashreplace")
+        offset, shape = int(offset[0]), [int(d) for d in dims]
+        try:
+            qtype = gguf.GGMLQuantizationType(int(raw_type[0]))
+        except ValueError:
+            raise _TensorInfoError(f"tensor {name!r} has unknown type number {int(raw_type[0])}") from None
+        if qtype.name not in DEQUANTIZABLE:
+            raise _TensorInfoError(f"tensor {name!r} has type {qtype.name}, which cannot be dequantized "
+                                   f"(supported: {', '.join(DEQUANTIZABLE)})")
+        block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        if not shape or len(shape) > MAX_DIMS or min(shape) < 1 or shape[0] % block:
+            raise _TensorInfoError(f"tensor {name!r} has a malformed shape {shape[::-1]} for type {qtype.name} "
+                                   f"(rows of whole {block}-value blocks, 1 to {MAX_DIMS} dimensions)")
+        n_bytes = math.prod(shape) // block * block_bytes
+        end = data_start + offset + n_bytes
         if end > size:
-            raise ModelFolderError(f"{path}: truncated: tensor {t.name!r} ends at byte {end}, the file has {size}")
-        if t.tensor_type.name not in DEQUANTIZABLE:
-            raise ModelFolderError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which cannot be "
-                                   f"dequantized (supported: {', '.join(DEQUANTIZABLE)})")
+            if data_start + offset < size:
+                raise _TensorInfoError(f"truncated: tensor {name!r} ends at byte {end}, the file has {size}")
+            raise _TensorInfoError(f"corrupt: tensor {name!r} has offset {offset}, past the end of the file (its "
+                                   f"data would start at byte {data_start + offset}, the file has {size})")
+        if offset != expected:
+            raise _TensorInfoError(f"corrupt: tensor {name!r} starts at offset {offset} of the data section, "
+                                   f"expected {expected} (each tensor follows the previous one)")
+        expected = -(-(offset + n_bytes) // alignment) * alignment
 
 
 def field(reader, key: str, default: Any = None) -> Any:

@@ -233,7 +233,9 @@ def make_graph_runner(runner: ModelRunner, mode: str, max_num_seqs: int, query_l
                  role)
         return None
     capture = CudaGraphCapture(runner.device) if mode == "cuda" else ReplayCapture()
-    graphs = GraphRunner(runner, max_num_seqs, query_lens, capture, -(-max_model_len // runner.block_size))
+    # A sequence never holds more blocks than its pool: a long context does not size the tables past it.
+    max_blocks = min(-(-max_model_len // runner.block_size), runner.num_blocks)
+    graphs = GraphRunner(runner, max_num_seqs, query_lens, capture, max_blocks)
     graphs.capture_all()
     log.info("%s model: %d decode graphs (%s) for batch sizes %s x query lengths %s in %.2f s, %.1f MiB",
              role, len(graphs._graphs), capture.name, graphs.sizes, graphs.query_lens, graphs.capture_seconds,

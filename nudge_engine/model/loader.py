@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from .config import ModelConfig, load_config
 from .errors import ModelFolderError
 from .gguf_checkpoint import is_gguf
+from .limits import check_memory
 from .families import CausalLM, build_model
 from ..layers.parallel import SINGLE, TensorParallel, building
 
@@ -27,6 +29,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 LFS_POINTER_PREFIX = b"version https://git-lfs"
 HEADER_SIZE_BYTES = 8
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_LISTED_ERRORS = 8     # tensor problems named in one error; the rest are counted
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -174,6 +178,10 @@ def _gguf_tensors(path: Path) -> dict[str, TensorInfo]:
 def _plan_loading(model: CausalLM, folder: Path) -> dict[str, tuple[str, str | None]]:
     """Checks names and shapes of every checkpoint tensor; returns checkpoint name -> (param, shard)."""
     infos = _gguf_tensors(folder) if is_gguf(folder) else _folder_tensors(folder)
+    layers = {int(m.group(1)) for m in map(_LAYER_RE.match, infos) if m}
+    if layers and len(layers) < model.config.num_layers:   # the plainest account of a thousand missing tensors
+        raise ModelFolderError(f"{folder}: the config says num_hidden_layers {model.config.num_layers}, the weights "
+                               f"hold {len(layers)} layers (numbered {min(layers)}..{max(layers)})")
     expected = _expected_params(model)
     plan, errors = {}, []
     for name, info in sorted(infos.items()):
@@ -193,8 +201,10 @@ def _plan_loading(model: CausalLM, folder: Path) -> dict[str, tuple[str, str | N
     for target in sorted(set(expected) - loaded, key=str):
         param, shard = target
         errors.append(f"missing tensor for parameter {param}{f' (shard {shard})' if shard else ''}")
-    if errors:
-        raise ModelFolderError(f"{folder}: weights do not match {model.config.architecture}:\n  " + "\n  ".join(errors))
+    if errors:   # one line, however many: a config with 100k layers must not print 900k lines
+        more = f"; and {len(errors) - MAX_LISTED_ERRORS} more" if len(errors) > MAX_LISTED_ERRORS else ""
+        raise ModelFolderError(f"{folder}: weights do not match {model.config.architecture}: "
+                               + "; ".join(errors[:MAX_LISTED_ERRORS]) + more)
     return plan
 
 
@@ -262,6 +272,7 @@ def load_causal_lm(folder: str | Path, device: str | torch.device, dtype: torch.
     if not folder.is_dir() and not is_gguf(folder):
         raise ModelFolderError(f"{folder}: not a folder (a model is a Hugging Face folder or a .gguf file)")
     config = load_config(folder)
+    check_memory(config, folder, torch.device(device), dtype, tp.size)
     with torch.device("meta"), building(tp):
         plan = _plan_loading(build_model(config), folder)
     previous = torch.get_default_dtype()

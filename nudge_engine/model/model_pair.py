@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from .. import _core
+from .errors import ModelFolderError
 from .loader import load_causal_lm
 from .model_runner import ModelRunner, StepInputs
 from .sizing import size_kv_pools
@@ -21,6 +22,12 @@ class LoadedModel:
     pool: _core.BlockPool
     graphs: object = None  # GraphRunner for decode-shaped passes, or None (eager)
     draft_graphs: object = None  # the nudger's DraftGraphs (draft_graph.py): passes 2..k as one graph, or None
+
+    def __post_init__(self):
+        if self.tokenizer.vocab_size > self.config.vocab_size:   # its last ids would index past the embedding
+            raise ModelFolderError(f"{self.path}: the tokenizer has {self.tokenizer.vocab_size} tokens, more than the "
+                                   f"model's vocab_size ({self.config.vocab_size}): a prompt with one of the others "
+                                   "would fail every request batched with it")
 
     @property
     def config(self):

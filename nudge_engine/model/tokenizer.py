@@ -1,20 +1,26 @@
-"""A model folder's (or .gguf file's) tokenizer: encode, incremental decode, word-start table, sandboxed chat template."""
+"""A model folder's (or .gguf file's) tokenizer: encode, incremental decode, word-start table, sandboxed chat template
+(rendered in a renderer process on a budget, and tried once at load: chat_sandbox.py)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
+from . import chat_sandbox
 from .errors import ModelFolderError
+
+log = logging.getLogger("nudge_engine")
 
 WORD_START_PREFIXES = ("Ġ", "Ċ", "ĉ", "▁")  # U+0120, U+010A, U+0109, U+2581 (NUDGING.md section 3)
 WHITESPACE_BYTE_PIECES = {"<0x09>", "<0x0A>", "<0x0D>", "<0x20>"}
 INCOMPLETE_CHAR = "\ufffd"    # what a decoder yields for a multi-byte character cut between tokens
 DETOKENIZE_CONTEXT = 5        # tokens of left context re-decoded so spaces and merges come out right
+# Longer texts are encoded without holding the GIL (a megabyte takes about a second): a server thread
+# tokenizing one does not stall the event loop. Shorter ones take the cheaper call.
+GIL_FREE_ENCODE_CHARS = 4096
 
 
 def _token_text(token: Any) -> str | None:
@@ -40,6 +46,7 @@ def _load_folder_tokenizer(folder: Path) -> tuple[HFTokenizer, dict]:
 class Tokenizer:
     def __init__(self, folder: str | Path):
         folder = Path(folder)
+        self.path = folder
         if folder.suffix.lower() == ".gguf":
             from .gguf_tokenizer import load_gguf_tokenizer  # imports gguf: only for .gguf paths
             self.hf, self.config = load_gguf_tokenizer(folder)
@@ -52,8 +59,25 @@ class Tokenizer:
                             if t.special} - {None}
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
+        # Why this model's own template can never serve a chat (it does not compile, or a one-message
+        # chat breaks its budget), found once here; its chat requests are then refused at once.
+        self.chat_template_error: str | None = None
+        if self.chat_template:
+            self.chat_template_error = chat_sandbox.check(self.chat_template, self._template_context(
+                chat_sandbox.TRIAL_MESSAGES, True), self.template_name)
+            if self.chat_template_error:
+                log.info("%s", self.chat_template_error)   # the server repeats it as a warning at start-up
+
+    @property
+    def template_name(self) -> str:
+        """What errors call this model's chat template."""
+        return f"the chat template of {self.path}"
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > GIL_FREE_ENCODE_CHARS:
+            # encode holds the GIL throughout; encode_batch_fast releases it and computes no offsets, which
+            # would also cost a second of GIL-held conversion and deallocation for a megabyte (same ids).
+            return self.hf.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
         return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -71,27 +95,39 @@ class Tokenizer:
             )
         return table
 
+    def _template_context(self, messages: list[dict], add_generation_prompt: bool) -> dict:
+        return {"messages": messages, "add_generation_prompt": add_generation_prompt,
+                "bos_token": self.bos_token or "", "eos_token": self.eos_token or ""}
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     template: str | None = None) -> str:
-        template = template or self.chat_template
-        if not template:
+        """`template`: a request's own, else this model's. Raises ValueError (chat_sandbox.TemplateError)."""
+        if template:
+            name = "the request's chat_template"
+        elif not self.chat_template:
             raise ValueError("this model's tokenizer_config.json has no chat_template; send a completion prompt")
-        return render_chat_template(template, messages, add_generation_prompt,
-                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        elif self.chat_template_error:
+            raise chat_sandbox.TemplateError(self.chat_template_error)
+        else:
+            template, name = self.chat_template, self.template_name
+        return _valid_text(chat_sandbox.render(template, self._template_context(messages, add_generation_prompt), name),
+                           name)
 
 
-def _raise_exception(message: str) -> None:
-    raise ValueError(f"chat template: {message}")
+def _valid_text(text: str, name: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise chat_sandbox.TemplateError(f"{name} rendered text that is not valid Unicode (a lone surrogate, "
+                                         f"U+{ord(text[e.start]):04X})") from None
+    return text
 
 
 def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool, **extra: Any) -> str:
-    """Renders in jinja2's immutable sandbox: a template from a model folder can read its inputs, never run code."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = _raise_exception
-    try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
-    except jinja2.TemplateError as e:
-        raise ValueError(f"chat template failed to render: {e}") from None
+    """Renders in jinja2's immutable sandbox (a template can read its inputs, never run code), in a renderer
+    process on a budget of time, output and memory (chat_sandbox.py)."""
+    context = {"messages": messages, "add_generation_prompt": add_generation_prompt, **extra}
+    return _valid_text(chat_sandbox.render(template, context, "the chat template"), "the chat template")
 
 
 class IncrementalDetokenizer:

@@ -8,7 +8,8 @@ Routes
 
 Errors use the OpenAI shape {"error": {"message", "type", "param", "code"}}: 400 for bad input
 (never a 500), 401 without the API key, 404 for an unknown model or route, 413 for a body over
---max-body-bytes, 503 when the waiting queue is full or the engine is dead, 500 when the engine
+--max-body-bytes, 408 for a body that took longer than --body-timeout, 503 when --max-num-seqs running
+plus --max-queue waiting requests are already in the engine or the engine is dead, 500 when the engine
 failed while the request was in flight (streams get an error chunk instead, then [DONE]).
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from ..engine.async_nudge_engine import AsyncNudgeEngine
 from ..engine.async_engine import (AsyncEngine, EngineDeadError, EngineStepError, GenerateItem, GroupError,
                            InvalidRequestError, QueueFullError, RequestFailedError, ShuttingDownError)
 from .guard import DEFAULT_BODY_TIMEOUT_S, GuardMiddleware
+from .limits import RequestLimits
 from .metrics import ServerMetrics
 from .openapi import ROUTE_RESPONSES, document_responses
 from .responses import (RETRY_AFTER_S, APIError, Echo, _AbortingStreamingResponse, _clean_logprobs, _ClientGone,
@@ -42,8 +45,9 @@ from .responses import (RETRY_AFTER_S, APIError, Echo, _AbortingStreamingRespons
 log = logging.getLogger("nudge_engine.server")
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
-DEFAULT_COMPLETION_MAX_TOKENS = 16      # OpenAI's legacy completions default
-DEFAULT_CHAT_MAX_TOKENS = 1024          # chat: at most this many, and what the context leaves
+PROMPT_THREADS = 8      # threads that render chat templates and tokenize prompts (never the event loop)
+DEFAULT_COMPLETION_MAX_TOKENS = 16      # OpenAI's legacy completions default (at most what the request has room for)
+DEFAULT_CHAT_MAX_TOKENS = 1024          # chat: at most this many, and what the request has room for
 
 
 @dataclass
@@ -73,17 +77,29 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
         return x.token_ids if ids is None else ids
 
     nudger_tok = engine.nudger.tokenizer if engine.nudger is not None else None
-    context = min(m.config.max_position_embeddings for m in engine.models)
+    for m in engine.models:
+        if m.tokenizer.chat_template_error:
+            log.warning("%s", m.tokenizer.chat_template_error)
+    limits = RequestLimits(engine)   # what one request can hold (limits.py)
     base_path = str(engine.base.path)
     aliases = {settings.model_name, base_path, str(Path(base_path).resolve()), Path(base_path).name}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         ae.start(asyncio.get_running_loop())
+        prompt_threads.append(ThreadPoolExecutor(PROMPT_THREADS, thread_name_prefix="nudge-prompt"))
         try:
             yield
         finally:
+            prompt_threads.pop().shutdown(wait=False, cancel_futures=True)
             await asyncio.to_thread(ae.shutdown, 10.0)
+
+    # Prompts are prepared on threads of their own (the running app's): a chat template that takes its whole
+    # time budget (model/chat_sandbox.py) delays other prompts at most, never the responses built on asyncio's.
+    prompt_threads: list[ThreadPoolExecutor] = []
+
+    async def off_loop(fn):
+        return await asyncio.get_running_loop().run_in_executor(prompt_threads[-1] if prompt_threads else None, fn)
 
     app = FastAPI(title="nudge_engine", version="0.1.0", lifespan=lifespan)
     app.state.async_engine = ae
@@ -105,7 +121,8 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
         kind = first.get("type", "")
         if kind == P.UNICODE_ERROR:
             message = first.get("msg", "a string is not valid Unicode text")
-            param = str((first.get("ctx") or {}).get("where", "")).split(".")[0].split("[")[0] or None
+            param = str((first.get("ctx") or {}).get("where", "")).split(".")[0].split("[")[0]
+            param = None if param.startswith("key '") else param   # a bad key of the body itself
         elif kind == "json_invalid":
             param = None
             message = f"the body is not valid JSON ({(first.get('ctx') or {}).get('error', 'parse error')})"
@@ -177,16 +194,7 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
             raise bad_request(str(e)) from None
         return params, nudge
 
-    def engine_prompt(base_ids: list[int], nudger_ids: list[int] | None, param: str):
-        if not base_ids or (nudger_tok is not None and not nudger_ids):
-            raise bad_request("the prompt is empty after tokenization", param)
-        longest = max(len(base_ids), len(nudger_ids or ()))
-        if longest >= context:
-            raise bad_request(f"the prompt ({longest} tokens) does not fit the model's context of {context} tokens",
-                              param)
-        return ({"base": base_ids, "nudger": nudger_ids} if nudger_ids is not None else base_ids), longest
-
-    async def submit(items: list[GenerateItem]):
+    async def submit(items: list[GenerateItem], defaulted: str | None = None):
         try:
             return await ae.submit(items)
         except QueueFullError as e:
@@ -194,7 +202,7 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
         except EngineDeadError as e:
             raise APIError(503, f"the engine is not running: {e}", "server_error", None, "engine_dead") from None
         except InvalidRequestError as e:
-            raise bad_request(str(e)) from None
+            raise bad_request(f"{e} ({defaulted})" if defaulted else str(e)) from None
 
     async def run_group(group, request: Request):
         try:
@@ -285,7 +293,7 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
     async def models():
         return {"object": "list", "data": [{
             "id": settings.model_name, "object": "model", "created": P.now(), "owned_by": "nudge_engine",
-            "root": base_path, "max_model_len": context,
+            "root": base_path, **limits.advertised(),
             "nudger": str(engine.nudger.path) if engine.nudger is not None else None,
             "pairing": engine.pairing if engine.nudger is not None else "base-alone",
             "gamma": engine.defaults.gamma, "draft_tokens": engine.defaults.draft_tokens,
@@ -307,23 +315,34 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
             raw_prompts = [{"base": body.base_prompt, "nudger": raw_prompts[0]}]
         if len(raw_prompts) * body.n > P.MAX_N:
             raise bad_request(f"n x prompts must be at most {P.MAX_N}, got {body.n} x {len(raw_prompts)}", "n")
-        max_tokens = body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
+
+        def tokenize_all() -> list[tuple[list[int], list[int] | None]]:
+            try:
+                return [tokenize_prompt(raw, base_tok, nudger_tok, engine.chat_format) for raw in raw_prompts]
+            except ValueError as e:
+                raise bad_request(str(e), "prompt") from None
+
+        # Tokenizing a megabyte of text takes a second: never on the event loop (README: How it runs).
+        tokenized = await off_loop(tokenize_all)
+        prompts, base_prompts, prompt_tokens, longest = [], [], 0, 0
+        for base_ids, nudger_ids in tokenized:
+            prompt, length = limits.engine_prompt(base_ids, nudger_ids, "prompt")
+            prompts.append(prompt)
+            base_prompts.append(base_ids)
+            prompt_tokens += len(base_ids)
+            longest = max(longest, length)
+        max_tokens, defaulted = body.max_tokens, None
+        if max_tokens is None:
+            max_tokens, defaulted = limits.default_max_tokens(DEFAULT_COMPLETION_MAX_TOKENS, "OpenAI's for completions",
+                                                       longest)
         n_logprobs = body.logprobs
         params, nudge = make_params(body, max_tokens, n_logprobs,
                                     prompt_logprobs=n_logprobs if body.echo else None)
-        prompts, base_prompts, prompt_tokens = [], [], 0
-        for raw in raw_prompts:
-            try:
-                base_ids, nudger_ids = tokenize_prompt(raw, base_tok, nudger_tok, engine.chat_format)
-            except ValueError as e:
-                raise bad_request(str(e), "prompt") from None
-            prompts.append(engine_prompt(base_ids, nudger_ids, "prompt")[0])
-            base_prompts.append(base_ids)
-            prompt_tokens += len(base_ids)
         items = [GenerateItem(pr, sp, nudge) for pr in prompts for sp in params]
-        echoes = [Echo(raw if isinstance(raw, str) else base_tok.decode(ids, skip_special_tokens=False), ids)
-                  if body.echo else None for raw, ids in zip(raw_prompts, base_prompts) for _ in params]
-        group = await submit(items)
+        echoes = ([Echo(raw if isinstance(raw, str) else base_tok.decode(ids, skip_special_tokens=False), ids)
+                   for raw, ids in zip(raw_prompts, base_prompts) for _ in params]
+                  if body.echo else [None] * len(items))
+        group = await submit(items, defaulted)
         header = {"id": P.new_id("cmpl"), "object": "text_completion", "created": P.now(),
                   "model": settings.model_name}
 
@@ -371,26 +390,29 @@ def build_app(engine: NudgeEngine, settings: ServerSettings, *, fault_steps: fro
             raise bad_request(str(e), "messages") from None
         fmt = ChatFormat(engine.chat_format.base_template,
                          engine.chat_format.response_prefix if body.response_prefix is None else body.response_prefix)
-        try:
-            if body.chat_template is not None and not settings.allow_request_chat_template:
-                raise bad_request("chat_template in a request is refused by this server (the operator can allow "
-                                  "it with --allow-request-chat-template)", "chat_template")
-            # prompts.py picks the renderings: the nudger's template, or the base model's own when it serves alone.
-            base_ids, nudger_ids = tokenize_prompt({"messages": messages, "response_prefix": fmt.response_prefix,
-                                                    "chat_template": body.chat_template},
-                                                   base_tok, nudger_tok, engine.chat_format)
-        except APIError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a template error is the request's fault
-            raise bad_request(f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e),
-                              "chat_template" if body.chat_template is not None else "messages") from None
-        prompt, longest = engine_prompt(base_ids, nudger_ids, "messages")
-        max_tokens = body.max_completion_tokens or body.max_tokens
+        if body.chat_template is not None and not settings.allow_request_chat_template:
+            raise bad_request("chat_template in a request is refused by this server (the operator can allow "
+                              "it with --allow-request-chat-template)", "chat_template")
+
+        def render_and_tokenize():
+            # prompts.py picks the renderings: the nudger's template, or the base model's own when it serves
+            # alone. Templates render in a sandboxed process with a time and size budget (model/chat_sandbox.py).
+            try:
+                return tokenize_prompt({"messages": messages, "response_prefix": fmt.response_prefix,
+                                        "chat_template": body.chat_template}, base_tok, nudger_tok, engine.chat_format)
+            except Exception as e:  # noqa: BLE001 - a template error is the request's fault
+                raise bad_request(f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e),
+                                  "chat_template" if body.chat_template is not None else "messages") from None
+
+        base_ids, nudger_ids = await off_loop(render_and_tokenize)
+        prompt, longest = limits.engine_prompt(base_ids, nudger_ids, "messages")
+        max_tokens, defaulted = body.max_completion_tokens or body.max_tokens, None
         if max_tokens is None:
-            max_tokens = min(settings.default_chat_max_tokens, context - longest)
+            max_tokens, defaulted = limits.default_max_tokens(settings.default_chat_max_tokens, "--default-max-tokens",
+                                                       longest)
         n_top = (body.top_logprobs or 0) if body.logprobs else None
         params, nudge = make_params(body, max_tokens, n_top)
-        group = await submit([GenerateItem(prompt, sp, nudge) for sp in params])
+        group = await submit([GenerateItem(prompt, sp, nudge) for sp in params], defaulted)
         header = {"id": P.new_id("chatcmpl"), "object": "chat.completion.chunk", "created": P.now(),
                   "model": settings.model_name}
         prompt_tokens = len(base_ids)

@@ -1,10 +1,10 @@
 """What runs before any route: the API key, the body size limit, and read time-outs for slow clients.
 
 A slow client holds a connection (and, while its body trickles in, a task) without ever costing
-the engine anything, but enough of them exhaust sockets: headers must arrive within
-`header_timeout` seconds of connecting (or of the previous response), and a body within
-`body_timeout` seconds of its previous chunk; otherwise the connection is closed (headers) or
-answered 408 (body).
+the engine anything, but enough of them exhaust sockets: the headers must arrive within
+`header_timeout` seconds of connecting (or of the previous response), and the WHOLE body within
+`body_timeout` seconds of the headers, however it trickles in (one byte every few seconds never
+resets the clock); otherwise the connection is closed (headers) or answered 408 and closed (body).
 """
 from __future__ import annotations
 
@@ -56,13 +56,16 @@ class GuardMiddleware:
             if declared > limit:
                 return await send_error(send, 413, too_big)
         chunks, size = [], 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout     # for the whole body: a trickle does not reset it
         while True:
             try:
-                message = await asyncio.wait_for(receive(), self.body_timeout)
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
             except asyncio.TimeoutError:
                 return await send_error(send, 408, P.error_body(
-                    f"the request body did not arrive within {self.body_timeout:g} s", "invalid_request_error",
-                    None, "request_timeout"), [(b"connection", b"close")])
+                    f"the request body ({size} bytes so far) did not arrive in full within {self.body_timeout:g} s "
+                    "of its headers (--body-timeout)", "invalid_request_error", None, "request_timeout"),
+                    [(b"connection", b"close")])
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")

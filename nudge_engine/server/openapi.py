@@ -15,10 +15,10 @@ ERROR_STATUSES = {
            "does not fit the context or the KV pools",
     "401": "Missing or wrong API key (when the server has one)",
     "404": "Unknown model",
-    "408": "The request body did not arrive in time",
+    "408": "The whole request body did not arrive within --body-timeout seconds of its headers",
     "413": "The request body is larger than --max-body-bytes",
     "500": "The engine failed while this request was in flight",
-    "503": "The waiting queue is full, or the engine is not running (see Retry-After)",
+    "503": "The engine holds --max-num-seqs running plus --max-queue waiting requests, or it is not running (see Retry-After)",
 }
 SSE_DESCRIPTION = ("With `stream: true`: server-sent events, one `data: {chunk}` line each (an error object if "
                    "the engine fails), then `data: [DONE]`.")

@@ -46,8 +46,15 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
+def printable(text: str) -> str:
+    """text with anything UTF-8 cannot carry (a lone surrogate) written as a backslash escape, so an
+    error message can quote what the client sent."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _lone_surrogate(value: Any, path: str) -> tuple[str, int] | None:
-    """(path, code point) of the first string in a parsed JSON body that is not valid Unicode text."""
+    """(path, code point) of the first string in a parsed JSON body that is not valid Unicode text,
+    keys included (a bad key is named escaped: the path goes into the error message)."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
@@ -55,9 +62,10 @@ def _lone_surrogate(value: Any, path: str) -> tuple[str, int] | None:
             return path, ord(value[e.start])
         return None
     if isinstance(value, dict):
-        items = [(k, f"{path}.{k}" if path else str(k)) for k in value]
-        for key, where in items:
-            found = _lone_surrogate(key, where + " (key)") or _lone_surrogate(value[key], where)
+        for key in value:
+            where = f"{path}.{printable(key)}" if path else printable(key)
+            found = (_lone_surrogate(key, f"{path + '.' if path else ''}key '{printable(key)}'")
+                     or _lone_surrogate(value[key], where))
             if found:
                 return found
     if isinstance(value, list):
@@ -231,7 +239,10 @@ def now() -> int:
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | int | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    """The OpenAI error shape. Message and param may quote what the client sent: escaped so that the body
+    is always valid UTF-8 JSON (a lone surrogate quoted raw would turn a 400 into a 500)."""
+    return {"error": {"message": printable(message), "type": type, "param": None if param is None else printable(param),
+                      "code": code}}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
