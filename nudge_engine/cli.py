@@ -75,13 +75,9 @@ def _threads_option(p) -> None:
 
 
 def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
+    if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
+    return int(text)
 
 
 def _positive_float(text: str) -> float:
