@@ -20,10 +20,11 @@ if str(ROOT) not in sys.path:
 
 # --------------------------------------------------------------------------- device, naming
 def setup_device(device: str, threads: int | None = None) -> torch.device:
-    """CPU runs use few torch threads (default 1): on a shared 2-core box more threads spin and stall."""
+    """CPU runs use few torch threads (default 1, or $NUDGE_THREADS: `nudge bench --threads N`) so that runs
+    compare on a shared 2-core box."""
     dev = torch.device(device)
     if dev.type == "cpu":
-        torch.set_num_threads(threads or 1)
+        torch.set_num_threads(threads or int(os.environ.get("NUDGE_THREADS") or 1))
     return dev
 
 
@@ -41,6 +42,14 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU {cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def usable_cores_label() -> str:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count()
+    return f"{n} usable cores"
 
 
 def device_slug(device: torch.device) -> str:

@@ -4,12 +4,18 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <cstddef>
 #include <new>
+#include <stdexcept>
 #include <string>
 
 #include "batch_builder.h"
 #include "block_pool.h"
+#include "handoff_walk.h"
+#include "round_ops.h"
+#include "pass_fit.h"
+#include "round_plan.h"
 #include "scheduler.h"
 #include "sequence.h"
 
@@ -85,6 +91,42 @@ BatchArrays build_batch(const SequenceList& seqs, const std::vector<int64_t>& nu
   arrays.block_tables = py::array_t<int32_t>(
       {n_rows, static_cast<py::ssize_t>(shape.max_blocks)}, out.block_tables, owner);
   return arrays;
+}
+
+
+template <typename T>
+using Array = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+// Reads each input array with its length checked against what the walk expects.
+template <typename T>
+const T* checked(const Array<T>& a, py::ssize_t n, const char* name) {
+  if (a.ndim() != 1 || a.shape(0) != n) {
+    throw std::invalid_argument(std::string("handoff_walk: ") + name + " must have shape [" +
+                                std::to_string(n) + "]");
+  }
+  return a.data();
+}
+
+py::tuple handoff_walk_numpy(const Array<int64_t>& argmax, const Array<float>& top1, const Array<int64_t>& drafts,
+                             const Array<int32_t>& pos_start, const Array<int32_t>& mode, const Array<int32_t>& run,
+                             const Array<float>& gamma, const Array<uint8_t>& resume_on_agreement,
+                             const Array<uint8_t>& word_start) {
+  const py::ssize_t num_pos = drafts.ndim() == 1 ? drafts.shape(0) : -1;
+  const py::ssize_t num_req = mode.ndim() == 1 ? mode.shape(0) : -1;
+  if (num_pos < 0 || num_req < 0 || word_start.ndim() != 1) {
+    throw std::invalid_argument("handoff_walk: every input must be one-dimensional");
+  }
+  WalkInputs in{checked(argmax, num_pos, "argmax"), checked(top1, num_pos, "top1"), drafts.data(),
+                checked(pos_start, num_req + 1, "pos_start"), mode.data(), checked(run, num_req, "run"),
+                checked(gamma, num_req, "gamma"), checked(resume_on_agreement, num_req, "resume_on_agreement"),
+                word_start.data(), num_req, num_pos, word_start.shape(0)};
+  py::array_t<int32_t> num_accepted(num_req), new_mode(num_req), new_run(num_req);
+  py::array_t<int64_t> emit_token(num_req);
+  py::array_t<int8_t> source(num_pos);
+  WalkOutputs out{num_accepted.mutable_data(), emit_token.mutable_data(), new_mode.mutable_data(),
+                  new_run.mutable_data(), source.mutable_data()};
+  handoff_walk(in, out);
+  return py::make_tuple(num_accepted, emit_token, new_mode, new_run, source);
 }
 
 }  // namespace
@@ -207,6 +249,49 @@ PYBIND11_MODULE(_core, m) {
                              [](const BatchArrays& b) { return b.shape.max_query_len; })
       .def_property_readonly("max_seq_len", [](const BatchArrays& b) { return b.shape.max_seq_len; });
 
+  m.attr("NO_TOKEN") = kNoToken;
+  m.def("handoff_walk", &handoff_walk_numpy, py::arg("argmax"), py::arg("top1"), py::arg("drafts"),
+        py::arg("pos_start"), py::arg("mode"), py::arg("run"), py::arg("gamma"), py::arg("resume_on_agreement"),
+        py::arg("word_start"),
+        "The greedy walk of NUDGING.md section 5 (pairing/handoff_torch.py's rules) on host arrays -> "
+        "(num_accepted [R] int32, emit_token [R] int64, new_mode [R] int32, new_run [R] int32, source [P] int8).");
+  m.def("advance_computed", &advance_computed, py::arg("seqs"), py::arg("nums"),
+        "seqs[i].set_num_computed(num_computed + nums[i]) for all i -> [(i, error)] of those that raised.");
+  m.def("append_placeholders", &append_placeholders, py::arg("seqs"), py::arg("counts"), py::arg("placeholder"),
+        "seqs[i].append_provisional([placeholder] * counts[i]) for all i -> [(i, error)].");
+  m.def("settle_round", &settle_round, py::arg("seqs"), py::arg("values"), py::arg("counts"), py::arg("accepted"),
+        py::arg("emit"),
+        "After the walk: drafts' values over their placeholders, rejected ones cut, emit[i] (-1: none) appended, "
+        "the newest token left pending -> [(i, error)].");
+
+  m.def("best_round_plan",
+        [](std::vector<double> rate, std::vector<uint8_t> nudging, std::vector<int64_t> cap, std::vector<int64_t> fixed,
+           std::vector<int64_t> pending, double overhead, std::array<double, 4> uniform, std::array<double, 4> mixed,
+           bool padded, double margin) {
+          PlanInputs in{std::move(rate), std::move(nudging), std::move(cap), std::move(fixed), std::move(pending),
+                        overhead, {uniform[0], uniform[1], uniform[2], uniform[3]},
+                        {mixed[0], mixed[1], mixed[2], mixed[3]}, padded, margin};
+          PlanResult r = best_round_plan(in);
+          return py::make_tuple(r.ks, r.tokens, r.rate, r.floor, r.floor_tokens, r.floor_rate);
+        },
+        py::arg("rate"), py::arg("nudging"), py::arg("cap"), py::arg("fixed"), py::arg("pending"), py::arg("overhead"),
+        py::arg("uniform"), py::arg("mixed"), py::arg("padded"), py::arg("margin"),
+        "The draft plan's best candidate (engine/draft_policy.py) -> (ks, tokens, rate, floor, floor tokens, "
+        "floor rate). fixed: -1 where the plan decides; costs: (verify s/pass, verify s/token, draft s/pass, "
+        "draft s/token) of a uniform and of a mixed verify pass.");
+  m.def("robust_pass_fit",
+        [](const std::vector<std::array<double, 3>>& obs, double ridge, double trim_scale, double trim_floor,
+           int trim_rounds, size_t min_obs) {
+          std::vector<Observation> o;
+          o.reserve(obs.size());
+          for (const auto& x : obs) o.push_back({x[0], x[1], x[2]});
+          return robust_pass_fit(o, FitSettings{ridge, trim_scale, trim_floor, trim_rounds, min_obs});
+        },
+        py::arg("obs"), py::arg("ridge"), py::arg("trim_scale"), py::arg("trim_floor"), py::arg("trim_rounds"),
+        py::arg("min_obs"),
+        "obs: [(seconds, passes, tokens)] -> (seconds per pass, per token) of the draft plan's robust cost fit "
+        "(engine/draft_policy.py PassCost).");
+  m.def("expected_tokens", &expected_tokens, py::arg("k"), py::arg("accept_rate"));
   m.def("build_batch", &build_batch, py::arg("seqs"), py::arg("num_new"), py::arg("block_size"),
         "Flat batch of seqs[i].tokens[num_computed : num_computed + num_new[i]].");
 }

@@ -4,6 +4,10 @@ Names are imported on first use, so `nudge --help` and the server's CLI parsing 
 """
 from importlib import import_module
 
+from .threads import prefer_passive_wait
+
+prefer_passive_wait()   # before torch loads its OpenMP runtime (nudge_engine/threads.py says why)
+
 _EXPORTS = {
     "AsyncNudgeEngine": ".engine.async_nudge_engine",
     "NudgeEngine": ".engine.engine",

@@ -60,11 +60,24 @@ def _engine_options(p: argparse.ArgumentParser, nudger_required: bool) -> None:
                    help="with --tensor-parallel-size: the nudger whole on rank 0 (default) or sharded like the base")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV blocks of shared prompt prefixes in both models (default: on)")
+    _threads_option(g)
     g.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: run decode passes eagerly (graphs are on by default on CUDA)")
     g.add_argument("--chat-template-timeout", type=_positive_float, default=5.0,
                    help="seconds one chat template rendering may take (in a sandboxed process, also capped in "
                    "output and memory); a template that runs longer fails its request (default: 5)")
+
+
+def _threads_option(p) -> None:
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (default: the cores this process may use; OpenMP threads wait "
+                        "passively unless OMP_WAIT_POLICY says otherwise)")
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def _positive_float(text: str) -> float:
@@ -108,7 +121,7 @@ def _make_engine(args):
               base_template=args.base_template, response_prefix=args.response_prefix,
               seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
               nudger_placement=args.nudger_placement, enable_prefix_caching=args.enable_prefix_caching,
-              enforce_eager=True if args.enforce_eager else None)
+              enforce_eager=True if args.enforce_eager else None, threads=args.threads)
     return NudgeEngine(args.base, args.nudger, **kw)
 
 
@@ -157,13 +170,26 @@ def _legend(color: bool) -> str:
 
 
 def _summary(out, seconds: float, alone: bool = False) -> str:
+    """One line about a finished generation. Its speed is the decode rate, tokens after the first over the
+    time after the first (what a server's inter-token latency gives), with the first token's time apart."""
     n = len(out.token_ids)
+    speed = f"{_decode_rate(out, seconds):.1f} tokens/s"
+    if out.first_token_time is not None:
+        speed += f" (first token after {1e3 * (out.first_token_time - out.arrival_time):.0f} ms)"
     if alone:
-        return f"base model alone: {n} tokens, {n / max(seconds, 1e-9):.1f} tokens/s, finish: {out.finish_reason}"
+        return f"base model alone: {n} tokens, {speed}, finish: {out.finish_reason}"
     nudged = sum(s == "nudger" for s in out.sources)
     accept = f", draft acceptance {out.accepted_tokens / out.drafted_tokens:.0%}" if out.drafted_tokens else ""
-    return (f"nudged fraction: {out.nudged_fraction:.2f} ({nudged} of {n} tokens), {n / max(seconds, 1e-9):.1f} "
-            f"tokens/s, {out.rounds} rounds{accept}, finish: {out.finish_reason}")
+    return (f"nudged fraction: {out.nudged_fraction:.2f} ({nudged} of {n} tokens), {speed}, "
+            f"{out.rounds} rounds{accept}, finish: {out.finish_reason}")
+
+
+def _decode_rate(out, seconds: float) -> float:
+    """Tokens after the first over the seconds after the first; the whole call's rate when there is no second."""
+    n = len(out.token_ids)
+    if n > 1 and out.first_token_time is not None and out.finish_time is not None:
+        return (n - 1) / max(out.finish_time - out.first_token_time, 1e-9)
+    return n / max(seconds, 1e-9)
 
 
 # ---------------------------------------------------------------------------- commands
@@ -192,7 +218,7 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _demo_real_model(max_tokens: int) -> None:
+def _demo_real_model(max_tokens: int, threads: int | None = None) -> None:
     """The real-model part of the demo: SmolLM2-135M-Instruct alone, answering through its chat template."""
     from .model.real_model import FetchError, fetch_smollm2
     try:
@@ -203,7 +229,8 @@ def _demo_real_model(max_tokens: int) -> None:
     from .engine.engine import NudgeEngine
     from .engine.sampling_params import SamplingParams
     print(f"== a REAL model: SmolLM2-135M-Instruct (Q4_1 GGUF, {path}), base model alone, its own chat template ==")
-    engine = NudgeEngine(path)
+    engine = NudgeEngine(path, threads=threads)
+    engine.generate(DEMO_QUESTIONS[0], SamplingParams(max_tokens=2, temperature=0.0))   # warm-up, as the tiny pair's
     for question in DEMO_QUESTIONS:
         t0 = time.perf_counter()
         out = engine.generate({"messages": [{"role": "user", "content": question}]},
@@ -223,7 +250,7 @@ def cmd_fetch_smollm2(args) -> int:
 
 def cmd_demo(args) -> int:
     if not args.tiny_only:
-        _demo_real_model(args.max_tokens)
+        _demo_real_model(args.max_tokens, args.threads)
         print("== nudging on a tiny pair with RANDOM weights ==")
     folder = Path(args.dir)
     base, nudger = folder / "base", folder / "nudger"
@@ -233,7 +260,7 @@ def cmd_demo(args) -> int:
         base, nudger = make_tiny_pair(folder, "llama", "llama", "bytelevel", agreement=0.5)
     from .engine.engine import NudgeEngine
     from .engine.sampling_params import SamplingParams
-    engine = NudgeEngine(base, nudger, gamma=args.gamma, draft_tokens=args.draft_tokens)
+    engine = NudgeEngine(base, nudger, gamma=args.gamma, draft_tokens=args.draft_tokens, threads=args.threads)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     engine.generate(DEMO_PROMPT, SamplingParams(max_tokens=2, temperature=0.0))   # warm-up
     t0 = time.perf_counter()
@@ -324,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-tokens", type=int, default=4)
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     p.add_argument("--tiny-only", action="store_true", help="skip the real model (SmolLM2-135M-Instruct)")
+    _threads_option(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("generate", help="one nudged generation, printed with the nudger's tokens marked",
@@ -393,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (no NAME: list them)",
                        description="Runs benchmarks/NAME.py (or bench_NAME.py, or a .sh) with the given arguments.")
+    _threads_option(p)
     p.add_argument("name", nargs="?", help="benchmark name, e.g. bench_host_step or host_step")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     p.set_defaults(func=cmd_bench)

@@ -4,9 +4,12 @@ Imports nothing heavy: the benchmark runs in its own process.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+THREADS_ENV = "NUDGE_THREADS"   # `nudge bench --threads N`: the torch threads a benchmark's CPU runs use
 
 
 def _benchmark_dirs() -> list[Path]:
@@ -57,8 +60,11 @@ def cmd_bench(args) -> int:
         cmd = [sys.executable, "-m", f"{folder.name}.{path.stem}", *args.args]
     else:
         cmd = [sys.executable, str(path), *args.args]
+    env = dict(os.environ)
+    if getattr(args, "threads", None):   # benchmarks/hardware.py setup_device reads it; torch's default too
+        env[THREADS_ENV] = env["OMP_NUM_THREADS"] = str(args.threads)
     print("+ " + " ".join(cmd), file=sys.stderr)
-    return subprocess.call(cmd, cwd=root)
+    return subprocess.call(cmd, cwd=root, env=env)
 
 
 # ---------------------------------------------------------------------------- parser

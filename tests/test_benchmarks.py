@@ -124,3 +124,17 @@ def test_every_benchmark_module_imports():
     code = "import importlib\nfor n in %r:\n    importlib.import_module('benchmarks.' + n)\n" % names
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_host_round_before_and_after_side_by_side(tmp_path):
+    """bench_host_round --before: worker processes for two trees (here the same one twice), one table."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_host_round", "--quick", "--before", str(ROOT),
+                           "--repeats", "1", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(next(tmp_path.glob("*_host_round.json")).read_text())
+    rows = data["rows"]
+    assert [(r["requests"], r["config"]) for r in rows][:4] == [(1, "base alone"), (1, "nudged k=0"), (1, "nudged k=4"),
+                                                               (1, "nudged default")]
+    assert all(r["eager before ms"] > 0 and r["eager after ms"] > 0 and r["after host reads/round"] == 1.0 for r in rows)
+    assert "before" in next(tmp_path.glob("*_host_round.md")).read_text()

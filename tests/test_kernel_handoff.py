@@ -141,6 +141,39 @@ def test_walk_torch_edge_cases():
     assert_walk_equal(handoff_walk_torch(*case), python_walk_all(*case))
 
 
+def core_walk(argmax, top1, drafts, pos_start, mode, run, gamma, roa, word_start):
+    """The CPU engine's walk (csrc/handoff_walk.cpp) on the same inputs, as torch tensors."""
+    from nudge_engine import _core
+    out = _core.handoff_walk(argmax.numpy(), top1.float().numpy(), drafts.numpy(), pos_start.int().numpy(),
+                             mode.int().numpy(), run.int().numpy(), gamma.float().numpy(), roa.to(torch.uint8).numpy(),
+                             word_start.to(torch.uint8).numpy())
+    return tuple(torch.from_numpy(a) for a in out)
+
+
+@pytest.mark.parametrize("seed,num_req,vocab,max_k", [(0, 400, 6, 6), (1, 100, 3, 8), (2, 64, 50, 0), (3, 1, 5, 4)])
+def test_walk_core_matches_python(seed, num_req, vocab, max_k):
+    case = random_walk_case(num_req, vocab, seed, max_k)
+    assert_walk_equal(core_walk(*case), python_walk_all(*case))
+
+
+def test_walk_core_top1_exactly_gamma_and_bad_input():
+    g = torch.tensor([0.4, 0.4], dtype=torch.float32)
+    below = torch.nextafter(g[0], torch.tensor(0.0))
+    case = (torch.tensor([3, 7, 3, 7]), torch.stack([g[0], g[0], below, g[0]]),
+            torch.tensor([3, NO_TOKEN, 3, NO_TOKEN]), torch.tensor([0, 2, 4], dtype=torch.int32),
+            torch.tensor([BASE, BASE], dtype=torch.int32), torch.tensor([0, 0], dtype=torch.int32),
+            g, torch.tensor([True, True]), torch.ones(8, dtype=torch.bool))
+    assert_walk_equal(core_walk(*case), python_walk_all(*case))
+    bad_draft = (case[0], case[1], torch.tensor([3, NO_TOKEN, 9, NO_TOKEN]), *case[3:])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        core_walk(*bad_draft)
+    bad_start = (*case[:3], torch.tensor([0, 2, 5], dtype=torch.int32), *case[4:])
+    with pytest.raises(ValueError, match="owns positions"):
+        core_walk(*bad_start)
+    with pytest.raises(ValueError, match="top1 must have shape"):
+        core_walk(case[0], case[1][:3], *case[2:])
+
+
 # The torch tests above run wherever the engine does; the kernel tests below need triton.
 needs_kernels = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None or (DEVICE == "cuda" and not torch.cuda.is_available()),

@@ -26,6 +26,7 @@ from ..pairing import BASE_MODEL, NUDGER_MODEL, Pairing
 from ..pairing.host_read import HostReads
 from ..pairing.text import TextPairing
 from ..pairing.token import FAILED, TokenPairing
+from ..threads import set_threads
 from .prompts import DEFAULT_BASE_TEMPLATE, ChatFormat, Prompt
 from .request import RequestFailedError, RequestOutput, StreamDelta
 from .sampling_params import NudgeParams, SamplingParams
@@ -66,11 +67,15 @@ class NudgeEngine:
         nudger_placement: str = "rank0",        # "rank0" (whole, rank 0 only) or "tensor" (see distributed/)
         enable_prefix_caching: bool = True,   # reuse the KV of shared prompt prefixes (README: Prefix caching)
         enforce_eager: bool | None = None,     # None: CUDA graphs on CUDA, eager on the CPU (graph_runner.py)
+        threads: int | None = None,            # torch CPU threads; None: the cores this process may use (threads.py)
     ):
         self.defaults = NudgeParams(gamma=gamma, draft_tokens=draft_tokens, resume_on_agreement=resume_on_agreement,
                                     adaptive_drafting=adaptive_drafting)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
+        # torch's intra-op threads are process-wide: set on the CPU (and where asked for), else left as they are.
+        self.threads = set_threads(threads) if threads is not None or self.device.type == "cpu" else \
+            torch.get_num_threads()
         self.chat_format = ChatFormat(base_template or DEFAULT_BASE_TEMPLATE, response_prefix, base_template is None)
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import IntEnum
+from functools import cached_property
 
 import torch
 
@@ -95,6 +96,7 @@ class Request:
     stop_reason: str | int | None = None
     draft_stats: DraftStats = field(default_factory=DraftStats)
     planned_drafts: int = 0        # this round's draft count, decided before scheduling
+    lookahead: int | None = None   # the draft count the scheduler last reserved slots for
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
@@ -105,14 +107,43 @@ class Request:
     emitted_text_upto: int = 0
     error: str | None = None       # set with finish_reason "error"
 
-    @property
-    def greedy(self) -> bool:
+    @cached_property
+    def greedy(self) -> bool:   # the parameters never change after admission
         return self.params.greedy and self.nudger_params.greedy
 
     def add_tokens(self, tokens: list[int], sources: list[int], logprobs: list[dict[int, float]] | None) -> None:
-        """Appends decided tokens one by one, stopping at the first stop condition (NUDGING.md section 4)."""
-        if tokens and self.first_token_time is None:
+        """Appends decided tokens, stopping at the first stop condition (NUDGING.md section 4).
+
+        Without stop strings no text is needed to decide a stop, so the tokens go to the detokenizer
+        unread (it decodes when the text is read: result(), take_delta()); with stop strings each
+        token's text is decoded as it comes."""
+        if not tokens:
+            return
+        if self.first_token_time is None:
             self.first_token_time = time.monotonic()
+        p = self.params
+        if p.stop:
+            return self._add_tokens_with_stop_strings(tokens, sources, logprobs)
+        n = min(len(tokens), p.max_tokens - len(self.output))
+        stop = None
+        eos = () if p.ignore_eos else self.eos_ids
+        for i in range(n):
+            tok = tokens[i]
+            if tok in eos or tok in p.stop_token_ids:
+                n, stop = i + 1, tok
+                break
+        kept = tokens if n == len(tokens) else tokens[:n]
+        self.output.extend(kept)
+        self.sources.extend(sources if n == len(sources) else sources[:n])
+        if self.logprobs is not None and logprobs is not None:
+            self.logprobs.extend(logprobs[:n])
+        self.detok.push(kept)
+        if stop is not None:
+            self._finish("stop", stop)
+        elif len(self.output) >= p.max_tokens:
+            self._finish("length", None)
+
+    def _add_tokens_with_stop_strings(self, tokens, sources, logprobs) -> None:
         p = self.params
         for i, (tok, src) in enumerate(zip(tokens, sources)):
             self.output.append(tok)
@@ -124,7 +155,7 @@ class Request:
                 return self._finish("stop", tok)
             if tok in p.stop_token_ids:
                 return self._finish("stop", tok)
-            if p.stop and self._check_stop_strings():
+            if self._check_stop_strings():
                 return
             if len(self.output) >= p.max_tokens:
                 return self._finish("length", None)
@@ -148,7 +179,7 @@ class Request:
         self.stop_reason = stop_reason
         self.finish_time = time.monotonic()
         if reason == "length" or (reason == "stop" and isinstance(stop_reason, int)):
-            self.detok.flush()
+            self.detok.close()   # decoded with the queued tokens when the text is read
 
     def abort(self) -> None:
         self._finish("abort", None)

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .request import Source
-
 
 @dataclass
 class EngineStats:
@@ -18,11 +16,12 @@ class EngineStats:
     failed_requests: int = 0      # requests ended alone because their own work raised
     host_reads: int = 0           # device-to-host reads of the rounds (pairing/host_read.py)
 
-    def record_round(self, drafted: int, accepted: int, sources: list[int], mode_changed: bool) -> None:
-        self.rounds += 1
+    def record_rounds(self, rounds: int, drafted: int, accepted: int, nudger_tokens: int, base_tokens: int,
+                      handoffs: int) -> None:
+        """One step's request rounds together (pairing/token.py adds them up as it applies them)."""
+        self.rounds += rounds
         self.drafted_tokens += drafted
         self.accepted_tokens += accepted
-        nudged = sum(1 for s in sources if s == Source.NUDGER)
-        self.nudger_tokens += nudged
-        self.base_tokens += len(sources) - nudged
-        self.handoffs += int(mode_changed)
+        self.nudger_tokens += nudger_tokens
+        self.base_tokens += base_tokens
+        self.handoffs += handoffs

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -131,27 +130,70 @@ def render_chat_template(template: str, messages: list[dict], add_generation_pro
     return _valid_text(chat_sandbox.render(template, context, "the chat template"), "the chat template")
 
 
-@dataclass
 class IncrementalDetokenizer:
     """Text of a growing token list, emitted in pieces (vLLM's offsets method).
 
     Re-decodes a few tokens of left context so byte-level merges and `▁` spaces come out as in a
     full decode, and holds back text while a multi-byte character is still incomplete.
+
+    `add` decodes at once (and returns the new text); `push` and `close` only queue, and the queue is
+    decoded, token by token exactly as `add` would, when `text` is next read: the engine's round then
+    never pays for text nobody has asked for yet (vLLM detokenizes in its output processor too).
     """
 
-    tokenizer: Tokenizer
-    ids: list[int] = field(default_factory=list)   # context (prompt tail) + output tokens
-    prefix_offset: int = 0
-    read_offset: int = 0
-    text: str = ""
+    def __init__(self, tokenizer: Tokenizer, ids: list[int] | None = None, prefix_offset: int = 0,
+                 read_offset: int = 0, text: str = ""):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = ids if ids is not None else []   # context (prompt tail) + output tokens
+        self.prefix_offset = prefix_offset
+        self.read_offset = read_offset
+        self._text = text
+        self._queued: list[int] = []     # pushed, not decoded yet
+        self._close_queued = False       # flush once the queue is decoded
 
     @classmethod
     def after_prompt(cls, tokenizer: Tokenizer, prompt_ids: Sequence[int]) -> "IncrementalDetokenizer":
         tail = list(prompt_ids[-DETOKENIZE_CONTEXT:])
         return cls(tokenizer, tail, 0, len(tail))
 
+    @property
+    def text(self) -> str:
+        self._catch_up()
+        return self._text
+
+    @text.setter
+    def text(self, value: str) -> None:
+        self._catch_up()
+        self._text = value
+
+    def push(self, token_ids: Sequence[int]) -> None:
+        """Queues tokens; they are decoded when `text` is next read (or by the next add / flush)."""
+        self._queued.extend(token_ids)
+
+    def close(self) -> None:
+        """Queues the end-of-request flush (see flush) after the queued tokens."""
+        self._close_queued = True
+
     def add(self, token_id: int) -> str:
         """Appends one token; returns the newly complete text (possibly empty)."""
+        self._catch_up()
+        return self._add(token_id)
+
+    def flush(self) -> str:
+        """At the end of a request: whatever is still held back (an incomplete character)."""
+        self._catch_up()
+        return self._flush()
+
+    def _catch_up(self) -> None:
+        if self._queued:
+            queued, self._queued = self._queued, []
+            for t in queued:
+                self._add(t)
+        if self._close_queued:
+            self._close_queued = False
+            self._flush()
+
+    def _add(self, token_id: int) -> str:
         self.ids.append(token_id)
         decode = self.tokenizer.decode
         prefix = decode(self.ids[self.prefix_offset:self.read_offset])
@@ -159,13 +201,12 @@ class IncrementalDetokenizer:
         if len(full) > len(prefix) and not full.endswith(INCOMPLETE_CHAR):
             new = full[len(prefix):]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            self.text += new
+            self._text += new
             return new
         return ""
 
-    def flush(self) -> str:
-        """At the end of a request: whatever is still held back (an incomplete character)."""
+    def _flush(self) -> str:
         rest = self.tokenizer.decode(self.ids[self.prefix_offset:])[len(self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])):]
         self.prefix_offset = self.read_offset = len(self.ids)
-        self.text += rest
+        self._text += rest
         return rest

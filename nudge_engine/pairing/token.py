@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 
 from .. import _core
 from ..engine.draft_policy import DraftPolicy
-from .device_drafts import draft_on_device, settle
+from ..engine.draft_record import attach_from_env
+from .device_drafts import PLACEHOLDER, check_core, concat_ranges, draft_on_device
 from .draft_plan import DraftPlanner
 from .round_clock import RoundClock
 from .handoff import Handoff
@@ -32,6 +34,9 @@ log = logging.getLogger("nudge_engine")
 MIN_COST_RATIO = 0.05  # a nudger pass is never free: launch and host costs
 MIN_BATCHED_TOKENS_NUDGING = 2
 FAILED = object()     # what a guarded per-request call returns when the request failed this step
+NO_EMIT = -1          # settle_round's "no emitted token" (csrc/round_ops.cpp)
+MODES = (Mode.BASE, Mode.NUDGE)   # a walk's mode value -> Mode
+SRC_BASE, SRC_NUDGER = Source.BASE, Source.NUDGER
 
 
 class TokenPairing(Pairing):
@@ -49,8 +54,10 @@ class TokenPairing(Pairing):
         self.word_start = torch.zeros(vocab, dtype=torch.bool)        # [vocab]
         self.word_start[: len(table)] = torch.tensor(table, dtype=torch.bool)
         ratio = e.models[-1].num_parameters / e.base.num_parameters
-        self.draft_policy = DraftPolicy(cost_ratio=max(ratio, MIN_COST_RATIO),
-                                        padded_queries=e.base.runner.backend.name == "torch")
+        self.draft_policy = attach_from_env(DraftPolicy(cost_ratio=max(ratio, MIN_COST_RATIO),
+                                                        padded_queries=e.base.runner.backend.name == "torch"))
+        self._emitted = 0       # tokens the last round wrote (the plan checks its prediction against it)
+        self._observation = None   # the last round's timings, observed during the next (_observe_previous)
         self.draft_planner = DraftPlanner(self.draft_policy, e)
         self._round_end = None  # perf_counter at the end of the previous round (the gap is overhead)
         self.clock = RoundClock(e.device)
@@ -98,8 +105,9 @@ class TokenPairing(Pairing):
 
     def run_round(self, reqs: list[Request], sched) -> list[Request]:
         e = self.engine
-        final = list(sched.is_final_chunk)
+        final = sched.is_final_chunk
         drafts_k = [r.planned_drafts if f else 0 for r, f in zip(reqs, final)]
+        prediction = self.draft_policy.take_prediction()   # what the plan expected of this round
         started = self.clock.mark()
         drafts, draft_logits, values = draft_on_device(
             self, reqs, sched.num_new_tokens[NUDGER_MODEL] if self.nudger else None, drafts_k, final)
@@ -107,27 +115,57 @@ class TokenPairing(Pairing):
         base_logits, walk_rows, prompt_rows = self._verify(reqs, sched.num_new_tokens[BASE_MODEL], drafts, final,
                                                            values)
         launched = self.clock.mark()    # on CUDA: the verify pass is queued, not yet run
-        for entry in prompt_rows:
-            if entry is not None:
-                e.guard(entry[0], self._record_prompt_logprobs, entry, base_logits)
-        finals = [i for i, f in enumerate(final) if f and reqs[i].id not in e.failed]
+        self._observe_previous()        # ... so the previous round's bookkeeping overlaps it (README: host time)
+        if prompt_rows is not None:
+            for entry in prompt_rows:
+                if entry is not None:
+                    e.guard(entry[0], self._record_prompt_logprobs, entry, base_logits)
+        failed = e.failed
+        finals = [i for i, f in enumerate(final) if f and reqs[i].id not in failed]
         decisions = self.handoff.decide([reqs[i] for i in finals], [drafts[i] for i in finals],
                                         [walk_rows[i] for i in finals], base_logits,
-                                        [draft_logits[i] for i in finals],
-                                        None if values is None else [values.of(i, len(drafts[i])) for i in finals])
+                                        [draft_logits[i] for i in finals], values, finals)
         verified = self.clock.mark()  # the walk's copy back has waited for the base pass
-        touched = []
-        for i, decision in zip(finals, decisions):
-            req = reqs[i]
-            if isinstance(decision, Exception):
-                e.failed[req.id] = decision
-            elif e.guard(req, self._apply, req, drafts[i], decision) is not FAILED:
-                touched.append(req)
-        self._observe_round(reqs, sched, drafts_k, drafts, started, drafted, launched, verified)
+        touched = self._apply_all([reqs[i] for i in finals], [drafts[i] for i in finals], decisions)
+        self._observation = self._measure_round(reqs, sched, drafts_k, drafts, started, drafted, launched, verified,
+                                                prediction)
+        self.draft_planner.next_round()
         return touched
 
-    def _observe_round(self, reqs, sched, drafts_k, drafts, started, drafted, launched, verified) -> None:
-        """The round's own timings feed the draft policy's cost model (no extra syncs)."""
+    def _apply_all(self, reqs: list[Request], drafts: list[list[int]], decisions: list) -> list[Request]:
+        """Each request's tokens, stops and history (Python, per request: a raise ends that request
+        alone), then the sequences of every request that goes on, both models, in one C++ call each."""
+        e = self.engine
+        failed = e.failed
+        touched = []
+        base, nudger = SeqUpdates(), SeqUpdates()
+        totals = [0, 0, 0, 0, 0]   # drafted, accepted, nudger tokens, base tokens, handoffs
+        for req, d, decision in zip(reqs, drafts, decisions):
+            if isinstance(decision, Exception):
+                failed[req.id] = decision
+                continue
+            try:
+                self._apply(req, d, decision, totals)
+            except Exception as exc:  # noqa: BLE001 - it belongs to this request alone
+                failed[req.id] = exc
+                continue
+            touched.append(req)
+            if req.finished:
+                continue
+            emit = NO_EMIT if decision.emit_token is None else decision.emit_token
+            base.add(req, req.base_seq, d, decision.num_accepted, emit)
+            if d:   # the nudger holds this round's tokens only if it drafted (lazy catch-up)
+                nudger.add(req, req.nudger_seq, d, decision.num_accepted, emit)
+        e.stats.record_rounds(len(touched), *totals)
+        self._emitted = totals[2] + totals[3]
+        base.run(failed)
+        nudger.run(failed)
+        return [r for r in touched if r.id not in failed] if failed else touched
+
+    def _measure_round(self, reqs, sched, drafts_k, drafts, started, drafted, launched, verified,
+                       prediction) -> tuple:
+        """The round's own timings and sizes for the draft policy's cost model (no extra syncs): the
+        arguments of DraftPolicy.observe_round, given to it in the next round (_observe_previous)."""
         ended = time.perf_counter()
         passes = max(drafts_k, default=0)
         nudger_new = sched.num_new_tokens[NUDGER_MODEL] if self.nudger else [0] * len(reqs)
@@ -137,11 +175,25 @@ class TokenPairing(Pairing):
         gap = started.host_s - self._round_end if self._round_end is not None else None
         busy = ended - started.host_s
         overhead = (ended - verified.host_s) + (gap if gap is not None and gap < busy * 4 else 0.0)
+        decoding = all(sched.is_final_chunk) and not self.engine.failed   # else the emitted count says little
+        self._round_end = ended
+        return (started, drafted, launched, verified, passes, draft_tokens, verify_tokens, overhead, uniform,
+                self._emitted if decoding else None, prediction)
+
+    def _observe_previous(self) -> None:
+        """The previous round's observation, and the cost fits refitted with it, while this round's passes
+        run on the device (on CUDA; the CPU runs them in turn). The next round's plan reads the refitted
+        fits; this round's plan was made without its predecessor's timings (one round late)."""
+        if self._observation is None:
+            return
+        (started, drafted, launched, verified, passes, draft_tokens, verify_tokens, overhead, uniform, emitted,
+         prediction) = self._observation
+        self._observation = None
         self.draft_policy.observe_round(RoundClock.between(started, drafted), passes, draft_tokens,
                                         RoundClock.between(drafted, launched, host_end=verified),
-                                        verify_tokens, overhead, uniform=uniform)
-        self.draft_planner.next_round()
-        self._round_end = ended
+                                        verify_tokens, overhead, uniform=uniform, emitted=emitted,
+                                        prediction=prediction)
+        self.draft_policy.refresh()
 
     def _draft_count(self, req: Request) -> int:
         """Draft tokens this round: while nudging, the nudger writes anyway (at least one token);
@@ -160,7 +212,9 @@ class TokenPairing(Pairing):
         in rounds where it drafts."""
         k = req.planned_drafts = self._draft_count(req)
         if req.nudger_seq is None:
-            self.scheduler.set_lookahead(req.id, [k])
+            if req.lookahead != k:
+                self.scheduler.set_lookahead(req.id, [k])
+                req.lookahead = k
             return
         if k > 0:
             if req.nudger_seq.num_tokens == 0:
@@ -168,19 +222,42 @@ class TokenPairing(Pairing):
             seen = req.nudger_seq.num_tokens - len(req.nudger_prompt)
             if seen < len(req.output):
                 req.nudger_seq.append(req.output[seen:])
-        self.scheduler.set_lookahead(req.id, [k, max(k - 1, 0)])
+        if req.lookahead != k:
+            self.scheduler.set_lookahead(req.id, [k, max(k - 1, 0)])
+            req.lookahead = k
 
     def _verify(self, reqs: list[Request], num_new: list[int], drafts: list[list[int]], final: list[bool],
                 values=None):
         """The base pass: pending + draft tokens of every request; logits rows for the walk.
-        values (RoundDrafts): the drafts' values on the device, over the placeholders in `drafts`."""
-        nums, rows, walk_rows, prompt_rows = [], [], [], []
-        draft_pos, draft_req = [], []   # flat positions of the drafts, and whose drafts they are
+        values (RoundDrafts): the drafts' values on the device, over the placeholders in `drafts`.
+        -> (logits, each request's walk rows (a slice of the logits rows), prompt-logprob entries or None)"""
+        counts = [len(d) if f else 0 for d, f in zip(drafts, final)]
+        seqs = [r.base_seq for r in reqs]
+        if any(counts):
+            check_core(_core.append_placeholders(seqs, counts, PLACEHOLDER), "verify placeholders")
+        nums = [n + c for n, c in zip(num_new, counts)]
+        if any(r.prompt_logprobs is not None for r in reqs):
+            rows, walk_rows, prompt_rows = self._rows_with_prompt_logprobs(reqs, nums, counts, final)
+        else:
+            rows, walk_rows = _walk_rows(nums, counts, final)
+            prompt_rows = None
+        override = None
+        if values is not None and any(counts):
+            draft_req = [i for i, c in enumerate(counts) if c]
+            ends = np.cumsum(np.asarray(nums, dtype=np.int64))
+            pos = concat_ranges([int(ends[i]) - counts[i] for i in draft_req], [counts[i] for i in draft_req])
+            dev = self.base.runner.device
+            override = (torch.from_numpy(pos).to(dev), values.flat(draft_req, [counts[i] for i in draft_req]).to(dev))
+        logits = self.base.forward(seqs, nums, rows, override)
+        check_core(_core.advance_computed(seqs, nums), "verify pass")
+        return logits, walk_rows, prompt_rows
+
+    @staticmethod
+    def _rows_with_prompt_logprobs(reqs, nums, counts, final):
+        """Logits rows when some request wants prompt logprobs: its prompt rows, then every request's walk rows."""
+        rows, walk_rows, prompt_rows = [], [], []
         start = 0
-        for req, n, d, f in zip(reqs, num_new, drafts, final):
-            if f and d:
-                req.base_seq.append_provisional(d)
-            total = n + (len(d) if f else 0)
+        for req, total, c, f in zip(reqs, nums, counts, final):
             computed = req.base_seq.num_computed
             first = len(rows)
             # Recomputed after a preemption: the positions already recorded are not recorded again.
@@ -196,22 +273,10 @@ class TokenPairing(Pairing):
                 prompt_rows.append(None)
             walk_first = len(rows)
             if f:
-                rows.extend(range(start + total - len(d) - 1, start + total))
+                rows.extend(range(start + total - c - 1, start + total))
             walk_rows.append(slice(walk_first, len(rows)))
-            if f and d:
-                draft_pos.extend(range(start + total - len(d), start + total))
-                draft_req.append(len(nums))
-            nums.append(total)
             start += total
-        override = None
-        if values is not None and draft_pos:
-            dev = self.base.runner.device
-            override = (torch.tensor(draft_pos, device=dev),
-                        values.flat(draft_req, [len(drafts[i]) for i in draft_req]).to(dev))
-        logits = self.base.forward([r.base_seq for r in reqs], nums, rows, override)
-        for req, n in zip(reqs, nums):
-            req.base_seq.set_num_computed(req.base_seq.num_computed + n)
-        return logits, walk_rows, prompt_rows
+        return rows, walk_rows, prompt_rows
 
     @staticmethod
     def _record_prompt_logprobs(entry, logits) -> None:
@@ -222,33 +287,35 @@ class TokenPairing(Pairing):
         targets = req.base_prompt[computed + 1: computed + 1 + count]
         req.prompt_logprobs.extend(_top_logprobs(lp, targets, req.params.prompt_logprobs))
 
-    def _apply(self, req: Request, drafts: list[int], decision) -> None:
+    def _apply(self, req: Request, drafts: list[int], decision, totals: list[int]) -> None:
+        """The request's side of a decision: its tokens, stops, mode and histories (its sequences are
+        settled for all requests at once in _apply_all). totals: the round's counters, added to."""
         m, emit = decision.num_accepted, decision.emit_token
-        tokens = drafts[:m] + ([emit] if emit is not None else [])
-        sources = list(decision.accepted_sources[:m]) + ([Source.BASE] if emit is not None else [])
+        if emit is None:
+            tokens, sources = drafts[:m], decision.accepted_sources[:m]
+        else:
+            tokens, sources = drafts[:m] + [emit], decision.accepted_sources[:m] + [SRC_BASE]
         was_mode = req.mode
-        req.mode, req.run = Mode(decision.mode), decision.run
+        req.mode, req.run = MODES[decision.mode], decision.run
         req.rounds += 1
         req.drafted += len(drafts)
         req.accepted += m
-        self.engine.stats.record_round(len(drafts), m, sources, was_mode != req.mode)
-        if was_mode == Mode.BASE:
-            self._observe_drafts(req, len(drafts), decision)
-        else:
-            self._observe_nudging(req, len(drafts), decision)
+        nudged = sources.count(SRC_NUDGER)
+        totals[0] += len(drafts)
+        totals[1] += m
+        totals[2] += nudged
+        totals[3] += len(sources) - nudged
+        if was_mode is not req.mode:
+            totals[4] += 1
+        if req.nudger_seq is not None and req.adaptive_drafting:   # only an adaptive request's k reads its history
+            if was_mode is Mode.BASE:
+                self._observe_drafts(req, len(drafts), decision)
+            else:
+                self._observe_nudging(req, len(drafts), decision)
         req.add_tokens(tokens, sources, decision.logprobs)
         if req.finished:
             self.scheduler.finish(req.id)
             del self.engine.requests[req.id]
-            return
-        # The nudger's sequence holds this round's tokens only if it drafted (lazy catch-up otherwise).
-        for seq in [req.base_seq] + ([req.nudger_seq] if drafts else []):
-            settle(seq, drafts)   # the drafts' values over their placeholders
-            seq.truncate(seq.num_tokens - (len(drafts) - m))
-            if emit is not None:
-                seq.append(emit)
-            # Invariant between rounds: the newest token is pending in both models.
-            seq.set_num_computed(min(seq.num_computed, seq.num_tokens - 1))
 
     @staticmethod
     def _observe_drafts(req: Request, drafted: int, decision) -> None:
@@ -270,6 +337,44 @@ class TokenPairing(Pairing):
         if drafted:
             req.draft_stats.observe_nudge(max(decision.num_accepted - 1, 0), int(decision.num_accepted < drafted))
 
+
+
+class SeqUpdates:
+    """One model's sequence updates of a round, gathered request by request, applied in one C++ call
+    (csrc/round_ops.cpp settle_round): drafts' values over placeholders, rejected ones cut, the
+    emitted token appended, the newest token left pending (the invariant between rounds)."""
+
+    def __init__(self):
+        self.reqs, self.seqs, self.values, self.counts, self.accepted, self.emit = [], [], [], [], [], []
+
+    def add(self, req: Request, seq, drafts: list[int], accepted: int, emit: int) -> None:
+        self.reqs.append(req)
+        self.seqs.append(seq)
+        self.values.extend(drafts)
+        self.counts.append(len(drafts))
+        self.accepted.append(accepted)
+        self.emit.append(emit)
+
+    def run(self, failed: dict) -> None:
+        """A sequence whose update raised fails its request alone."""
+        if self.seqs:
+            for i, message in _core.settle_round(self.seqs, self.values, self.counts, self.accepted, self.emit):
+                failed[self.reqs[i].id] = RuntimeError(message)
+
+
+def _walk_rows(nums: list[int], counts: list[int], final: list[bool]) -> tuple[np.ndarray, list[slice]]:
+    """Logits rows of a pass without prompt logprobs: each final request's last counts[i] + 1 tokens
+    (the token before its drafts, then its drafts), in order. -> (rows [R'] int64, per request its
+    slice of them; an empty one for a prefill chunk)."""
+    ends = np.cumsum(np.asarray(nums, dtype=np.int64))
+    lens = [c + 1 if f else 0 for c, f in zip(counts, final)]
+    firsts = [int(end) - n for end, n in zip(ends, lens)]
+    rows = concat_ranges(firsts, lens)
+    walk_rows, at = [], 0
+    for n in lens:
+        walk_rows.append(slice(at, at + n))
+        at += n
+    return rows, walk_rows
 
 
 def _top_logprobs(lp: torch.Tensor, targets: list[int], n: int) -> list[dict[int, float]]:

@@ -75,7 +75,9 @@ MUTATIONS = [
              "nudge_engine/pairing/walk_logprobs.py",
              "lp = nudger[pos] if src == Source.NUDGER else base[pos]", "lp = base[pos]",
              (N + "test_logprobs_of_both_models_tokens_equal_transformers_on_the_writers_context",)),
-    # ---- greedy handoff rules (nudge_engine/pairing/handoff_torch.py, the CPU engine's walk)
+    # ---- greedy handoff rules (nudge_engine/pairing/handoff_torch.py: the reference walk. The CPU engine walks in
+    # csrc/handoff_walk.cpp, checked against the same plain walk by test_walk_core_matches_python; a C++ mutation
+    # needs a rebuild this runner does not do: `<=` for `<` and a hand-back at run 0 were tried by hand, both caught)
     Mutation("greedy walk: top-1 == gamma nudges (<= for <)", "nudge_engine/pairing/handoff_torch.py",
              "nudge_now = t1 < gamma", "nudge_now = t1 <= gamma",
              (K + "test_walk_torch_matches_python",)),
